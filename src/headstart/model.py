@@ -1,0 +1,181 @@
+"""Model: a backbone and a fitted head, ready to predict, evaluate and save."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from headstart import __version__
+from headstart.backbones import Backbone, create_backbone
+from headstart.bundle import read_bundle, read_config, save_bundle
+from headstart.config import DataConfig, Progress
+from headstart.data import Skipped, load_dataset
+from headstart.errors import BundleError, ConfigError, DataError, UnreadableImageError
+from headstart.features import Extraction, extract_features
+from headstart.metrics import Evaluation, evaluate_probabilities
+from headstart.train import HeadClassifier
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The top classes for one image, most probable first."""
+
+    path: Path
+    top_k: list[tuple[str, float]]
+
+    @property
+    def label(self) -> str:
+        return self.top_k[0][0]
+
+    @property
+    def probability(self) -> float:
+        return self.top_k[0][1]
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Predictions for the readable images, and the files skipped."""
+
+    predictions: list[Prediction]
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """An evaluation and the files it could not read."""
+
+    evaluation: Evaluation
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+class Model:
+    """A trained image classifier: a pretrained backbone and a fitted head.
+
+    Attributes:
+        backbone: the feature extractor.
+        head: the fitted `HeadClassifier`.
+        classes: the class names, in the order of `predict_proba`'s columns.
+        summary: what training did (data counts, skipped files, validation metrics, history).
+    """
+
+    def __init__(self, backbone: Backbone, head: HeadClassifier, summary: dict[str, Any] | None = None) -> None:
+        self.backbone = backbone
+        self.head = head
+        self.classes: list[str] = [str(c) for c in head.classes_]
+        self.summary: dict[str, Any] = summary or {}
+
+    def predict_proba(self, images: Sequence[PathLike], progress: Progress | None = None) -> NDArray[np.float32]:
+        """Class probabilities, shape (len(images), n_classes).
+
+        Raises:
+            UnreadableImageError: an image could not be decoded.
+        """
+        return self.head.predict_proba(self._extract([Path(p) for p in images], False, progress).features)
+
+    def predict(self, images: Sequence[PathLike], top_k: int = 3, progress: Progress | None = None) -> list[Prediction]:
+        """The `top_k` classes of each image, most probable first.
+
+        Raises:
+            UnreadableImageError: an image could not be decoded.
+        """
+        return self._predict([Path(p) for p in images], top_k, False, progress).predictions
+
+    def predict_files(self, paths: Sequence[Path], top_k: int = 3, progress: Progress | None = None) -> Predictions:
+        """Like `predict`, but unreadable files are skipped and listed instead of raising."""
+        return self._predict(paths, top_k, True, progress)
+
+    def _predict(self, paths: Sequence[Path], top_k: int, skip_unreadable: bool, progress: Progress | None) -> Predictions:
+        if top_k < 1:
+            raise ConfigError(f"top_k must be at least 1, got {top_k}.")
+        extraction = self._extract(paths, skip_unreadable, progress)
+        proba = self.head.predict_proba(extraction.features)
+        predictions = [
+            Prediction(paths[i], [(self.classes[j], float(row[j])) for j in np.argsort(-row, kind="stable")[:top_k]])
+            for i, row in zip(extraction.kept, proba)
+        ]
+        return Predictions(predictions, extraction.skipped)
+
+    def _extract(self, paths: Sequence[Path], skip_unreadable: bool, progress: Progress | None) -> Extraction:
+        extraction = extract_features(self.backbone, paths, progress=progress)
+        if extraction.skipped and not skip_unreadable:
+            raise UnreadableImageError(extraction.skipped[0].path, extraction.skipped[0].reason)
+        return extraction
+
+    def evaluate(self, data: PathLike, progress: Progress | None = None) -> EvaluationResult:
+        """Score the model on labelled images: all of `data`, or its val/ folder if it has train/ and val/."""
+        dataset = load_dataset(data, val_split=0.0)
+        records = dataset.val or dataset.train
+        unknown = sorted({r.label for r in records} - set(self.classes))
+        if unknown:
+            raise DataError(f"{data}: class '{unknown[0]}' is not one this model knows ({', '.join(self.classes)}). Rename or remove that folder.")
+        extraction = extract_features(self.backbone, [r.path for r in records], progress=progress)
+        y_true = np.asarray([self.classes.index(records[i].label) for i in extraction.kept], dtype=np.int64)
+        evaluation = evaluate_probabilities(y_true, self.head.predict_proba(extraction.features), self.classes)
+        return EvaluationResult(evaluation, dataset.skipped + extraction.skipped)
+
+    def save(self, directory: PathLike) -> Path:
+        """Write the model as a bundle folder (safetensors + JSON). Returns the folder."""
+        tensors = {f"head.{k}": v for k, v in self.head.head_.state_dict().items()}
+        config = {
+            "headstart_version": __version__,
+            "backbone": {
+                "name": self.backbone.name,
+                "weights_sha256": self.backbone.weights_sha256,
+                "weights_file": self.summary.get("weights_file"),
+                "n_features": self.backbone.n_features,
+            },
+            "data_config": self.backbone.data_config.to_dict(),
+            "head": self.head.get_params(),
+            "classes": self.classes,
+            "summary": self.summary,
+        }
+        return save_bundle(Path(directory), config, tensors, self.summary.get("validation", {}))
+
+    def __repr__(self) -> str:
+        return f"Model(backbone={self.backbone.name!r}, head={self.head.head!r}, classes={self.classes})"
+
+
+def load(directory: PathLike, weights: PathLike | None = None) -> Model:
+    """Load a saved model folder. Nothing in it is unpickled or executed.
+
+    Args:
+        directory: the folder written by `Model.save` or `headstart train --out`.
+        weights: backbone weights file, for timm backbones trained from a file.
+
+    Raises:
+        BundleError: the folder is not a valid model, or the backbone weights differ from the recorded ones.
+    """
+    directory = Path(directory)
+    config, tensors = read_bundle(directory)
+    recorded = config["backbone"]
+    weights_file = weights if weights is not None else recorded.get("weights_file")
+    backbone = create_backbone(recorded["name"], weights_file)
+    if backbone.weights_sha256 != recorded["weights_sha256"]:
+        raise BundleError(
+            f"{directory}: backbone '{recorded['name']}' weights differ from those the model was trained with "
+            f"(sha256 {backbone.weights_sha256[:12]}… vs recorded {recorded['weights_sha256'][:12]}…). "
+            "Pass the original weights with --weights, or retrain."
+        )
+    if backbone.data_config != DataConfig.from_dict(config["data_config"]):
+        raise BundleError(f"{directory}: preprocessing in bundle.json differs from backbone '{recorded['name']}'s. Retrain the model.")
+    head_state = {k.removeprefix("head."): v for k, v in tensors.items() if k.startswith("head.")}
+    try:
+        head = HeadClassifier.from_state(config["head"], config["classes"], head_state)
+    except (ConfigError, TypeError) as e:
+        raise BundleError(f"{directory}: {e}") from None
+    if head.head_[0].mean.shape[0] != backbone.n_features:
+        raise BundleError(f"{directory}: head expects {head.head_[0].mean.shape[0]} features, backbone gives {backbone.n_features}.")
+    return Model(backbone, head, config.get("summary") or {})
+
+
+def info(directory: PathLike) -> dict[str, Any]:
+    """A bundle's validated config, read without loading any weights."""
+    return read_config(Path(directory))
