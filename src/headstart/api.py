@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,11 +18,12 @@ from headstart.config import Progress
 from headstart.data import check_class_counts, list_images, load_dataset
 from headstart.datasets import fetch_flowers
 from headstart.features import extract_features
+from headstart.files import atomic_write_bytes
 from headstart.metrics import evaluate_probabilities
 from headstart.model import EvaluationResult, Model, PathLike, Prediction, Predictions, load
-from headstart.train import HeadClassifier
+from headstart.classifier import HeadClassifier
 
-__all__ = ["backbones", "demo", "evaluate", "imagenet", "predict", "train"]
+__all__ = ["backbones", "demo", "evaluate", "imagenet", "predict", "save_predictions_csv", "train"]
 
 
 def train(
@@ -135,6 +138,18 @@ def imagenet(
         for i, row in zip(extraction.kept, proba)
     ]
     return Predictions(predictions, missing + extraction.skipped)
+
+
+def save_predictions_csv(predictions: Sequence[Prediction], path: PathLike) -> Path:
+    """Write one row per image: path, label, probability, then label_2, probability_2, ... (atomically)."""
+    k = max((len(p.top_k) for p in predictions), default=1)
+    header = ["path", "label", "probability"] + [f"{c}_{i}" for i in range(2, k + 1) for c in ("label", "probability")]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    for p in predictions:
+        writer.writerow([str(p.path), *(f"{v:.6f}" if isinstance(v, float) else v for pair in p.top_k for v in pair)])
+    return atomic_write_bytes(Path(path), buffer.getvalue().encode())
 
 
 def backbones() -> list[BackboneInfo]:

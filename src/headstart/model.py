@@ -19,7 +19,7 @@ from headstart.data import Skipped, load_dataset
 from headstart.errors import BundleError, ConfigError, DataError, UnreadableImageError
 from headstart.features import Extraction, extract_features
 from headstart.metrics import Evaluation, evaluate_probabilities
-from headstart.train import HeadClassifier
+from headstart.classifier import HeadClassifier
 
 PathLike = str | os.PathLike[str]
 

@@ -14,6 +14,9 @@ from torch import nn
 from headstart.errors import ConfigError, NotFittedError
 from headstart.heads import HEAD_KINDS, build_head
 
+STD_FLOOR = 0.1
+"""Each feature is scaled by 1 / (std + STD_FLOOR * mean std over features)."""
+
 
 class HeadClassifier:
     """A linear or MLP head fitted on pooled features, with early stopping on validation loss.
@@ -112,7 +115,8 @@ class HeadClassifier:
         n_classes = len(self.classes_)
         head = build_head(self.head, X.shape[1], n_classes, self.hidden, self.dropout)
         head[0].mean.copy_(X.mean(0))
-        head[0].scale.copy_(X.std(0).clamp_min(1e-6))
+        std = X.std(0)  # features that barely vary (often exact zeros) must not be blown up
+        head[0].scale.copy_(std + STD_FLOOR * std.mean() + 1e-8)
         counts = torch.bincount(y, minlength=n_classes).float()
         weight = len(y) / (n_classes * counts) if self.class_weight == "balanced" else None
         loss_fn = nn.CrossEntropyLoss(weight=weight)

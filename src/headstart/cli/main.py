@@ -1,0 +1,173 @@
+"""The `headstart` command: each command parses options, calls one api function and renders the result."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    help="Turn a folder of labelled photos into an image classifier, by transfer learning.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+class Head(str, Enum):
+    linear = "linear"
+    mlp = "mlp"
+
+
+Backbone = Annotated[str, typer.Option(help="efficientnet_lite0/1/2 or timm:<model>; see `headstart backbones`.")]
+Weights = Annotated[Optional[Path], typer.Option(help="Backbone weights file (safetensors or state dict) instead of downloading.")]
+
+
+@app.callback()
+def main(ctx: typer.Context, debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False) -> None:
+    ctx.obj = {"debug": debug}
+
+
+@contextmanager
+def handled(ctx: typer.Context) -> Iterator[None]:
+    """Turn headstart's errors into one line and exit code 1 (tracebacks with --debug)."""
+    from headstart.cli import render
+    from headstart.errors import HeadstartError
+
+    try:
+        yield
+    except HeadstartError as e:
+        if ctx.obj and ctx.obj.get("debug"):
+            raise
+        render.error(str(e))
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        render.error("Interrupted; files already written are complete (each is written atomically).")
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def train(
+    ctx: typer.Context,
+    data: Annotated[Path, typer.Argument(help="Folder with one sub-folder per class (or train/ and val/), or a CSV of path,label.")],
+    out: Annotated[Path, typer.Option(help="Folder to save the model in.")] = Path("model"),
+    backbone: Backbone = "efficientnet_lite0",
+    head: Annotated[Head, typer.Option(help="linear (softmax) or mlp (Dense 512 + dropout 0.5).")] = Head.linear,
+    weights: Weights = None,
+    val_split: Annotated[float, typer.Option(help="Fraction of each class held out for validation.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed of the split and of training.")] = 0,
+    balanced: Annotated[bool, typer.Option(help="Weight classes inversely to their frequency.")] = False,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache folder [default: ~/.cache/headstart].")] = None,
+    cache: Annotated[bool, typer.Option(help="Read and write the feature cache.")] = True,
+    batch_size: Annotated[int, typer.Option(help="Images per backbone forward pass.")] = 32,
+) -> None:
+    """Train a classifier on a folder of photos and save it."""
+    from headstart import api
+    from headstart.cli import render
+
+    with handled(ctx), render.progress_bar() as progress:
+        model = api.train(
+            data, backbone=backbone, head=head.value, weights=weights, val_split=val_split, seed=seed,
+            class_weight="balanced" if balanced else None, cache_dir=cache_dir, use_cache=cache,
+            batch_size=batch_size, progress=progress,
+        )
+        model.save(out)
+    render.training(model, out)
+
+
+@app.command()
+def predict(
+    ctx: typer.Context,
+    model: Annotated[Path, typer.Argument(help="A model folder from `headstart train`.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    top_k: Annotated[int, typer.Option(help="How many classes to show per image.")] = 3,
+    csv: Annotated[Optional[Path], typer.Option(help="Also write the predictions to this CSV file.")] = None,
+) -> None:
+    """Predict the classes of new images."""
+    from headstart import api
+    from headstart.cli import render
+
+    with handled(ctx), render.progress_bar() as progress:
+        result = api.predict(model, images, top_k=top_k, progress=progress)
+        if csv:
+            api.save_predictions_csv(result.predictions, csv)
+    render.predictions(result)
+    if csv:
+        render.message(f"Wrote {len(result.predictions)} rows to {csv}.")
+
+
+@app.command()
+def evaluate(
+    ctx: typer.Context,
+    model: Annotated[Path, typer.Argument(help="A model folder from `headstart train`.")],
+    data: Annotated[Path, typer.Argument(help="Labelled images: class folders (its val/ if it has train/ and val/) or a CSV.")],
+) -> None:
+    """Accuracy, per-class precision/recall/F1 and the confusion matrix on labelled images."""
+    from headstart import api
+    from headstart.cli import render
+
+    with handled(ctx), render.progress_bar() as progress:
+        result = api.evaluate(model, data, progress=progress)
+    render.evaluation(result.evaluation)
+    render.skipped(result.skipped)
+
+
+@app.command()
+def imagenet(
+    ctx: typer.Context,
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    backbone: Backbone = "efficientnet_lite0",
+    weights: Weights = None,
+    top_k: Annotated[int, typer.Option(help="How many ImageNet classes to show.")] = 5,
+) -> None:
+    """The pretrained backbone's own ImageNet-1000 predictions."""
+    from headstart import api
+    from headstart.cli import render
+
+    with handled(ctx), render.progress_bar() as progress:
+        result = api.imagenet(images, backbone=backbone, weights=weights, top_k=top_k, progress=progress)
+    render.predictions(result)
+
+
+@app.command()
+def backbones() -> None:
+    """List the backbones and whether each works offline."""
+    from headstart import api
+    from headstart.cli import render
+
+    render.backbones(api.backbones())
+
+
+@app.command()
+def demo(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option(help="Folder to save the demo model in.")] = Path("headstart-demo"),
+) -> None:
+    """Fetch the flower photos, train a classifier on them and show how to use it."""
+    from headstart import api
+    from headstart.cli import render
+
+    with handled(ctx), render.progress_bar() as progress:
+        model = api.demo(out, progress=progress)
+    render.training(model, out)
+    data = Path(model.summary["data"])
+    example = next(iter(sorted((data / model.classes[0]).iterdir())), data)
+    render.message(
+        f"\nThe data came from {data}.\nPredict with it:\n"
+        f"  headstart predict {out} {example}\n"
+        f"  python -c \"import headstart; print(headstart.load('{out}').predict(['{example}']))\""
+    )
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app(prog_name="headstart")
+
+
+if __name__ == "__main__":
+    sys.exit(run())

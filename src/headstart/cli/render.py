@@ -1,0 +1,119 @@
+"""Terminal output: the only module that imports rich."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from headstart.backbones import BackboneInfo
+from headstart.config import Progress as ProgressCallback
+from headstart.data import Skipped
+from headstart.metrics import Evaluation
+from headstart.model import Model, Predictions
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+@contextmanager
+def progress_bar(out: Console | None = None) -> Iterator[ProgressCallback]:
+    """A progress callback drawing one bar per description, on stderr."""
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=out or err_console, transient=False,
+    ) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(description: str, done: int, total: int) -> None:
+            if description not in tasks:
+                tasks[description] = bar.add_task(description, total=total)
+            bar.update(tasks[description], completed=done, total=total)
+
+        yield update
+
+
+def error(message: str, out: Console | None = None) -> None:
+    (out or err_console).print(f"[bold red]Error:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def skipped(files: list[Skipped], out: Console | None = None, limit: int = 20) -> None:
+    if not files:
+        return
+    out = out or console
+    out.print(f"[yellow]Skipped {len(files)} file(s):[/]")
+    for s in files[:limit]:
+        out.print(f"  {s.path}: {s.reason}", highlight=False, soft_wrap=True)
+    if len(files) > limit:
+        out.print(f"  … and {len(files) - limit} more")
+
+
+def training(model: Model, saved_to: Path, out: Console | None = None) -> None:
+    out = out or console
+    s = model.summary
+    out.print(
+        f"Trained a [bold]{s['head']}[/] head on [bold]{s['backbone']}[/] features: "
+        f"{sum(s['n_train'].values())} training and {sum(s['n_val'].values())} validation images, "
+        f"{len(model.classes)} classes; {s['n_extracted']} images run through the backbone, "
+        f"{s['n_cached']} from the cache; best epoch {s['best_epoch']}; {s['seconds']:.1f} s."
+    )
+    skipped([Skipped(Path(d["path"]), d["reason"]) for d in s["skipped"]], out)
+    if "validation" in s:
+        v = s["validation"]
+        table = Table(title=f"Validation accuracy {v['accuracy']:.3f} ({v['n_images']} images)")
+        table.add_column("class")
+        table.add_column("accuracy", justify="right")
+        table.add_column("images", justify="right")
+        for name, row in v["per_class"].items():
+            table.add_row(name, f"{row['recall']:.3f}", str(row["support"]))
+        out.print(table)
+    out.print(f"Model saved to [bold]{saved_to}[/] (metrics in {saved_to / 'metrics.json'}).", highlight=False)
+
+
+def evaluation(result: Evaluation, out: Console | None = None) -> None:
+    out = out or console
+    out.print(f"Accuracy [bold]{result.accuracy:.3f}[/] on {result.n_images} images (log loss {result.log_loss:.3f}).")
+    table = Table()
+    for col in ("class", "precision", "recall", "f1", "support"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for name, p, r, f, n in zip(result.classes, result.precision, result.recall, result.f1, result.support):
+        table.add_row(name, f"{p:.3f}", f"{r:.3f}", f"{f:.3f}", str(n))
+    out.print(table)
+    confusion = Table(title="Confusion matrix (rows: true, columns: predicted)")
+    confusion.add_column("")
+    for name in result.classes:
+        confusion.add_column(name, justify="right")
+    for name, row in zip(result.classes, result.confusion):
+        confusion.add_row(name, *(str(v) for v in row))
+    out.print(confusion)
+
+
+def predictions(result: Predictions, out: Console | None = None) -> None:
+    out = out or console
+    table = Table()
+    table.add_column("image", overflow="fold")
+    table.add_column("prediction")
+    table.add_column("next")
+    for p in result.predictions:
+        table.add_row(str(p.path), f"{p.label} ({p.probability:.3f})", ", ".join(f"{c} {v:.3f}" for c, v in p.top_k[1:]))
+    out.print(table)
+    skipped(result.skipped, out)
+
+
+def backbones(infos: list[BackboneInfo], out: Console | None = None) -> None:
+    table = Table()
+    table.add_column("name")
+    table.add_column("offline")
+    table.add_column("description")
+    for b in infos:
+        table.add_row(b.name, "yes" if b.offline else "no", b.description)
+    (out or console).print(table)
+
+
+def message(text: str, out: Console | None = None) -> None:
+    (out or console).print(text, highlight=False, soft_wrap=True)

@@ -1,0 +1,52 @@
+"""Shared fixtures: the ../shared data, tiny image folders made on the fly, one trained model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import headstart
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+PHOTOS = SHARED / "photos"
+FIXTURES = SHARED / "fixtures"
+CATS_DOGS_TINY = FIXTURES / "cats_dogs_tiny"
+FLOWERS_TINY = FIXTURES / "flowers5_tiny"
+ODD_FILES = FIXTURES / "odd_files"
+
+if not SHARED.is_dir():
+    raise RuntimeError(f"The tests read real photos from {SHARED}; clone the repo beside the shared/ folder.")
+
+
+def write_image(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (64, 48), mode: str = "RGB") -> Path:
+    """A small image of one colour with noise, so no two files are identical."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(abs(hash(path.name)) % 2**32)
+    pixels = np.clip(np.array(colour) + rng.integers(-20, 20, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels, "RGB").convert(mode).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(cache_dir: Path) -> headstart.Model:
+    """efficientnet_lite0 + linear head trained on cats_dogs_tiny's train/ split (validated on val/)."""
+    return headstart.train(CATS_DOGS_TINY, cache_dir=cache_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_model: headstart.Model, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_model.save(tmp_path_factory.mktemp("models") / "cats_dogs")
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep tests out of the user's real cache."""
+    monkeypatch.setenv("HEADSTART_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "default-cache"))

@@ -1,0 +1,101 @@
+"""Training on real photos: accuracy above chance, caching, save/load round trips."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import headstart
+from headstart.backbones import Backbone
+from headstart.data import IMAGE_EXTENSIONS
+
+from conftest import CATS_DOGS_TINY, FLOWERS_TINY
+
+
+def val_images() -> tuple[list[Path], list[str]]:
+    paths = sorted(p for p in (CATS_DOGS_TINY / "val").rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    return paths, [p.parent.name for p in paths]
+
+
+@pytest.fixture
+def forward_counter(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts images passed through any backbone's feature forward pass."""
+    seen = [0]
+    original = Backbone.features
+
+    def counting(self: Backbone, batch):  # type: ignore[no-untyped-def]
+        seen[0] += len(batch)
+        return original(self, batch)
+
+    monkeypatch.setattr(Backbone, "features", counting)
+    return seen
+
+
+def test_trained_model_predicts_unseen_images_above_chance(tiny_model: headstart.Model) -> None:
+    paths, truth = val_images()
+    predictions = tiny_model.predict(paths, top_k=2)
+    accuracy = np.mean([p.label == t for p, t in zip(predictions, truth)])
+    assert len(predictions) == 20
+    assert accuracy >= 0.8  # chance is 0.5
+    assert tiny_model.summary["validation"]["accuracy"] == pytest.approx(accuracy)
+    assert all(len(p.top_k) == 2 and p.top_k[0][1] >= p.top_k[1][1] for p in predictions)
+    assert tiny_model.classes == ["cats", "dogs"]
+
+
+def test_save_then_load_gives_identical_probabilities(tiny_model: headstart.Model, tiny_model_dir: Path) -> None:
+    paths, _ = val_images()
+    loaded = headstart.load(tiny_model_dir)
+    assert np.array_equal(loaded.predict_proba(paths), tiny_model.predict_proba(paths))
+    assert loaded.classes == tiny_model.classes
+    assert sorted(p.name for p in tiny_model_dir.iterdir()) == ["bundle.json", "metrics.json", "model.safetensors"]
+
+
+def test_second_run_on_same_data_does_no_backbone_forward_pass(tmp_path: Path, forward_counter: list[int]) -> None:
+    first = headstart.train(FLOWERS_TINY, cache_dir=tmp_path, head="mlp")
+    assert forward_counter[0] == 40 == first.summary["n_extracted"]
+    forward_counter[0] = 0
+    second = headstart.train(FLOWERS_TINY, cache_dir=tmp_path, head="linear")
+    assert forward_counter[0] == 0
+    assert second.summary["n_extracted"] == 0 and second.summary["n_cached"] == 40
+
+
+def test_only_new_files_are_extracted(tmp_path: Path, forward_counter: list[int]) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(FLOWERS_TINY, data)
+    headstart.train(data, cache_dir=tmp_path / "cache")
+    forward_counter[0] = 0
+    for name in ("daisy", "tulips"):
+        shutil.copy(FLOWERS_TINY / "roses" / sorted(p.name for p in (FLOWERS_TINY / "roses").iterdir())[0], data / name / "new.jpg")
+    shutil.copy(CATS_DOGS_TINY / "train" / "cats" / "cat.1.jpg", data / "roses" / "extra.jpg")
+    model = headstart.train(data, cache_dir=tmp_path / "cache")
+    assert forward_counter[0] == 1  # the two copies of one rose share a content hash; the cat is new
+    assert model.summary["n_cached"] == 42
+
+
+def test_training_is_reproducible(tmp_path: Path) -> None:
+    a = headstart.train(FLOWERS_TINY, cache_dir=tmp_path, head="mlp", seed=3)
+    b = headstart.train(FLOWERS_TINY, cache_dir=tmp_path, head="mlp", seed=3)
+    assert a.summary["history"] == b.summary["history"]
+    assert np.array_equal(a.head.head_[1].weight.detach().numpy(), b.head.head_[1].weight.detach().numpy())
+
+
+def test_evaluate_reports_per_class_scores(tiny_model_dir: Path) -> None:
+    result = headstart.evaluate(tiny_model_dir, CATS_DOGS_TINY)  # has train/ and val/: scores val/
+    ev = result.evaluation
+    assert ev.n_images == 20 and ev.classes == ["cats", "dogs"]
+    assert ev.confusion.sum(1).tolist() == [10, 10]
+    assert ev.accuracy >= 0.8
+    assert 0.0 <= min(ev.f1) and max(ev.precision) <= 1.0
+
+
+def test_predict_skips_unreadable_files_and_lists_them(tiny_model_dir: Path, tmp_path: Path) -> None:
+    good = CATS_DOGS_TINY / "val" / "dogs"
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    result = headstart.predict(tiny_model_dir, [good, tmp_path / "broken.jpg", tmp_path / "missing.png"])
+    assert len(result.predictions) == 10
+    assert {s.path.name for s in result.skipped} == {"broken.jpg", "missing.png"}
+    with pytest.raises(headstart.HeadstartError, match="broken.jpg"):
+        headstart.load(tiny_model_dir).predict([tmp_path / "broken.jpg"])
