@@ -174,7 +174,11 @@ def _build(name: str, architecture: str, state: dict[str, torch.Tensor] | None) 
     if "_conv_stem.weight" in state:  # efficientnet_pytorch layout
         state = rename_lite_keys(state, module.blocks)
     classifier = module.default_cfg.get("classifier", "classifier")
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
+        raise BackboneWeightsError(f"The weights do not fit {architecture}: {detail} Give a state dict saved from timm's '{architecture}'.") from None
     head_missing = [k for k in missing if k.startswith(classifier + ".")]
     if unexpected or len(head_missing) != len(missing):
         bad = (unexpected or [k for k in missing if k not in head_missing])[:3]

@@ -160,7 +160,8 @@ class HeadClassifier:
 
     def predict(self, X: ArrayLike) -> NDArray[Any]:
         """The most probable class label for each row of X."""
-        return self.classes_[self.predict_proba(X).argmax(1)]  # type: ignore[no-any-return]
+        proba = self.predict_proba(X)
+        return self.classes_[proba.argmax(1)]  # type: ignore[no-any-return]
 
     def _encode(self, labels: NDArray[Any]) -> NDArray[np.int64]:
         unknown = sorted(set(labels.tolist()) - set(self.classes_.tolist()))

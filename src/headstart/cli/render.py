@@ -26,7 +26,7 @@ def progress_bar(out: Console | None = None) -> Iterator[ProgressCallback]:
     """A progress callback drawing one bar per description, on stderr."""
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=out or err_console, transient=False,
+        console=out or err_console, transient=True,
     ) as bar:
         tasks: dict[str, Any] = {}
 

@@ -1,0 +1,103 @@
+"""Model folders load without executing anything, and refuse what is wrong with them."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+
+import headstart
+from headstart.errors import BundleError
+
+
+class _MarkerPayload:
+    """Unpickling this creates a marker file: proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (Path.touch, (self.marker,))
+
+
+@pytest.fixture
+def bundle(tiny_model_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    return copy
+
+
+def pickled_payload(marker: Path) -> bytes:
+    data = pickle.dumps(_MarkerPayload(marker), protocol=4)
+    pickle.loads(data)  # the payload really does create the marker when unpickled...
+    assert marker.exists()
+    marker.unlink()  # ...so its absence below proves headstart never unpickled it
+    return data
+
+
+def test_extra_pickle_file_is_refused_without_running_it(bundle: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "code-ran"
+    (bundle / "extra_head.pkl").write_bytes(pickled_payload(marker))
+    with pytest.raises(BundleError, match="extra_head.pkl: a pickle file inside the model folder; refused"):
+        headstart.load(bundle)
+    assert not marker.exists()
+
+
+def test_pickle_disguised_as_a_data_file_is_refused(bundle: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "code-ran"
+    (bundle / "notes.dat").write_bytes(pickled_payload(marker))
+    with pytest.raises(BundleError, match="notes.dat: a pickle file"):
+        headstart.load(bundle)
+    assert not marker.exists()
+
+
+def test_pickle_in_place_of_the_weights_is_refused(bundle: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "code-ran"
+    (bundle / "model.safetensors").write_bytes(pickled_payload(marker))
+    with pytest.raises(BundleError, match="model.safetensors: a pickle; refused"):
+        headstart.load(bundle)
+    assert not marker.exists()
+
+
+def test_bad_json_is_refused(bundle: Path) -> None:
+    (bundle / "bundle.json").write_text("{not json")
+    with pytest.raises(BundleError, match="bundle.json: not valid JSON"):
+        headstart.load(bundle)
+
+
+def test_wrong_class_count_is_refused(bundle: Path) -> None:
+    config = json.loads((bundle / "bundle.json").read_text())
+    config["classes"] = ["cats", "dogs", "birds"]
+    (bundle / "bundle.json").write_text(json.dumps(config))
+    with pytest.raises(BundleError, match="do not match a linear head for 3 classes"):
+        headstart.load(bundle)
+
+
+def test_missing_field_is_named(bundle: Path) -> None:
+    config = json.loads((bundle / "bundle.json").read_text())
+    del config["backbone"]["weights_sha256"]
+    (bundle / "bundle.json").write_text(json.dumps(config))
+    with pytest.raises(BundleError, match="field 'backbone.weights_sha256' must be 64 hex digits"):
+        headstart.load(bundle)
+
+
+def test_missing_weights_and_missing_folder(bundle: Path, tmp_path: Path) -> None:
+    (bundle / "model.safetensors").unlink()
+    with pytest.raises(BundleError, match="model.safetensors: missing"):
+        headstart.load(bundle)
+    with pytest.raises(BundleError, match="not a headstart model"):
+        headstart.load(tmp_path / "nothing-here")
+
+
+def test_bundle_json_is_plain_data(tiny_model_dir: Path) -> None:
+    config = json.loads((tiny_model_dir / "bundle.json").read_text())
+    assert config["format_version"] == 1
+    assert config["backbone"]["name"] == "efficientnet_lite0"
+    assert len(config["backbone"]["weights_sha256"]) == 64
+    assert config["classes"] == ["cats", "dogs"]
+    assert config["data_config"]["input_size"] == 224
+    metrics = json.loads((tiny_model_dir / "metrics.json").read_text())
+    assert metrics["accuracy"] == config["summary"]["validation"]["accuracy"]

@@ -1,0 +1,70 @@
+"""The command line mirrors the API: run each command as a user would."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from headstart.cli.main import app
+from headstart.errors import DataError
+
+from conftest import CATS_DOGS_TINY, FLOWERS_TINY, PHOTOS
+
+runner = CliRunner()
+
+
+def test_train_prints_accuracy_and_saves(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["train", str(FLOWERS_TINY), "--out", str(tmp_path / "m"), "--head", "mlp", "--cache-dir", str(tmp_path / "c")])
+    assert result.exit_code == 0, result.output
+    assert "Validation accuracy" in result.output and "daisy" in result.output
+    assert "40 images run through the backbone" in result.output
+    assert (tmp_path / "m" / "metrics.json").is_file() and (tmp_path / "m" / "model.safetensors").is_file()
+
+
+def test_predict_writes_csv(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "p.csv"
+    result = runner.invoke(app, ["predict", str(tiny_model_dir), str(CATS_DOGS_TINY / "val" / "cats"), "--top-k", "2", "--csv", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 10 and set(rows[0]) == {"path", "label", "probability", "label_2", "probability_2"}
+    assert sum(r["label"] == "cats" for r in rows) >= 8
+    assert "Wrote 10 rows" in result.output
+
+
+def test_evaluate_prints_report_and_confusion_matrix(tiny_model_dir: Path) -> None:
+    result = runner.invoke(app, ["evaluate", str(tiny_model_dir), str(CATS_DOGS_TINY)])
+    assert result.exit_code == 0, result.output
+    assert "Accuracy" in result.output and "precision" in result.output and "Confusion matrix" in result.output
+
+
+def test_imagenet_names_the_subject() -> None:
+    result = runner.invoke(app, ["imagenet", str(PHOTOS / "sk_coffee.png"), "--top-k", "2"])
+    assert result.exit_code == 0, result.output
+    assert "espresso" in result.output
+
+
+def test_backbones_lists_offline_weights() -> None:
+    result = runner.invoke(app, ["backbones"])
+    assert result.exit_code == 0
+    assert "efficientnet_lite0" in result.output and "timm:<model>" in result.output
+
+
+def test_errors_are_one_line_with_exit_code_1(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["train", str(tmp_path / "missing")])
+    assert result.exit_code == 1
+    assert result.output.strip().startswith("Error:") and "no such file or folder" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_debug_shows_the_exception(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["--debug", "train", str(tmp_path / "missing")])
+    assert isinstance(result.exception, DataError)
+
+
+@pytest.mark.parametrize("args", [["predict", "nowhere", "x.jpg"], ["evaluate", "nowhere", "data"]])
+def test_missing_model_folder(args: list[str]) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and "not a headstart model" in result.output
