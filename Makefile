@@ -18,4 +18,7 @@ demo: $(BIN)/headstart
 	HEADSTART_DATA_MIRROR="$${HEADSTART_DATA_MIRROR:-$(MIRROR)}" $(BIN)/headstart demo
 
 test: $(BIN)/headstart
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(BIN)/mypy
 	$(BIN)/pytest

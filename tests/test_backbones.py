@@ -13,10 +13,9 @@ import torch
 from safetensors.torch import save_file
 
 import headstart
+from conftest import FLOWERS_TINY, PHOTOS
 from headstart.backbones import create_backbone, list_backbones
 from headstart.errors import BackboneWeightsError, BundleError, UnknownBackboneError
-
-from conftest import FLOWERS_TINY, PHOTOS
 
 
 def random_weights(path: Path, seed: int, drop_classifier: bool = False) -> Path:
@@ -91,7 +90,10 @@ def test_failed_download_names_the_weights_option() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # fail at once, as without internet
     result = subprocess.run(
         [sys.executable, "-m", "headstart.cli.main", "imagenet", str(PHOTOS / "sk_coffee.png"), "--backbone", "timm:resnet18"],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.strip()]

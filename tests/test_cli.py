@@ -8,16 +8,17 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from conftest import CATS_DOGS_TINY, FLOWERS_TINY, PHOTOS
 from headstart.cli.main import app
 from headstart.errors import DataError
-
-from conftest import CATS_DOGS_TINY, FLOWERS_TINY, PHOTOS
 
 runner = CliRunner()
 
 
 def test_train_prints_accuracy_and_saves(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["train", str(FLOWERS_TINY), "--out", str(tmp_path / "m"), "--head", "mlp", "--cache-dir", str(tmp_path / "c")])
+    result = runner.invoke(
+        app, ["train", str(FLOWERS_TINY), "--out", str(tmp_path / "m"), "--head", "mlp", "--cache-dir", str(tmp_path / "c")]
+    )
     assert result.exit_code == 0, result.output
     assert "Validation accuracy" in result.output and "daisy" in result.output
     assert "40 images run through the backbone" in result.output

@@ -10,10 +10,9 @@ import pytest
 from PIL import Image
 
 import headstart
+from conftest import CATS_DOGS_TINY, FLOWERS_TINY, ODD_FILES, write_image
 from headstart.data import load_dataset, load_image, split_records
 from headstart.errors import ConfigError, DataError, UnreadableImageError
-
-from conftest import CATS_DOGS_TINY, FLOWERS_TINY, ODD_FILES, write_image
 
 
 def truncated_jpeg(path: Path) -> Path:

@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from conftest import FLOWERS_TINY
 from headstart.cli.main import app
 from headstart.datasets import fetch_flowers
 from headstart.errors import DataError
-
-from conftest import FLOWERS_TINY
 
 
 @pytest.fixture

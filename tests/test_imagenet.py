@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 
 import headstart
-from headstart.backbones import imagenet_class_names
-
 from conftest import PHOTOS
+from headstart.backbones import imagenet_class_names
 
 NAMES = imagenet_class_names()
 CATS = {NAMES[281], NAMES[282], NAMES[285]}  # tabby, tiger cat, Egyptian cat

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 
 import headstart
+from conftest import CATS_DOGS_TINY, FLOWERS_TINY
 from headstart.backbones import Backbone
 from headstart.data import IMAGE_EXTENSIONS
-
-from conftest import CATS_DOGS_TINY, FLOWERS_TINY
 
 
 def val_images() -> tuple[list[Path], list[str]]:
@@ -88,7 +87,7 @@ def test_evaluate_reports_per_class_scores(tiny_model_dir: Path) -> None:
     assert ev.n_images == 20 and ev.classes == ["cats", "dogs"]
     assert ev.confusion.sum(1).tolist() == [10, 10]
     assert ev.accuracy >= 0.8
-    assert 0.0 <= min(ev.f1) and max(ev.precision) <= 1.0
+    assert min(ev.f1) >= 0.0 and max(ev.precision) <= 1.0
 
 
 def test_predict_skips_unreadable_files_and_lists_them(tiny_model_dir: Path, tmp_path: Path) -> None:

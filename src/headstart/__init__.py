@@ -21,11 +21,11 @@ if TYPE_CHECKING:
     from headstart.api import imagenet as imagenet
     from headstart.api import predict as predict
     from headstart.api import train as train
+    from headstart.classifier import HeadClassifier as HeadClassifier
     from headstart.errors import HeadstartError as HeadstartError
     from headstart.model import Model as Model
     from headstart.model import Prediction as Prediction
     from headstart.model import load as load
-    from headstart.classifier import HeadClassifier as HeadClassifier
 
 # Public names and the module each lives in; imported on first use so that
 # `import headstart` (and `headstart --help`) does not pull in torch.

@@ -14,6 +14,7 @@ from numpy.typing import NDArray
 
 from headstart.backbones import BackboneInfo, create_backbone, imagenet_class_names, list_backbones
 from headstart.cache import FeatureCache, default_cache_dir, extract_with_cache
+from headstart.classifier import HeadClassifier
 from headstart.config import Progress
 from headstart.data import check_class_counts, list_images, load_dataset
 from headstart.datasets import fetch_flowers
@@ -21,7 +22,6 @@ from headstart.features import extract_features
 from headstart.files import atomic_write_bytes
 from headstart.metrics import evaluate_probabilities
 from headstart.model import EvaluationResult, Model, PathLike, Prediction, Predictions, load
-from headstart.classifier import HeadClassifier
 
 __all__ = ["backbones", "demo", "evaluate", "imagenet", "predict", "save_predictions_csv", "train"]
 
@@ -168,5 +168,4 @@ def demo(out: PathLike = "headstart-demo", cache_dir: PathLike | None = None, pr
 
 def _softmax(logits: NDArray[np.float32]) -> NDArray[np.float32]:
     shifted = np.exp(logits - logits.max(1, keepdims=True))
-    return shifted / shifted.sum(1, keepdims=True)
-
+    return np.asarray(shifted / shifted.sum(1, keepdims=True), dtype=np.float32)

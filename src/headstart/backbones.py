@@ -8,6 +8,7 @@ import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -117,8 +118,8 @@ def create_backbone(name: str, weights: str | os.PathLike[str] | None = None) ->
     """
     if name in _LITE_SOURCES:
         architecture = _LITE_SOURCES[name].architecture
-    elif name.startswith(TIMM_PREFIX) and name[len(TIMM_PREFIX):] in _timm_names():
-        architecture = name[len(TIMM_PREFIX):]
+    elif name.startswith(TIMM_PREFIX) and name[len(TIMM_PREFIX) :] in _timm_names():
+        architecture = name[len(TIMM_PREFIX) :]
     else:
         raise UnknownBackboneError(_unknown_message(name))
     if weights is not None:
@@ -127,7 +128,7 @@ def create_backbone(name: str, weights: str | os.PathLike[str] | None = None) ->
         state = _lite_state_dict(name)
     else:
         state = None
-    module = _build(name, architecture, state)
+    module, has_head = _build(name, architecture, state)
     module.eval()
     import timm.data
 
@@ -137,7 +138,7 @@ def create_backbone(name: str, weights: str | os.PathLike[str] | None = None) ->
         data_config=DataConfig.from_timm(timm.data.resolve_model_data_config(module)),
         n_features=int(getattr(module, "head_hidden_size", None) or module.num_features),
         weights_sha256=hash_state_dict(module.state_dict()),
-        has_imagenet_head=getattr(module, "num_classes", 0) == 1000 and not getattr(module, "_headstart_no_head", False),
+        has_imagenet_head=has_head and module.num_classes == 1000,
     )
 
 
@@ -159,12 +160,13 @@ def hash_state_dict(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _build(name: str, architecture: str, state: dict[str, torch.Tensor] | None) -> nn.Module:
+def _build(name: str, architecture: str, state: dict[str, torch.Tensor] | None) -> tuple[Any, bool]:
+    """The timm model with its weights, and whether its classifier was loaded too."""
     import timm
 
     if state is None:
         try:
-            return timm.create_model(architecture, pretrained=True)  # type: ignore[no-any-return]
+            return timm.create_model(architecture, pretrained=True), True
         except Exception as e:
             raise BackboneWeightsError(
                 f"Could not download ImageNet weights for '{name}' ({type(e).__name__}). "
@@ -178,7 +180,9 @@ def _build(name: str, architecture: str, state: dict[str, torch.Tensor] | None) 
         missing, unexpected = module.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
         detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
-        raise BackboneWeightsError(f"The weights do not fit {architecture}: {detail} Give a state dict saved from timm's '{architecture}'.") from None
+        raise BackboneWeightsError(
+            f"The weights do not fit {architecture}: {detail} Give a state dict saved from timm's '{architecture}'."
+        ) from None
     head_missing = [k for k in missing if k.startswith(classifier + ".")]
     if unexpected or len(head_missing) != len(missing):
         bad = (unexpected or [k for k in missing if k not in head_missing])[:3]
@@ -186,9 +190,7 @@ def _build(name: str, architecture: str, state: dict[str, torch.Tensor] | None) 
             f"The weights do not fit {architecture}: {'unexpected' if unexpected else 'missing'} keys {bad}. "
             f"Give a state dict saved from timm's '{architecture}'."
         )
-    if head_missing:
-        object.__setattr__(module, "_headstart_no_head", True)
-    return module  # type: ignore[no-any-return]
+    return module, not head_missing
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -198,14 +200,15 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            state = load_file(path)
+            loaded: Any = load_file(path)
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise BackboneWeightsError(f"{path}: cannot read weights ({e}). Give a .safetensors file or a plain state dict.") from None
     for wrapper in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
+        if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
+            loaded = loaded[wrapper]
+    state = loaded
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise BackboneWeightsError(f"{path}: not a state dict of tensors.")
     return {k.removeprefix("module."): v for k, v in state.items()}
@@ -224,17 +227,24 @@ def _lite_state_dict(name: str) -> dict[str, torch.Tensor]:
     return _read_state_dict(path)
 
 
-def rename_lite_keys(state: dict[str, torch.Tensor], blocks: nn.Module) -> dict[str, torch.Tensor]:
+def rename_lite_keys(state: dict[str, torch.Tensor], blocks: nn.Sequential) -> dict[str, torch.Tensor]:
     """Map an `efficientnet_pytorch` EfficientNet-Lite state dict onto timm's `tf_efficientnet_lite*`.
 
     `blocks` is the timm model's `blocks` (stages of blocks): flat block i is the
     i-th block when they are numbered stage by stage.
     """
     top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
-    inverted = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    inverted = {
+        "_expand_conv": "conv_pw",
+        "_bn0": "bn1",
+        "_depthwise_conv": "conv_dw",
+        "_bn1": "bn2",
+        "_project_conv": "conv_pwl",
+        "_bn2": "bn3",
+    }
     separable = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
     expands = {int(k.split(".")[1]) for k in state if k.startswith("_blocks.") and "._expand_conv." in k}
-    positions = [(s, j) for s, stage in enumerate(blocks) for j in range(len(stage))]  # type: ignore[arg-type]
+    positions = [(s, j) for s, stage in enumerate(blocks.children()) for j in range(len(list(stage.children())))]
     renamed = {}
     for key, tensor in state.items():
         parts = key.split(".")
@@ -257,8 +267,6 @@ def _timm_names() -> set[str]:
 def _unknown_message(name: str) -> str:
     candidates = list(_LITE_SOURCES) + [TIMM_PREFIX + n for n in _timm_names()]
     bare = name.removeprefix(TIMM_PREFIX)
-    guesses = difflib.get_close_matches(name, candidates, n=1) or difflib.get_close_matches(
-        TIMM_PREFIX + bare, candidates, n=1
-    )
+    guesses = difflib.get_close_matches(name, candidates, n=1) or difflib.get_close_matches(TIMM_PREFIX + bare, candidates, n=1)
     hint = f" Did you mean '{guesses[0]}'?" if guesses else ""
     return f"Unknown backbone '{name}'.{hint} Run `headstart backbones` to list them; any timm model works as 'timm:<model>'."

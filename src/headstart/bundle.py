@@ -27,9 +27,7 @@ METRICS_NAME = "metrics.json"
 PICKLE_SUFFIXES = frozenset({".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt", ".joblib", ".npy", ".npz"})
 
 
-def save_bundle(
-    directory: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], metrics: dict[str, Any]
-) -> Path:
+def save_bundle(directory: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], metrics: dict[str, Any]) -> Path:
     """Write a bundle; each file atomically, `bundle.json` last. Returns the folder."""
     config = {"format_version": FORMAT_VERSION, **config}
     validate_config(config, directory)
@@ -79,7 +77,9 @@ def validate_config(config: Any, directory: Path) -> None:
 
     def need(ok: bool, field: str, expected: str) -> None:
         if not ok:
-            raise BundleError(f"{where}: field '{field}' must be {expected}. The file is damaged or was edited; re-save or retrain the model.")
+            raise BundleError(
+                f"{where}: field '{field}' must be {expected}. The file is damaged or was edited; re-save or retrain the model."
+            )
 
     need(isinstance(config, dict), "(top level)", "a JSON object")
     version = config.get("format_version")
@@ -89,22 +89,30 @@ def validate_config(config: Any, directory: Path) -> None:
     backbone = config.get("backbone")
     need(isinstance(backbone, dict), "backbone", "an object")
     need(isinstance(backbone.get("name"), str), "backbone.name", "a string")
-    need(isinstance(backbone.get("weights_sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", backbone["weights_sha256"]) is not None,
-         "backbone.weights_sha256", "64 hex digits")
+    need(
+        isinstance(backbone.get("weights_sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", backbone["weights_sha256"]) is not None,
+        "backbone.weights_sha256",
+        "64 hex digits",
+    )
     need(backbone.get("weights_file") is None or isinstance(backbone["weights_file"], str), "backbone.weights_file", "a string or null")
     classes = config.get("classes")
-    need(isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)
-         and len(set(classes)) == len(classes), "classes", "a list of at least two distinct strings")
+    need(
+        isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes) and len(set(classes)) == len(classes),
+        "classes",
+        "a list of at least two distinct strings",
+    )
     need(isinstance(config.get("head"), dict), "head", "an object")
     try:
-        DataConfig.from_dict(config.get("data_config"))  # type: ignore[arg-type]
+        DataConfig.from_dict(config.get("data_config"))
     except (TypeError, KeyError, ValueError, AttributeError):
         need(False, "data_config", "an object with input_size, resize_size, interpolation, mean and std")
 
 
 def _refuse_pickles(directory: Path) -> None:
     for path in sorted(directory.rglob("*")):
-        if path.is_file() and (path.suffix.lower() in PICKLE_SUFFIXES or (path.suffix != ".safetensors" and _looks_pickled(_head_bytes(path)))):
+        if path.is_file() and (
+            path.suffix.lower() in PICKLE_SUFFIXES or (path.suffix != ".safetensors" and _looks_pickled(_head_bytes(path)))
+        ):
             raise BundleError(
                 f"{path}: a pickle file inside the model folder; refused. headstart bundles hold only safetensors and JSON, "
                 "and pickles can run code. Delete the file if you did not expect it."

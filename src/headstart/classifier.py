@@ -12,10 +12,7 @@ from numpy.typing import ArrayLike, NDArray
 from torch import nn
 
 from headstart.errors import ConfigError, NotFittedError
-from headstart.heads import HEAD_KINDS, build_head
-
-STD_FLOOR = 0.1
-"""Each feature is scaled by 1 / (std + STD_FLOOR * mean std over features)."""
+from headstart.heads import HEAD_KINDS, build_head, standardizer
 
 
 class HeadClassifier:
@@ -98,7 +95,9 @@ class HeadClassifier:
         features = torch.as_tensor(np.asarray(X, dtype=np.float32))
         labels = np.asarray(y)
         if features.ndim != 2 or len(features) != len(labels) or len(features) == 0:
-            raise ConfigError(f"Expected X of shape (n_samples, n_features) and y of shape (n_samples,), got {tuple(features.shape)} and {labels.shape}.")
+            raise ConfigError(
+                f"Expected X of shape (n_samples, n_features) and y of shape (n_samples,), got {tuple(features.shape)} and {labels.shape}."
+            )
         self.classes_ = np.unique(labels)
         if len(self.classes_) < 2:
             raise ConfigError(f"Need at least two classes to fit, got {self.classes_.tolist()}.")
@@ -114,9 +113,7 @@ class HeadClassifier:
     def _fit(self, X: torch.Tensor, y: torch.Tensor, val: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         n_classes = len(self.classes_)
         head = build_head(self.head, X.shape[1], n_classes, self.hidden, self.dropout)
-        head[0].mean.copy_(X.mean(0))
-        std = X.std(0)  # features that barely vary (often exact zeros) must not be blown up
-        head[0].scale.copy_(std + STD_FLOOR * std.mean() + 1e-8)
+        standardizer(head).fit(X)
         counts = torch.bincount(y, minlength=n_classes).float()
         weight = len(y) / (n_classes * counts) if self.class_weight == "balanced" else None
         loss_fn = nn.CrossEntropyLoss(weight=weight)
@@ -127,7 +124,7 @@ class HeadClassifier:
         for epoch in range(1, self.max_epochs + 1):
             head.train()
             total = 0.0
-            for batch in torch.randperm(len(y), generator=generator).split(self.batch_size):
+            for batch in torch.split(torch.randperm(len(y), generator=generator), self.batch_size):
                 optimizer.zero_grad()
                 loss = loss_fn(head(X[batch]), y[batch])
                 loss.backward()
@@ -156,7 +153,7 @@ class HeadClassifier:
         self._check_fitted()
         with torch.no_grad():
             logits = self.head_(torch.as_tensor(np.asarray(X, dtype=np.float32)))
-        return logits.softmax(1).numpy()
+        return np.asarray(logits.softmax(1).numpy(), dtype=np.float32)
 
     def predict(self, X: ArrayLike) -> NDArray[Any]:
         """The most probable class label for each row of X."""

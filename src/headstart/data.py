@@ -13,9 +13,7 @@ from PIL import Image, ImageOps
 
 from headstart.errors import ConfigError, DataError, UnreadableImageError
 
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-)
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 VAL_FOLDER_NAMES = ("val", "validation")
 
 
@@ -91,9 +89,7 @@ def load_dataset(source: str | os.PathLike[str], val_split: float = 0.2, seed: i
     return Dataset(train=train, val=val, classes=classes, skipped=skipped)
 
 
-def check_class_counts(
-    train: list[ImageRecord], val: list[ImageRecord], classes: list[str], min_val: int
-) -> None:
+def check_class_counts(train: list[ImageRecord], val: list[ImageRecord], classes: list[str], min_val: int) -> None:
     """Raise DataError naming the first class that has too few images to train on."""
     n_train = Counter(r.label for r in train)
     n_val = Counter(r.label for r in val)
@@ -153,9 +149,7 @@ def read_csv(path: Path) -> tuple[list[ImageRecord], list[Skipped]]:
     return records, skipped
 
 
-def split_records(
-    records: list[ImageRecord], val_split: float, seed: int
-) -> tuple[list[ImageRecord], list[ImageRecord]]:
+def split_records(records: list[ImageRecord], val_split: float, seed: int) -> tuple[list[ImageRecord], list[ImageRecord]]:
     """Stratified, seeded split: each class gives round(n * val_split) images (at least 1) to validation."""
     if val_split <= 0:
         return sorted(records, key=_key), []
@@ -205,12 +199,9 @@ def load_image(path: Path) -> Image.Image:
         UnreadableImageError: the file is not a decodable image (the reason says why).
     """
     try:
-        with Image.open(path) as image:
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            return _to_rgb(image)
-    except UnreadableImageError:
-        raise
+        with Image.open(path) as opened:
+            opened.load()
+            return _to_rgb(ImageOps.exif_transpose(opened))
     except Image.DecompressionBombError:
         raise UnreadableImageError(path, "image too large (decompression bomb guard)") from None
     except Exception as e:  # Pillow raises many types for broken files

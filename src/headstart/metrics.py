@@ -73,4 +73,6 @@ def evaluate_probabilities(y_true: NDArray[np.int64], proba: NDArray[np.float32]
 
 
 def _safe_divide(a: NDArray[Any], b: NDArray[Any]) -> NDArray[np.float64]:
-    return np.divide(a, b, out=np.zeros(len(a), dtype=np.float64), where=b > 0)
+    out = np.zeros(len(a), dtype=np.float64)
+    np.divide(a, b, out=out, where=b > 0)
+    return out

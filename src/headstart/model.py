@@ -14,12 +14,13 @@ from numpy.typing import NDArray
 from headstart import __version__
 from headstart.backbones import Backbone, create_backbone
 from headstart.bundle import read_bundle, read_config, save_bundle
+from headstart.classifier import HeadClassifier
 from headstart.config import DataConfig, Progress
 from headstart.data import Skipped, load_dataset
 from headstart.errors import BundleError, ConfigError, DataError, UnreadableImageError
 from headstart.features import Extraction, extract_features
+from headstart.heads import standardizer
 from headstart.metrics import Evaluation, evaluate_probabilities
-from headstart.classifier import HeadClassifier
 
 PathLike = str | os.PathLike[str]
 
@@ -115,7 +116,9 @@ class Model:
         records = dataset.val or dataset.train
         unknown = sorted({r.label for r in records} - set(self.classes))
         if unknown:
-            raise DataError(f"{data}: class '{unknown[0]}' is not one this model knows ({', '.join(self.classes)}). Rename or remove that folder.")
+            raise DataError(
+                f"{data}: class '{unknown[0]}' is not one this model knows ({', '.join(self.classes)}). Rename or remove that folder."
+            )
         extraction = extract_features(self.backbone, [r.path for r in records], progress=progress)
         y_true = np.asarray([self.classes.index(records[i].label) for i in extraction.kept], dtype=np.int64)
         evaluation = evaluate_probabilities(y_true, self.head.predict_proba(extraction.features), self.classes)
@@ -171,8 +174,9 @@ def load(directory: PathLike, weights: PathLike | None = None) -> Model:
         head = HeadClassifier.from_state(config["head"], config["classes"], head_state)
     except (ConfigError, TypeError) as e:
         raise BundleError(f"{directory}: {e}") from None
-    if head.head_[0].mean.shape[0] != backbone.n_features:
-        raise BundleError(f"{directory}: head expects {head.head_[0].mean.shape[0]} features, backbone gives {backbone.n_features}.")
+    n_features = standardizer(head.head_).n_features
+    if n_features != backbone.n_features:
+        raise BundleError(f"{directory}: head expects {n_features} features, backbone gives {backbone.n_features}.")
     return Model(backbone, head, config.get("summary") or {})
 
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -19,13 +18,13 @@ app = typer.Typer(
 )
 
 
-class Head(str, Enum):
+class Head(StrEnum):
     linear = "linear"
     mlp = "mlp"
 
 
 Backbone = Annotated[str, typer.Option(help="efficientnet_lite0/1/2 or timm:<model>; see `headstart backbones`.")]
-Weights = Annotated[Optional[Path], typer.Option(help="Backbone weights file (safetensors or state dict) instead of downloading.")]
+Weights = Annotated[Path | None, typer.Option(help="Backbone weights file (safetensors or state dict) instead of downloading.")]
 
 
 @app.callback()
@@ -62,7 +61,7 @@ def train(
     val_split: Annotated[float, typer.Option(help="Fraction of each class held out for validation.")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the split and of training.")] = 0,
     balanced: Annotated[bool, typer.Option(help="Weight classes inversely to their frequency.")] = False,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache folder [default: ~/.cache/headstart].")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache folder [default: ~/.cache/headstart].")] = None,
     cache: Annotated[bool, typer.Option(help="Read and write the feature cache.")] = True,
     batch_size: Annotated[int, typer.Option(help="Images per backbone forward pass.")] = 32,
 ) -> None:
@@ -72,9 +71,17 @@ def train(
 
     with handled(ctx), render.progress_bar() as progress:
         model = api.train(
-            data, backbone=backbone, head=head.value, weights=weights, val_split=val_split, seed=seed,
-            class_weight="balanced" if balanced else None, cache_dir=cache_dir, use_cache=cache,
-            batch_size=batch_size, progress=progress,
+            data,
+            backbone=backbone,
+            head=head.value,
+            weights=weights,
+            val_split=val_split,
+            seed=seed,
+            class_weight="balanced" if balanced else None,
+            cache_dir=cache_dir,
+            use_cache=cache,
+            batch_size=batch_size,
+            progress=progress,
         )
         model.save(out)
     render.training(model, out)
@@ -86,7 +93,7 @@ def predict(
     model: Annotated[Path, typer.Argument(help="A model folder from `headstart train`.")],
     images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
     top_k: Annotated[int, typer.Option(help="How many classes to show per image.")] = 3,
-    csv: Annotated[Optional[Path], typer.Option(help="Also write the predictions to this CSV file.")] = None,
+    csv: Annotated[Path | None, typer.Option(help="Also write the predictions to this CSV file.")] = None,
 ) -> None:
     """Predict the classes of new images."""
     from headstart import api
@@ -170,4 +177,4 @@ def run() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run())
+    run()

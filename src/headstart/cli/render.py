@@ -25,8 +25,12 @@ err_console = Console(stderr=True)
 def progress_bar(out: Console | None = None) -> Iterator[ProgressCallback]:
     """A progress callback drawing one bar per description, on stderr."""
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=out or err_console, transient=True,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=out or err_console,
+        transient=True,
     ) as bar:
         tasks: dict[str, Any] = {}
 
