@@ -69,7 +69,8 @@ def training(model: Model, saved_to: Path, out: Console | None = None) -> None:
     skipped([Skipped(Path(d["path"]), d["reason"]) for d in s["skipped"]], out)
     if "validation" in s:
         v = s["validation"]
-        table = Table(title=f"Validation accuracy {v['accuracy']:.3f} ({v['n_images']} images)")
+        out.print(f"Validation accuracy [bold]{v['accuracy']:.3f}[/] on {v['n_images']} images.")
+        table = Table()
         table.add_column("class")
         table.add_column("accuracy", justify="right")
         table.add_column("images", justify="right")
