@@ -67,6 +67,7 @@ def train(
         UnknownBackboneError, BackboneWeightsError: the backbone cannot be created.
     """
     started = time.perf_counter()
+    clf = HeadClassifier(head=head, class_weight=class_weight, seed=seed).check_params()
     dataset = load_dataset(data, val_split=val_split, seed=seed)
     net = create_backbone(backbone, weights)
     cache = FeatureCache(Path(cache_dir) if cache_dir else default_cache_dir(), net) if use_cache else None
@@ -79,7 +80,6 @@ def train(
     features = extraction.features
     labels = np.asarray([records[i].label for i in extraction.kept])
     is_train = extraction.kept < n_train
-    clf = HeadClassifier(head=head, class_weight=class_weight, seed=seed)
     clf.fit(features[is_train], labels[is_train], features[~is_train], labels[~is_train])
 
     summary = {
@@ -98,12 +98,12 @@ def train(
         "history": clf.history_,
         "best_epoch": clf.best_epoch_,
     }
-    model = Model(net, clf, summary)
     if (~is_train).any():
         y_val = np.searchsorted(clf.classes_, labels[~is_train])
-        summary["validation"] = evaluate_probabilities(y_val, clf.predict_proba(features[~is_train]), model.classes).to_dict()
+        proba = clf.predict_proba(features[~is_train])
+        summary["validation"] = evaluate_probabilities(y_val, proba, dataset.classes).to_dict()
     summary["seconds"] = round(time.perf_counter() - started, 2)
-    return model
+    return Model(net, clf, summary)
 
 
 def predict(model: PathLike | Model, images: Sequence[PathLike], top_k: int = 3, progress: Progress | None = None) -> Predictions:

@@ -91,7 +91,7 @@ class HeadClassifier:
         With validation data, training stops after `patience` epochs without a lower
         validation loss and the best epoch's weights are kept.
         """
-        self._validate_params()
+        self.check_params()
         features = torch.as_tensor(np.asarray(X, dtype=np.float32))
         labels = np.asarray(y)
         if features.ndim != 2 or len(features) != len(labels) or len(features) == 0:
@@ -166,7 +166,8 @@ class HeadClassifier:
             raise ConfigError(f"Validation labels {unknown[:3]} do not occur in the training labels.")
         return np.searchsorted(self.classes_, labels).astype(np.int64)
 
-    def _validate_params(self) -> None:
+    def check_params(self) -> HeadClassifier:
+        """Raise ConfigError for a parameter outside what it accepts; return self."""
         if self.head not in HEAD_KINDS:
             raise ConfigError(f"Unknown head '{self.head}'. Choose one of: {', '.join(HEAD_KINDS)}.")
         if self.class_weight not in (None, "balanced"):
@@ -176,6 +177,7 @@ class HeadClassifier:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}.")
+        return self
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "head_"):
@@ -188,8 +190,7 @@ class HeadClassifier:
         Raises:
             ConfigError: the state dict does not match the parameters and classes.
         """
-        self = cls(**params)
-        self._validate_params()
+        self = cls(**params).check_params()
         n_features = int(state["0.mean"].shape[0]) if "0.mean" in state else 0
         head = build_head(self.head, n_features, len(classes), self.hidden, self.dropout)
         try:
