@@ -3,38 +3,61 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
+import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
 
-from headstart.backbones import BackboneInfo, create_backbone, imagenet_class_names, list_backbones
-from headstart.cache import FeatureCache, default_cache_dir, extract_with_cache
+from headstart.augment import AugmentConfig
+from headstart.augment import augment as augment_image
+from headstart.backbones import Backbone, BackboneInfo, at_layer, create_backbone, imagenet_class_names, list_backbones
+from headstart.cache import CachedExtraction, FeatureCache, default_cache_dir, extract_with_cache
 from headstart.classifier import HeadClassifier
 from headstart.config import Progress
-from headstart.data import check_class_counts, list_images, load_dataset
+from headstart.data import Dataset, check_class_counts, list_images, load_dataset, load_image
 from headstart.datasets import fetch_flowers
+from headstart.errors import ConfigError
 from headstart.features import extract_features
 from headstart.files import atomic_write_bytes
-from headstart.metrics import evaluate_probabilities
+from headstart.finetune import FinetuneConfig, FinetuneResult, finetune
+from headstart.metrics import Evaluation, evaluate_probabilities
 from headstart.model import EvaluationResult, Model, PathLike, Prediction, Predictions, load
+from headstart.report import image_grid, save_figure
+from headstart.strategy import EARLIER_LAYER, ProbeData, choose, imagenet_confidence, probe_loss
+from headstart.transforms import resize_and_crop
 
-__all__ = ["backbones", "demo", "evaluate", "imagenet", "predict", "save_predictions_csv", "train"]
+__all__ = ["augment_preview", "backbones", "demo", "evaluate", "imagenet", "predict", "save_predictions_csv", "train"]
+
+
+Strategy = Literal["linear", "mlp", "finetune", "auto"]
+STRATEGIES = ("linear", "mlp", "finetune", "auto")
+CHECKPOINT_DIR = ".checkpoint"
 
 
 def train(
     data: PathLike,
     *,
     backbone: str = "efficientnet_lite0",
-    head: Literal["linear", "mlp"] = "linear",
+    strategy: Strategy | None = None,
+    head: Literal["linear", "mlp"] | None = None,
+    layer: int | None = None,
     weights: PathLike | None = None,
     val_split: float = 0.2,
     seed: int = 0,
     class_weight: Literal["balanced"] | None = None,
+    unfreeze: int | None = 2,
+    epochs: int = 8,
+    augment: str | AugmentConfig = "light",
+    out: PathLike | None = None,
+    resume: bool = False,
     cache_dir: PathLike | None = None,
     use_cache: bool = True,
     batch_size: int = 32,
@@ -42,22 +65,34 @@ def train(
 ) -> Model:
     """Train a classifier on a folder of labelled photos (or a `path,label` CSV).
 
-    The frozen backbone's pooled features are computed once per image and cached;
-    the head is then fitted on them with early stopping on the validation split.
+    Every strategy starts the same way: the frozen backbone's pooled features are
+    computed once per image and cached, and a head is fitted on them with early
+    stopping on the validation split. `finetune` then trains the backbone's top
+    blocks together with that head on augmented images.
 
     Args:
         data: a folder with one sub-folder per class, a folder with train/ and val/
             splits of such folders, or a CSV of path,label.
         backbone: a name from `headstart.backbones()` or "timm:<model>".
-        head: "linear" or "mlp".
+        strategy: "linear" or "mlp" (that head on frozen features), "finetune"
+            (two phases), or "auto" (chosen from dataset size and similarity to ImageNet).
+            None (the default) means frozen features with `head`.
+        head: "linear" (default) or "mlp"; the strategies "linear" and "mlp" name their own.
+        layer: pool an earlier stage's output instead of the final features (e.g. -2).
         weights: backbone weights file instead of the default pretrained ones.
         val_split: fraction of each class held out for validation (default 0.2).
-        seed: seed of the split and of the head's training.
+        seed: seed of the split, of training and of augmentation.
         class_weight: "balanced" to weight classes inversely to their frequency.
+        unfreeze: for "finetune", how many top blocks to train; None for all.
+        epochs: for "finetune", the most epochs of the second phase.
+        augment: for "finetune", "none", "light", "strong" or an `AugmentConfig`.
+        out: save the model in this folder (and, for "finetune", the best-so-far
+            model after each improving epoch and a checkpoint to resume from).
+        resume: continue an interrupted "finetune" run from its checkpoint in `out`.
         cache_dir: where features are cached (default: `default_cache_dir()`).
         use_cache: False to neither read nor write the feature cache.
-        batch_size: images per backbone forward pass.
-        progress: called as progress(description, done, total).
+        batch_size: images per backbone forward pass and per fine-tuning step.
+        progress: called as progress(description, done, total, status).
 
     Returns:
         The trained `Model`; `model.summary` says what was done and how it scored.
@@ -65,27 +100,45 @@ def train(
     Raises:
         DataError: unusable data (message names the folder or class).
         UnknownBackboneError, BackboneWeightsError: the backbone cannot be created.
+        ConfigError: an option out of range, or `resume` without a matching checkpoint.
     """
     started = time.perf_counter()
-    clf = HeadClassifier(head=head, class_weight=class_weight, seed=seed).check_params()
+    strategy = strategy or head or "linear"
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"Unknown strategy '{strategy}'. Choose one of: {', '.join(STRATEGIES)}.")
+    if strategy in ("linear", "mlp") and head not in (None, strategy):
+        raise ConfigError(f"Strategy '{strategy}' trains a {strategy} head; drop --head {head} or use --strategy finetune.")
+    if resume and out is None:
+        raise ConfigError("resume needs the output folder of the interrupted run (--out).")
+    clf = HeadClassifier(head="mlp" if strategy == "mlp" else head or "linear", class_weight=class_weight, seed=seed).check_params()
+    augment_config = augment if isinstance(augment, AugmentConfig) else AugmentConfig.preset(augment)
+    tune = FinetuneConfig(unfreeze=unfreeze, epochs=epochs, augment=augment_config, seed=seed, batch_size=batch_size)
     dataset = load_dataset(data, val_split=val_split, seed=seed)
-    net = create_backbone(backbone, weights)
-    cache = FeatureCache(Path(cache_dir) if cache_dir else default_cache_dir(), net) if use_cache else None
-    records = dataset.train + dataset.val
-    n_train = len(dataset.train)
-    extraction = extract_with_cache(net, [r.path for r in records], cache, batch_size, progress)
-    dataset = dataset.drop(extraction.skipped)
-    check_class_counts(dataset.train, dataset.val, dataset.classes, min_val=1 if dataset.val else 0)
+    if strategy in ("finetune", "auto") and not dataset.val:
+        raise ConfigError(f"Strategy '{strategy}' needs validation images; use a val_split above 0.")
+    net = create_backbone(backbone, weights, layer)
+    cache = partial(_cached_features, cache_root=Path(cache_dir) if cache_dir else default_cache_dir(), use_cache=use_cache)
+    frozen = _fit_frozen(net, dataset, clf, cache(net, dataset, batch_size, progress))
 
-    features = extraction.features
-    labels = np.asarray([records[i].label for i in extraction.kept])
-    is_train = extraction.kept < n_train
-    clf.fit(features[is_train], labels[is_train], features[~is_train], labels[~is_train])
+    choice = None
+    if strategy == "auto":
+        final = _split(frozen.dataset, cache(net, frozen.dataset, batch_size, progress))
+        early = _split(frozen.dataset, cache(at_layer(net, EARLIER_LAYER), frozen.dataset, batch_size, progress))
+        confidence = imagenet_confidence(net, final.X_train) if net.has_imagenet_head and net.layer is None else None
+        n_train, n_classes = len(frozen.dataset.train), len(frozen.dataset.classes)
+        choice = choose(n_train, n_classes, confidence, probe_loss(final, seed), probe_loss(early, seed))
+        if choice.layer is not None:
+            net = at_layer(net, choice.layer)
+            frozen = _fit_frozen(net, frozen.dataset, clf, cache(net, frozen.dataset, batch_size, progress))
+        tune = dataclasses.replace(tune, unfreeze=choice.unfreeze)
 
-    summary = {
+    dataset, clf = frozen.dataset, frozen.clf
+    summary: dict[str, Any] = {
         "data": str(data),
         "backbone": net.name,
-        "head": head,
+        "layer": net.layer,
+        "strategy": strategy,
+        "head": clf.head,
         "weights_file": str(weights) if weights is not None else None,
         "val_split": val_split,
         "seed": seed,
@@ -93,17 +146,96 @@ def train(
         "n_train": {c: sum(r.label == c for r in dataset.train) for c in dataset.classes},
         "n_val": {c: sum(r.label == c for r in dataset.val) for c in dataset.classes},
         "skipped": [{"path": str(s.path), "reason": s.reason} for s in dataset.skipped],
-        "n_extracted": extraction.n_extracted,
-        "n_cached": extraction.n_cached,
-        "history": clf.history_,
+        "n_extracted": frozen.n_extracted,
+        "n_cached": frozen.n_cached,
+        "history": [{"phase": "head", **row} for row in clf.history_],
         "best_epoch": clf.best_epoch_,
     }
-    if (~is_train).any():
-        y_val = np.searchsorted(clf.classes_, labels[~is_train])
-        proba = clf.predict_proba(features[~is_train])
-        summary["validation"] = evaluate_probabilities(y_val, proba, dataset.classes).to_dict()
+    if choice is not None:
+        summary["auto"] = {"chose": choice.strategy, "reason": choice.reason, **choice.measurements}
+    if frozen.validation is not None:
+        summary["validation"] = frozen.validation.to_dict()
+
+    if strategy == "finetune" or (choice is not None and choice.strategy == "finetune"):
+        net, clf = _finetune(net, clf, dataset, tune, summary, Path(out) if out is not None else None, resume, progress)
     summary["seconds"] = round(time.perf_counter() - started, 2)
-    return Model(net, clf, summary)
+    model = Model(net, clf, summary)
+    if out is not None:
+        model.save(out)
+        shutil.rmtree(Path(out) / CHECKPOINT_DIR, ignore_errors=True)
+    return model
+
+
+@dataclass(frozen=True)
+class _Frozen:
+    """The data as it stands after extraction, and the head fitted on its frozen features."""
+
+    dataset: Dataset
+    clf: HeadClassifier
+    validation: Evaluation | None
+    n_extracted: int
+    n_cached: int
+
+
+def _cached_features(
+    net: Backbone, dataset: Dataset, batch_size: int, progress: Progress | None, cache_root: Path, use_cache: bool
+) -> CachedExtraction:
+    cache = FeatureCache(cache_root, net) if use_cache else None
+    return extract_with_cache(net, [r.path for r in dataset.train + dataset.val], cache, batch_size, progress)
+
+
+def _split(dataset: Dataset, extraction: CachedExtraction) -> ProbeData:
+    """The extracted features and labels of `dataset.train + dataset.val`, split back into train and val."""
+    records = dataset.train + dataset.val
+    labels = np.asarray([records[i].label for i in extraction.kept])
+    is_train = extraction.kept < len(dataset.train)
+    features = extraction.features
+    return ProbeData(features[is_train], labels[is_train], features[~is_train], labels[~is_train])
+
+
+def _fit_frozen(net: Backbone, dataset: Dataset, clf: HeadClassifier, extraction: CachedExtraction) -> _Frozen:
+    """Fit a copy of `clf` on frozen features; files the extraction could not read leave the dataset."""
+    data = _split(dataset, extraction)
+    dataset = dataset.drop(extraction.skipped)
+    check_class_counts(dataset.train, dataset.val, dataset.classes, min_val=1 if dataset.val else 0)
+    fitted = HeadClassifier(**clf.get_params()).fit(data.X_train, data.y_train, data.X_val, data.y_val)
+    validation = None
+    if len(data.y_val):
+        y_val = np.searchsorted(fitted.classes_, data.y_val)
+        validation = evaluate_probabilities(y_val, fitted.predict_proba(data.X_val), dataset.classes)
+    return _Frozen(dataset, fitted, validation, extraction.n_extracted, extraction.n_cached)
+
+
+def _finetune(
+    net: Backbone,
+    clf: HeadClassifier,
+    dataset: Dataset,
+    config: FinetuneConfig,
+    summary: dict[str, Any],
+    out: Path | None,
+    resume: bool,
+    progress: Progress | None,
+) -> tuple[Backbone, HeadClassifier]:
+    """Phase two; updates `summary` with its history and the tuned model's validation scores."""
+    frozen_validation = summary.get("validation")
+
+    def record(result: FinetuneResult) -> dict[str, Any]:
+        y_val = np.asarray([dataset.classes.index(r.label) for r in dataset.val])
+        return {
+            **summary,
+            "history": summary["history"] + [{"phase": "finetune", **row} for row in result.history],
+            "finetune": {"config": config.to_dict(), "best_epoch": result.best_epoch, "frozen_validation": frozen_validation},
+            "validation": evaluate_probabilities(y_val, result.val_proba, dataset.classes).to_dict(),
+        }
+
+    def save_best(result: FinetuneResult) -> None:
+        if out is not None:
+            Model(result.backbone, result.head, record(result)).save(out)
+
+    checkpoint = out / CHECKPOINT_DIR if out is not None else None
+    result = finetune(net, clf, dataset.train, dataset.val, config, checkpoint, resume, progress, on_best=save_best)
+    summary.update(record(result))
+    return result.backbone, result.head
 
 
 def predict(model: PathLike | Model, images: Sequence[PathLike], top_k: int = 3, progress: Progress | None = None) -> Predictions:
@@ -152,6 +284,33 @@ def save_predictions_csv(predictions: Sequence[Prediction], path: PathLike) -> P
     return atomic_write_bytes(Path(path), buffer.getvalue().encode())
 
 
+def augment_preview(
+    data: PathLike,
+    out: PathLike,
+    augment: str | AugmentConfig = "light",
+    backbone: str = "efficientnet_lite0",
+    n_images: int = 4,
+    n_variants: int = 5,
+    seed: int = 0,
+) -> Path:
+    """Save a PNG grid: a few training images as the model sees them in evaluation, then augmented.
+
+    Returns the path written.
+    """
+    config = augment if isinstance(augment, AugmentConfig) else AugmentConfig.preset(augment)
+    dataset = load_dataset(data, val_split=0.0)
+    data_config = create_backbone(backbone).data_config
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(dataset.train), size=min(n_images, len(dataset.train)), replace=False)
+    rows, titles = [], []
+    for index in sorted(picks.tolist()):
+        record = dataset.train[index]
+        image = load_image(record.path)
+        rows.append([resize_and_crop(image, data_config)] + [augment_image(image, config, data_config, rng) for _ in range(n_variants)])
+        titles.append([f"{record.label}: original"] + [f"augmented {k + 1}" for k in range(n_variants)])
+    return save_figure(image_grid(rows, titles), Path(out))
+
+
 def backbones() -> list[BackboneInfo]:
     """The backbones headstart knows, and whether each works offline."""
     return list_backbones()
@@ -161,9 +320,7 @@ def demo(out: PathLike = "headstart-demo", cache_dir: PathLike | None = None, pr
     """Fetch the flower photos, train the default model on them and save it to `out`."""
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     flowers = fetch_flowers(root, progress=progress)
-    model = train(flowers, cache_dir=root, progress=progress)
-    model.save(out)
-    return model
+    return train(flowers, cache_dir=root, out=out, progress=progress)
 
 
 def _softmax(logits: NDArray[np.float32]) -> NDArray[np.float32]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import importlib
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from headstart.config import DataConfig
-from headstart.errors import BackboneWeightsError, UnknownBackboneError
+from headstart.errors import BackboneWeightsError, ConfigError, UnknownBackboneError
 
 TIMM_PREFIX = "timm:"
 
@@ -79,6 +80,9 @@ class Backbone:
         n_features: width of the pooled feature vector.
         weights_sha256: hash of every tensor in `module`'s state dict.
         has_imagenet_head: whether `module`'s classifier holds ImageNet-1k weights.
+        layer: None for the final features; else the index of the earlier stage
+            (as in timm's `feature_info`) whose output is pooled instead.
+        finetuned_from: for fine-tuned weights, the hash of the pretrained ones they started from.
     """
 
     name: str
@@ -87,11 +91,25 @@ class Backbone:
     n_features: int
     weights_sha256: str
     has_imagenet_head: bool
+    layer: int | None = None
+    finetuned_from: str | None = None
 
     def features(self, batch: torch.Tensor) -> torch.Tensor:
         """Globally pooled features, shape (n, n_features), for a batch of shape (n, 3, H, W)."""
         with torch.inference_mode():
-            return self.module.forward_head(self.module.forward_features(batch), pre_logits=True)  # type: ignore[operator,no-any-return]
+            return self.pooled(batch)
+
+    def pooled(self, batch: torch.Tensor) -> torch.Tensor:
+        """Like `features`, but recorded for autograd (for fine-tuning)."""
+        model: Any = self.module
+        if self.layer is None:
+            return model.forward_head(model.forward_features(batch), pre_logits=True)  # type: ignore[no-any-return]
+        maps = model.forward_intermediates(batch, indices=[self.layer], intermediates_only=True, stop_early=True)
+        return maps[0].mean((2, 3))  # type: ignore[no-any-return]
+
+    def stages(self) -> list[tuple[str, int]]:
+        """The (module name, channels) of each stage whose output `layer` can select."""
+        return [(info["module"], int(info["num_chs"])) for info in getattr(self.module, "feature_info", [])]
 
     def imagenet_logits(self, batch: torch.Tensor) -> torch.Tensor:
         """ImageNet-1k logits, shape (n, 1000)."""
@@ -104,17 +122,26 @@ class Backbone:
             return self.module(batch)  # type: ignore[no-any-return]
 
 
-def create_backbone(name: str, weights: str | os.PathLike[str] | None = None) -> Backbone:
+def create_backbone(
+    name: str,
+    weights: str | os.PathLike[str] | None = None,
+    layer: int | None = None,
+    state: dict[str, torch.Tensor] | None = None,
+) -> Backbone:
     """Create a pretrained backbone by name.
 
     Args:
         name: a registered name (see `list_backbones`) or "timm:<model>".
         weights: a safetensors file or PyTorch state dict to load instead of the
             default pretrained weights (the offline route for timm models).
+        layer: pool the output of this earlier stage instead of the final features
+            (0 is the first stage; negative counts from the last, -1 being the last stage).
+        state: an in-memory state dict (e.g. fine-tuned weights) to load instead of `weights`.
 
     Raises:
         UnknownBackboneError: the name is not known.
         BackboneWeightsError: the weights could not be obtained or do not fit.
+        ConfigError: `layer` is outside the backbone's stages.
     """
     if name in _LITE_SOURCES:
         architecture = _LITE_SOURCES[name].architecture
@@ -122,7 +149,9 @@ def create_backbone(name: str, weights: str | os.PathLike[str] | None = None) ->
         architecture = name[len(TIMM_PREFIX) :]
     else:
         raise UnknownBackboneError(_unknown_message(name))
-    if weights is not None:
+    if state is not None:
+        pass
+    elif weights is not None:
         state = _read_state_dict(Path(weights))
     elif name in _LITE_SOURCES:
         state = _lite_state_dict(name)
@@ -132,7 +161,7 @@ def create_backbone(name: str, weights: str | os.PathLike[str] | None = None) ->
     module.eval()
     import timm.data
 
-    return Backbone(
+    backbone = Backbone(
         name=name,
         module=module,
         data_config=DataConfig.from_timm(timm.data.resolve_model_data_config(module)),
@@ -140,6 +169,34 @@ def create_backbone(name: str, weights: str | os.PathLike[str] | None = None) ->
         weights_sha256=hash_state_dict(module.state_dict()),
         has_imagenet_head=has_head and module.num_classes == 1000,
     )
+    return backbone if layer is None else at_layer(backbone, layer)
+
+
+def parameter_groups(backbone: Backbone) -> list[list[str]]:
+    """Parameter names of the backbone's blocks, bottom (stem) to top, ImageNet classifier left out.
+
+    The grouping is timm's fine-grained `group_matcher` (one group per block), the
+    one it uses for layer-wise learning-rate decay.
+    """
+    from timm.models import group_parameters
+
+    model: Any = backbone.module
+    classifier = {f"{model.default_cfg.get('classifier', 'classifier')}.{n}" for n, _ in model.get_classifier().named_parameters()}
+    groups = group_parameters(model, model.group_matcher(coarse=False))
+    named = [[n for n in names if n not in classifier] for _, names in sorted(groups.items())]
+    return [names for names in named if names]
+
+
+def at_layer(backbone: Backbone, layer: int) -> Backbone:
+    """The same backbone, pooling the output of stage `layer` (negative counts from the end)."""
+    stages = backbone.stages()
+    if not -len(stages) <= layer < len(stages):
+        raise ConfigError(
+            f"Backbone '{backbone.name}' has {len(stages)} stages ({', '.join(n for n, _ in stages)}); "
+            f"layer must be in [-{len(stages)}, {len(stages) - 1}], got {layer}."
+        )
+    index = layer % len(stages)
+    return dataclasses.replace(backbone, layer=index, n_features=stages[index][1])
 
 
 def imagenet_class_names() -> list[str]:

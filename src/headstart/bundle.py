@@ -27,13 +27,24 @@ METRICS_NAME = "metrics.json"
 PICKLE_SUFFIXES = frozenset({".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt", ".joblib", ".npy", ".npz"})
 
 
-def save_bundle(directory: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], metrics: dict[str, Any]) -> Path:
-    """Write a bundle; each file atomically, `bundle.json` last. Returns the folder."""
+def save_bundle(
+    directory: Path,
+    config: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    metrics: dict[str, Any],
+    extras: dict[str, bytes] | None = None,
+) -> Path:
+    """Write a bundle; each file atomically, `bundle.json` last. Returns the folder.
+
+    `extras` are further files (name -> bytes), such as the training history.
+    """
     config = {"format_version": FORMAT_VERSION, **config}
     validate_config(config, directory)
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(directory / WEIGHTS_NAME, save_safetensors({k: v.contiguous() for k, v in tensors.items()}))
     atomic_write_json(directory / METRICS_NAME, metrics)
+    for name, data in (extras or {}).items():
+        atomic_write_bytes(directory / name, data)
     atomic_write_json(directory / CONFIG_NAME, config)
     return directory
 
@@ -95,6 +106,14 @@ def validate_config(config: Any, directory: Path) -> None:
         "64 hex digits",
     )
     need(backbone.get("weights_file") is None or isinstance(backbone["weights_file"], str), "backbone.weights_file", "a string or null")
+    layer = backbone.get("layer")
+    need(layer is None or (isinstance(layer, int) and not isinstance(layer, bool)), "backbone.layer", "an integer or null")
+    tuned = backbone.get("finetuned_from")
+    need(
+        tuned is None or (isinstance(tuned, str) and re.fullmatch(r"[0-9a-f]{64}", tuned) is not None),
+        "backbone.finetuned_from",
+        "null or 64 hex digits",
+    )
     classes = config.get("classes")
     need(
         isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes) and len(set(classes)) == len(classes),

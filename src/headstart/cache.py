@@ -54,6 +54,7 @@ def backbone_key(backbone: Backbone) -> str:
         "name": backbone.name,
         "weights_sha256": backbone.weights_sha256,
         "data_config": backbone.data_config.to_dict(),
+        "layer": backbone.layer,
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -116,9 +117,9 @@ def extract_with_cache(
     for start in range(0, len(missing), SHARD_SIZE):
         chunk = missing[start : start + SHARD_SIZE]
 
-        def chunk_progress(desc: str, done: int, total: int, offset: int = start) -> None:
+        def chunk_progress(desc: str, done: int, total: int, status: str = "", /, offset: int = start) -> None:
             if progress:
-                progress(desc, offset + done, len(missing))
+                progress(desc, offset + done, len(missing), status)
 
         chunk_paths = [first_path[d] for d in chunk]
         result = extract_features(backbone, chunk_paths, batch_size, chunk_progress)

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 Interpolation = Literal["bicubic", "bilinear", "nearest"]
 
-Progress = Callable[[str, int, int], None]
-"""Called as progress(description, done, total) while long work runs."""
+
+class Progress(Protocol):
+    """Called as progress(description, done, total, status) while long work runs.
+
+    One bar per description; `status` is a short running summary such as "loss 0.31".
+    """
+
+    def __call__(self, description: str, done: int, total: int, status: str = "", /) -> None: ...
 
 
 @dataclass(frozen=True)

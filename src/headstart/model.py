@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+import io
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -125,8 +129,13 @@ class Model:
         return EvaluationResult(evaluation, dataset.skipped + extraction.skipped)
 
     def save(self, directory: PathLike) -> Path:
-        """Write the model as a bundle folder (safetensors + JSON). Returns the folder."""
+        """Write the model as a bundle folder (safetensors + JSON). Returns the folder.
+
+        Fine-tuned backbone weights are saved in full; pretrained ones only by name and hash.
+        """
         tensors = {f"head.{k}": v for k, v in self.head.head_.state_dict().items()}
+        if self.backbone.finetuned_from is not None:
+            tensors.update({f"backbone.{k}": v for k, v in self.backbone.module.state_dict().items()})
         config = {
             "headstart_version": __version__,
             "backbone": {
@@ -134,13 +143,17 @@ class Model:
                 "weights_sha256": self.backbone.weights_sha256,
                 "weights_file": self.summary.get("weights_file"),
                 "n_features": self.backbone.n_features,
+                "layer": self.backbone.layer,
+                "finetuned_from": self.backbone.finetuned_from,
             },
             "data_config": self.backbone.data_config.to_dict(),
             "head": self.head.get_params(),
             "classes": self.classes,
-            "summary": self.summary,
+            "summary": {k: v for k, v in self.summary.items() if k != "history"},
         }
-        return save_bundle(Path(directory), config, tensors, self.summary.get("validation", {}))
+        history = self.summary.get("history", [])
+        extras = {"history.json": _json_bytes(history), "history.csv": _csv_bytes(history)}
+        return save_bundle(Path(directory), config, tensors, self.summary.get("validation", {}), extras)
 
     def __repr__(self) -> str:
         return f"Model(backbone={self.backbone.name!r}, head={self.head.head!r}, classes={self.classes})"
@@ -159,8 +172,13 @@ def load(directory: PathLike, weights: PathLike | None = None) -> Model:
     directory = Path(directory)
     config, tensors = read_bundle(directory)
     recorded = config["backbone"]
-    weights_file = weights if weights is not None else recorded.get("weights_file")
-    backbone = create_backbone(recorded["name"], weights_file)
+    if recorded.get("finetuned_from"):
+        state = {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
+        backbone = create_backbone(recorded["name"], state=state, layer=recorded.get("layer"))
+        backbone = dataclasses.replace(backbone, finetuned_from=recorded["finetuned_from"])
+    else:
+        weights_file = weights if weights is not None else recorded.get("weights_file")
+        backbone = create_backbone(recorded["name"], weights_file, layer=recorded.get("layer"))
     if backbone.weights_sha256 != recorded["weights_sha256"]:
         raise BundleError(
             f"{directory}: backbone '{recorded['name']}' weights differ from those the model was trained with "
@@ -177,7 +195,24 @@ def load(directory: PathLike, weights: PathLike | None = None) -> Model:
     n_features = standardizer(head.head_).n_features
     if n_features != backbone.n_features:
         raise BundleError(f"{directory}: head expects {n_features} features, backbone gives {backbone.n_features}.")
-    return Model(backbone, head, config.get("summary") or {})
+    summary = config.get("summary") or {}
+    history_file = directory / "history.json"
+    if history_file.is_file():
+        summary["history"] = json.loads(history_file.read_text(encoding="utf-8"))
+    return Model(backbone, head, summary)
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2) + "\n").encode()
+
+
+def _csv_bytes(rows: list[dict[str, Any]]) -> bytes:
+    buffer = io.StringIO()
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue().encode()
 
 
 def info(directory: PathLike) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -21,6 +21,19 @@ app = typer.Typer(
 class Head(StrEnum):
     linear = "linear"
     mlp = "mlp"
+
+
+class Strategy(StrEnum):
+    linear = "linear"
+    mlp = "mlp"
+    finetune = "finetune"
+    auto = "auto"
+
+
+class Augment(StrEnum):
+    none = "none"
+    light = "light"
+    strong = "strong"
 
 
 Backbone = Annotated[str, typer.Option(help="efficientnet_lite0/1/2 or timm:<model>; see `headstart backbones`.")]
@@ -56,14 +69,35 @@ def train(
     data: Annotated[Path, typer.Argument(help="Folder with one sub-folder per class (or train/ and val/), or a CSV of path,label.")],
     out: Annotated[Path, typer.Option(help="Folder to save the model in.")] = Path("model"),
     backbone: Backbone = "efficientnet_lite0",
-    head: Annotated[Head, typer.Option(help="linear (softmax) or mlp (Dense 512 + dropout 0.5).")] = Head.linear,
+    strategy: Annotated[
+        Strategy | None,
+        typer.Option(help="linear/mlp: that head on frozen features; finetune: then train the top blocks too; auto: choose."),
+    ] = None,
+    head: Annotated[Head | None, typer.Option(help="linear (softmax) or mlp (Dense 512 + dropout 0.5) [default: linear].")] = None,
+    layer: Annotated[int | None, typer.Option(help="Pool an earlier stage's output instead of the final features, e.g. -2.")] = None,
     weights: Weights = None,
     val_split: Annotated[float, typer.Option(help="Fraction of each class held out for validation.")] = 0.2,
-    seed: Annotated[int, typer.Option(help="Seed of the split and of training.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the split, training and augmentation.")] = 0,
     balanced: Annotated[bool, typer.Option(help="Weight classes inversely to their frequency.")] = False,
+    unfreeze: Annotated[str, typer.Option(help="finetune: how many top blocks to train, or 'all'.")] = "2",
+    epochs: Annotated[int, typer.Option(help="finetune: most epochs of the second phase.")] = 8,
+    augment: Annotated[Augment, typer.Option(help="finetune: augmentation preset for training images.")] = Augment.light,
+    hflip: Annotated[bool | None, typer.Option("--hflip/--no-hflip", help="Random left-right flips.", show_default=False)] = None,
+    vflip: Annotated[bool | None, typer.Option("--vflip/--no-vflip", help="Random upside-down flips.", show_default=False)] = None,
+    rotation: Annotated[float | None, typer.Option(help="Max rotation, degrees.", show_default=False)] = None,
+    shift: Annotated[float | None, typer.Option(help="Max shift, fraction of the side.", show_default=False)] = None,
+    shear: Annotated[float | None, typer.Option(help="Max shear, degrees.", show_default=False)] = None,
+    zoom: Annotated[float | None, typer.Option(help="Max zoom in or out, fraction.", show_default=False)] = None,
+    min_crop: Annotated[
+        float | None, typer.Option(help="Smallest area fraction of a random crop (1 = no crop).", show_default=False)
+    ] = None,
+    brightness: Annotated[float | None, typer.Option(help="Max brightness change, fraction.", show_default=False)] = None,
+    contrast: Annotated[float | None, typer.Option(help="Max contrast change, fraction.", show_default=False)] = None,
+    saturation: Annotated[float | None, typer.Option(help="Max saturation change, fraction.", show_default=False)] = None,
+    resume: Annotated[bool, typer.Option(help="finetune: continue the interrupted run saved in --out.")] = False,
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache folder [default: ~/.cache/headstart].")] = None,
     cache: Annotated[bool, typer.Option(help="Read and write the feature cache.")] = True,
-    batch_size: Annotated[int, typer.Option(help="Images per backbone forward pass.")] = 32,
+    batch_size: Annotated[int, typer.Option(help="Images per backbone forward pass or training step.")] = 32,
 ) -> None:
     """Train a classifier on a folder of photos and save it."""
     from headstart import api
@@ -73,18 +107,75 @@ def train(
         model = api.train(
             data,
             backbone=backbone,
-            head=head.value,
+            strategy=strategy.value if strategy else None,
+            head=head.value if head else None,
+            layer=layer,
             weights=weights,
             val_split=val_split,
             seed=seed,
             class_weight="balanced" if balanced else None,
+            unfreeze=_unfreeze(unfreeze),
+            epochs=epochs,
+            augment=_augment(
+                augment,
+                hflip=hflip,
+                vflip=vflip,
+                rotation=rotation,
+                shift=shift,
+                shear=shear,
+                zoom=zoom,
+                min_crop=min_crop,
+                brightness=brightness,
+                contrast=contrast,
+                saturation=saturation,
+            ),
+            out=out,
+            resume=resume,
             cache_dir=cache_dir,
             use_cache=cache,
             batch_size=batch_size,
             progress=progress,
         )
-        model.save(out)
     render.training(model, out)
+
+
+@app.command("augment-preview")
+def augment_preview(
+    ctx: typer.Context,
+    data: Annotated[Path, typer.Argument(help="Folder with one sub-folder per class, or a CSV of path,label.")],
+    out: Annotated[Path, typer.Option(help="PNG file to write.")] = Path("augment-preview.png"),
+    augment: Annotated[Augment, typer.Option(help="Augmentation preset.")] = Augment.light,
+    backbone: Backbone = "efficientnet_lite0",
+    n_images: Annotated[int, typer.Option(help="How many training images (rows).")] = 4,
+    n_variants: Annotated[int, typer.Option(help="How many augmented versions of each (columns after the original).")] = 5,
+    seed: Annotated[int, typer.Option(help="Seed of the image choice and the augmentations.")] = 0,
+) -> None:
+    """Save a grid of augmented training images: what the model sees while fine-tuning."""
+    from headstart import api
+    from headstart.cli import render
+
+    with handled(ctx):
+        path = api.augment_preview(data, out, augment=augment.value, backbone=backbone, n_images=n_images, n_variants=n_variants, seed=seed)
+    render.message(f"Wrote {path}.")
+
+
+def _unfreeze(value: str) -> int | None:
+    """'all' -> None (every block); else a positive count."""
+    if value == "all":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise typer.BadParameter(f"expected a positive number of blocks or 'all', got {value!r}", param_hint="--unfreeze")
+    return int(value)
+
+
+def _augment(preset: Augment, min_crop: float | None, **overrides: Any) -> Any:
+    from headstart.augment import AugmentConfig
+    from headstart.errors import ConfigError
+
+    try:
+        return AugmentConfig.preset(preset.value, crop_scale=(min_crop, 1.0) if min_crop is not None else None, **overrides)
+    except ConfigError as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 @app.command()

@@ -29,15 +29,16 @@ def progress_bar(out: Console | None = None) -> Iterator[ProgressCallback]:
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
         console=out or err_console,
         transient=True,
     ) as bar:
         tasks: dict[str, Any] = {}
 
-        def update(description: str, done: int, total: int) -> None:
+        def update(description: str, done: int, total: int, status: str = "", /) -> None:
             if description not in tasks:
-                tasks[description] = bar.add_task(description, total=total)
-            bar.update(tasks[description], completed=done, total=total)
+                tasks[description] = bar.add_task(description, total=total, status=status)
+            bar.update(tasks[description], completed=done, total=total, status=status)
 
         yield update
 
