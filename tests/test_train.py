@@ -49,7 +49,13 @@ def test_save_then_load_gives_identical_probabilities(tiny_model: headstart.Mode
     loaded = headstart.load(tiny_model_dir)
     assert np.array_equal(loaded.predict_proba(paths), tiny_model.predict_proba(paths))
     assert loaded.classes == tiny_model.classes
-    assert sorted(p.name for p in tiny_model_dir.iterdir()) == ["bundle.json", "metrics.json", "model.safetensors"]
+    assert sorted(p.name for p in tiny_model_dir.iterdir()) == [
+        "bundle.json",
+        "history.csv",
+        "history.json",
+        "metrics.json",
+        "model.safetensors",
+    ]
 
 
 def test_second_run_on_same_data_does_no_backbone_forward_pass(tmp_path: Path, forward_counter: list[int]) -> None:

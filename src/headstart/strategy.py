@@ -16,6 +16,8 @@ LARGE_PER_CLASS = 200
 """From this many training images per class on, fine-tuning pays for its cost."""
 SIMILAR_CONFIDENCE = 0.3
 """Mean top-1 ImageNet probability at or above which photos count as ImageNet-like."""
+PROBE_MARGIN = 0.7
+"""An earlier-layer probe whose loss is below this fraction of the final-layer probe's marks data unlike ImageNet."""
 EARLIER_LAYER = -2
 """The stage whose pooled output serves data unlike ImageNet."""
 
@@ -59,12 +61,14 @@ def choose(n_train: int, n_classes: int, confidence: float | None, final_loss: f
     """The recipe for a dataset of `n_train` images in `n_classes` classes, given similarity measurements.
 
     ImageNet-like means the backbone's own classifier is confident on the photos
-    (when it has one) and a linear probe on the final features does at least as
-    well as one on an earlier stage's.
+    (when it has one), and a linear probe on an earlier stage's features is not
+    clearly better (loss below `PROBE_MARGIN` times the final features' probe loss)
+    than one on the final features.
     """
     per_class = n_train / n_classes
     large = per_class >= LARGE_PER_CLASS
-    similar = final_loss <= earlier_loss and (confidence is None or confidence >= SIMILAR_CONFIDENCE)
+    confident = confidence is None or confidence >= SIMILAR_CONFIDENCE
+    similar = confident and earlier_loss >= PROBE_MARGIN * final_loss
     size = f"{n_train} training images (~{per_class:.0f} per class: {'large' if large else 'small'})"
     evidence = (
         (f"ImageNet confidence {confidence:.2f}, " if confidence is not None else "")

@@ -61,12 +61,26 @@ def skipped(files: list[Skipped], out: Console | None = None, limit: int = 20) -
 def training(model: Model, saved_to: Path, out: Console | None = None) -> None:
     out = out or console
     s = model.summary
+    if "auto" in s:
+        out.print(f"Strategy auto: {s['auto']['reason']}.", highlight=False)
+    layer = f" (stage {s['layer']})" if s.get("layer") is not None else ""
     out.print(
-        f"Trained a [bold]{s['head']}[/] head on [bold]{s['backbone']}[/] features: "
+        f"Trained a [bold]{s['head']}[/] head on [bold]{s['backbone']}[/] features{layer}: "
         f"{sum(s['n_train'].values())} training and {sum(s['n_val'].values())} validation images, "
         f"{len(model.classes)} classes; {s['n_extracted']} images run through the backbone, "
-        f"{s['n_cached']} from the cache; best epoch {s['best_epoch']}; {s['seconds']:.1f} s."
+        f"{s['n_cached']} from the cache; best epoch {s['best_epoch']}."
     )
+    if "finetune" in s:
+        tune = s["finetune"]
+        epochs = sum(row["phase"] == "finetune" for row in s["history"])
+        blocks = "all blocks" if tune["config"]["unfreeze"] is None else f"the top {tune['config']['unfreeze']} blocks"
+        kept = f"kept epoch {tune['best_epoch']}" if tune["best_epoch"] else "no epoch beat the frozen backbone, which was kept"
+        frozen = tune["frozen_validation"]["accuracy"] if tune.get("frozen_validation") else float("nan")
+        out.print(
+            f"Fine-tuned {blocks} for {epochs} epoch(s), {kept}; validation accuracy {s['validation']['accuracy']:.3f} "
+            f"(frozen backbone: {frozen:.3f})."
+        )
+    out.print(f"Took {s['seconds']:.1f} s.")
     skipped([Skipped(Path(d["path"]), d["reason"]) for d in s["skipped"]], out)
     if "validation" in s:
         v = s["validation"]
