@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--unfreeze", default="2")
-    parser.add_argument("--augment", default="light")
+    parser.add_argument("--augment", default="strong")
     args = parser.parse_args()
     unfreeze = None if args.unfreeze == "all" else int(args.unfreeze)
 

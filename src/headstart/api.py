@@ -55,7 +55,7 @@ def train(
     class_weight: Literal["balanced"] | None = None,
     unfreeze: int | None = 2,
     epochs: int = 8,
-    augment: str | AugmentConfig = "light",
+    augment: str | AugmentConfig = "strong",
     out: PathLike | None = None,
     resume: bool = False,
     cache_dir: PathLike | None = None,
@@ -85,7 +85,7 @@ def train(
         class_weight: "balanced" to weight classes inversely to their frequency.
         unfreeze: for "finetune", how many top blocks to train; None for all.
         epochs: for "finetune", the most epochs of the second phase.
-        augment: for "finetune", "none", "light", "strong" or an `AugmentConfig`.
+        augment: for "finetune", "none", "light", "strong" (default) or an `AugmentConfig`.
         out: save the model in this folder (and, for "finetune", the best-so-far
             model after each improving epoch and a checkpoint to resume from).
         resume: continue an interrupted "finetune" run from its checkpoint in `out`.

@@ -54,6 +54,7 @@ class FinetuneConfig:
         weight_decay: AdamW weight decay.
         warmup_epochs: epochs of linear warm-up before the cosine decay.
         patience: epochs without a lower validation loss before stopping.
+        label_smoothing: of the training loss (validation loss is plain cross-entropy).
         batch_size: images per step.
         augment: what is done to the training images (never to validation images).
         seed: seed of shuffling, augmentation and dropout.
@@ -67,8 +68,9 @@ class FinetuneConfig:
     weight_decay: float = 0.01
     warmup_epochs: float = 1.0
     patience: int = 3
+    label_smoothing: float = 0.1
     batch_size: int = 32
-    augment: AugmentConfig = field(default_factory=lambda: AUGMENT_PRESETS["light"])
+    augment: AugmentConfig = field(default_factory=lambda: AUGMENT_PRESETS["strong"])
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -256,7 +258,7 @@ def _train_epoch(
                 group["lr"] = peak * _schedule(step, total_steps, warmup)
             targets = torch.as_tensor([labels[train[i].path] for i in batch.indices])
             logits = net(torch.from_numpy(batch.arrays))
-            loss = nn.functional.cross_entropy(logits, targets)
+            loss = nn.functional.cross_entropy(logits, targets, label_smoothing=config.label_smoothing)
             optimizer.zero_grad()
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()

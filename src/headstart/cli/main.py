@@ -59,7 +59,7 @@ def handled(ctx: typer.Context) -> Iterator[None]:
         render.error(str(e))
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        render.error("Interrupted; files already written are complete (each is written atomically).")
+        render.error("Interrupted. Files already written are complete; to continue a fine-tuning run, repeat the command with --resume.")
         raise typer.Exit(130) from None
 
 
@@ -81,7 +81,7 @@ def train(
     balanced: Annotated[bool, typer.Option(help="Weight classes inversely to their frequency.")] = False,
     unfreeze: Annotated[str, typer.Option(help="finetune: how many top blocks to train, or 'all'.")] = "2",
     epochs: Annotated[int, typer.Option(help="finetune: most epochs of the second phase.")] = 8,
-    augment: Annotated[Augment, typer.Option(help="finetune: augmentation preset for training images.")] = Augment.light,
+    augment: Annotated[Augment, typer.Option(help="finetune: augmentation preset for training images.")] = Augment.strong,
     hflip: Annotated[bool | None, typer.Option("--hflip/--no-hflip", help="Random left-right flips.", show_default=False)] = None,
     vflip: Annotated[bool | None, typer.Option("--vflip/--no-vflip", help="Random upside-down flips.", show_default=False)] = None,
     rotation: Annotated[float | None, typer.Option(help="Max rotation, degrees.", show_default=False)] = None,
