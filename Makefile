@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Offline, the demo takes the flower photos from ../shared/datasets when it exists.
 MIRROR := $(if $(wildcard ../shared/datasets/flowers),$(abspath ../shared/datasets),)
 
-.PHONY: demo test install
+.PHONY: demo test install browser
 
 install: $(BIN)/headstart
 
@@ -14,10 +14,15 @@ $(BIN)/headstart: pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@
 
+# The report test opens report.html in Debian's headless Chromium.
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+		|| echo "Could not install chromium: the browser test will be skipped."
+
 demo: $(BIN)/headstart
 	HEADSTART_DATA_MIRROR="$${HEADSTART_DATA_MIRROR:-$(MIRROR)}" $(BIN)/headstart demo
 
-test: $(BIN)/headstart
+test: $(BIN)/headstart browser
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
 	$(BIN)/mypy

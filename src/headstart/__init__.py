@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from headstart.api import backbones as backbones
     from headstart.api import demo as demo
     from headstart.api import evaluate as evaluate
+    from headstart.api import explain as explain
+    from headstart.api import report as report
     from headstart.api import imagenet as imagenet
     from headstart.api import predict as predict
     from headstart.api import train as train
@@ -36,6 +38,8 @@ _EXPORTS = {
     "imagenet": "headstart.api",
     "backbones": "headstart.api",
     "demo": "headstart.api",
+    "report": "headstart.api",
+    "explain": "headstart.api",
     "load": "headstart.model",
     "Model": "headstart.model",
     "Prediction": "headstart.model",

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from numpy.typing import NDArray
+from PIL import ImageOps
 
 from headstart.augment import AugmentConfig
 from headstart.augment import augment as augment_image
@@ -22,24 +24,39 @@ from headstart.backbones import Backbone, BackboneInfo, at_layer, create_backbon
 from headstart.cache import CachedExtraction, FeatureCache, default_cache_dir, extract_with_cache
 from headstart.classifier import HeadClassifier
 from headstart.config import Progress
-from headstart.data import Dataset, check_class_counts, list_images, load_dataset, load_image
+from headstart.data import Dataset, ImageRecord, check_class_counts, list_images, load_dataset, load_image
 from headstart.datasets import fetch_flowers
 from headstart.errors import ConfigError
+from headstart.explain import grad_cam, overlay, stage_activations
 from headstart.features import extract_features
 from headstart.files import atomic_write_bytes
 from headstart.finetune import FinetuneConfig, FinetuneResult, finetune
 from headstart.metrics import Evaluation, evaluate_probabilities
 from headstart.model import EvaluationResult, Model, PathLike, Prediction, Predictions, load
-from headstart.report import image_grid, save_figure
+from headstart.report import build_report, feature_map_grid, image_grid, save_figure
 from headstart.strategy import EARLIER_LAYER, ProbeData, choose, imagenet_confidence, probe_loss
-from headstart.transforms import resize_and_crop
+from headstart.transforms import preprocess, resize_and_crop
 
-__all__ = ["augment_preview", "backbones", "demo", "evaluate", "imagenet", "predict", "save_predictions_csv", "train"]
+__all__ = [
+    "activations",
+    "augment_preview",
+    "backbones",
+    "demo",
+    "evaluate",
+    "explain",
+    "imagenet",
+    "imagenet_grid",
+    "predict",
+    "report",
+    "save_predictions_csv",
+    "train",
+]
 
 
 Strategy = Literal["linear", "mlp", "finetune", "auto"]
 STRATEGIES = ("linear", "mlp", "finetune", "auto")
 CHECKPOINT_DIR = ".checkpoint"
+REPORT_NAME = "report.html"
 
 
 def train(
@@ -58,6 +75,7 @@ def train(
     augment: str | AugmentConfig = "strong",
     out: PathLike | None = None,
     resume: bool = False,
+    write_report: bool = True,
     cache_dir: PathLike | None = None,
     use_cache: bool = True,
     batch_size: int = 32,
@@ -89,6 +107,8 @@ def train(
         out: save the model in this folder (and, for "finetune", the best-so-far
             model after each improving epoch and a checkpoint to resume from).
         resume: continue an interrupted "finetune" run from its checkpoint in `out`.
+        write_report: with `out`, also write `out/report.html` (curves, confusion matrix,
+            prediction grids, top losses, Grad-CAM on validation images).
         cache_dir: where features are cached (default: `default_cache_dir()`).
         use_cache: False to neither read nor write the feature cache.
         batch_size: images per backbone forward pass and per fine-tuning step.
@@ -146,6 +166,7 @@ def train(
         "n_train": {c: sum(r.label == c for r in dataset.train) for c in dataset.classes},
         "n_val": {c: sum(r.label == c for r in dataset.val) for c in dataset.classes},
         "skipped": [{"path": str(s.path), "reason": s.reason} for s in dataset.skipped],
+        "val_images": [[str(r.path.resolve()), r.label] for r in dataset.val],
         "n_extracted": frozen.n_extracted,
         "n_cached": frozen.n_cached,
         "history": [{"phase": "head", **row} for row in clf.history_],
@@ -163,6 +184,8 @@ def train(
     if out is not None:
         model.save(out)
         shutil.rmtree(Path(out) / CHECKPOINT_DIR, ignore_errors=True)
+        if write_report and dataset.val:
+            build_report(model, dataset.val, Path(out) / REPORT_NAME)
     return model
 
 
@@ -309,6 +332,69 @@ def augment_preview(
         rows.append([resize_and_crop(image, data_config)] + [augment_image(image, config, data_config, rng) for _ in range(n_variants)])
         titles.append([f"{record.label}: original"] + [f"augmented {k + 1}" for k in range(n_variants)])
     return save_figure(image_grid(rows, titles), Path(out))
+
+
+def report(model: PathLike, data: PathLike | None = None, out: PathLike | None = None) -> Path:
+    """(Re)build a model's HTML report, scored on its validation images or on labelled `data`.
+
+    Writes `out` (default: `report.html` in the model folder) and returns its path.
+    """
+    loaded = load(model)
+    if data is not None:
+        dataset = load_dataset(data, val_split=0.0)
+        records = dataset.val or dataset.train
+    else:
+        records = [ImageRecord(Path(p), label) for p, label in loaded.summary.get("val_images", [])]
+        if not records:
+            raise ConfigError(f"{model}: no validation images are recorded; give labelled images: headstart report {model} DATA.")
+    return build_report(loaded, records, Path(out) if out is not None else Path(model) / REPORT_NAME)
+
+
+def explain(
+    model: PathLike | Model, images: Sequence[PathLike], out: PathLike, class_name: str | None = None, progress: Progress | None = None
+) -> list[Path]:
+    """Grad-CAM overlays for the predicted class (or `class_name`) of each image, one PNG each in `out`."""
+    model = model if isinstance(model, Model) else load(model)
+    if class_name is not None and class_name not in model.classes:
+        raise ConfigError(f"Unknown class '{class_name}'. This model's classes: {', '.join(model.classes)}.")
+    paths, _ = list_images(list(images))
+    written = []
+    cfg = model.backbone.data_config
+    for done, path in enumerate(paths, start=1):
+        image = load_image(path)
+        batch = torch.from_numpy(preprocess(image, cfg))[None]
+        proba = model.head.predict_proba(model.backbone.features(batch).numpy())[0]
+        index = model.classes.index(class_name) if class_name else int(proba.argmax())
+        view = resize_and_crop(image, cfg)
+        title = f"{path.name}: Grad-CAM for '{model.classes[index]}' (p={proba[index]:.2f})"
+        figure = image_grid(
+            [[view, overlay(view, grad_cam(model.backbone, batch, index, model.head.head_))]], [[path.name, title]], cell_inches=3
+        )
+        written.append(save_figure(figure, Path(out) / f"{path.stem}_gradcam.png"))
+        if progress:
+            progress("Explaining", done, len(paths))
+    return written
+
+
+def activations(model_or_backbone: str | PathLike, image: PathLike, out: PathLike, n_channels: int = 8) -> Path:
+    """A PNG grid of the first feature maps of each backbone stage for one image (shallow to deep)."""
+    source = Path(model_or_backbone)
+    net = load(source).backbone if (source / "bundle.json").is_file() else create_backbone(str(model_or_backbone))
+    path = Path(image)
+    batch = torch.from_numpy(preprocess(load_image(path), net.data_config))[None]
+    names = [f"{name} ({channels} ch)" for name, channels in net.stages()]
+    figure = feature_map_grid(stage_activations(net, batch, n_channels), names)
+    return save_figure(figure, Path(out) / f"{path.stem}_activations.png")
+
+
+def imagenet_grid(result: Predictions, out: PathLike, n_cols: int = 4) -> Path:
+    """A PNG grid of the images, each titled with its top-1 ImageNet class and probability."""
+    if not result.predictions:
+        raise ConfigError("No readable images to draw.")
+    views = [ImageOps.fit(load_image(p.path), (256, 256)) for p in result.predictions]
+    titles = [f"{p.label.split(',')[0]} ({p.probability:.2f})" for p in result.predictions]
+    rows = [views[k : k + n_cols] for k in range(0, len(views), n_cols)]
+    return save_figure(image_grid(rows, [titles[k : k + n_cols] for k in range(0, len(titles), n_cols)]), Path(out))
 
 
 def backbones() -> list[BackboneInfo]:

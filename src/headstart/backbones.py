@@ -101,11 +101,25 @@ class Backbone:
 
     def pooled(self, batch: torch.Tensor) -> torch.Tensor:
         """Like `features`, but recorded for autograd (for fine-tuning)."""
+        return self.pool(self.feature_map(batch))
+
+    def feature_map(self, batch: torch.Tensor) -> torch.Tensor:
+        """The unpooled map the features come from, shape (n, channels, h, w)."""
         model: Any = self.module
         if self.layer is None:
-            return model.forward_head(model.forward_features(batch), pre_logits=True)  # type: ignore[no-any-return]
-        maps = model.forward_intermediates(batch, indices=[self.layer], intermediates_only=True, stop_early=True)
-        return maps[0].mean((2, 3))  # type: ignore[no-any-return]
+            return model.forward_features(batch)  # type: ignore[no-any-return]
+        return model.forward_intermediates(batch, indices=[self.layer], intermediates_only=True, stop_early=True)[0]  # type: ignore[no-any-return]
+
+    def pool(self, maps: torch.Tensor) -> torch.Tensor:
+        """Pool a `feature_map` into features, shape (n, n_features)."""
+        if self.layer is None:
+            return self.module.forward_head(maps, pre_logits=True)  # type: ignore[operator,no-any-return]
+        return maps.mean((2, 3))
+
+    def stage_maps(self, batch: torch.Tensor) -> list[torch.Tensor]:
+        """The output of every stage (see `stages`), shallow to deep."""
+        with torch.inference_mode():
+            return list(self.module.forward_intermediates(batch, intermediates_only=True))  # type: ignore[operator]
 
     def stages(self) -> list[tuple[str, int]]:
         """The (module name, channels) of each stage whose output `layer` can select."""

@@ -124,13 +124,16 @@ class HeadClassifier:
         for epoch in range(1, self.max_epochs + 1):
             head.train()
             total = 0.0
+            correct = 0
             for batch in torch.split(torch.randperm(len(y), generator=generator), self.batch_size):
                 optimizer.zero_grad()
-                loss = loss_fn(head(X[batch]), y[batch])
+                logits = head(X[batch])
+                loss = loss_fn(logits, y[batch])
                 loss.backward()
                 optimizer.step()
                 total += loss.item() * len(batch)
-            record = {"epoch": float(epoch), "loss": total / len(y)}
+                correct += int((logits.argmax(1) == y[batch]).sum())
+            record = {"epoch": float(epoch), "loss": total / len(y), "accuracy": correct / len(y)}
             head.eval()
             if val is not None:
                 with torch.no_grad():

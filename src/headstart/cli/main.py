@@ -222,6 +222,7 @@ def imagenet(
     backbone: Backbone = "efficientnet_lite0",
     weights: Weights = None,
     top_k: Annotated[int, typer.Option(help="How many ImageNet classes to show.")] = 5,
+    grid: Annotated[Path | None, typer.Option(help="Also save a PNG grid of the images titled with their top-1 class.")] = None,
 ) -> None:
     """The pretrained backbone's own ImageNet-1000 predictions."""
     from headstart import api
@@ -229,7 +230,60 @@ def imagenet(
 
     with handled(ctx), render.progress_bar() as progress:
         result = api.imagenet(images, backbone=backbone, weights=weights, top_k=top_k, progress=progress)
+        if grid:
+            api.imagenet_grid(result, grid)
     render.predictions(result)
+    if grid:
+        render.message(f"Wrote {grid}.")
+
+
+@app.command()
+def report(
+    ctx: typer.Context,
+    model: Annotated[Path, typer.Argument(help="A model folder from `headstart train`.")],
+    data: Annotated[Path | None, typer.Argument(help="Labelled images to score instead of the recorded validation split.")] = None,
+    out: Annotated[Path | None, typer.Option(help="HTML file to write [default: MODEL/report.html].")] = None,
+) -> None:
+    """(Re)build the HTML report: curves, confusion matrix, prediction grid, top losses, Grad-CAM."""
+    from headstart import api
+    from headstart.cli import render
+
+    with handled(ctx):
+        path = api.report(model, data, out)
+    render.message(f"Wrote {path}; open it in a browser.")
+
+
+@app.command()
+def explain(
+    ctx: typer.Context,
+    model: Annotated[Path, typer.Argument(help="A model folder from `headstart train`.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    out: Annotated[Path, typer.Option(help="Folder for the heatmap PNGs.")] = Path("explain"),
+    class_name: Annotated[str | None, typer.Option("--class", help="Explain this class instead of the predicted one.")] = None,
+) -> None:
+    """Grad-CAM heatmaps: where the network looks for a class in each image."""
+    from headstart import api
+    from headstart.cli import render
+
+    with handled(ctx), render.progress_bar() as progress:
+        paths = api.explain(model, images, out, class_name, progress=progress)
+    render.message(f"Wrote {len(paths)} heatmap(s) to {out}.")
+
+
+@app.command()
+def activations(
+    ctx: typer.Context,
+    source: Annotated[str, typer.Argument(metavar="MODEL_OR_BACKBONE", help="A model folder or a backbone name.")],
+    image: Annotated[Path, typer.Argument(help="One image.")],
+    out: Annotated[Path, typer.Option(help="Folder for the PNG.")] = Path("activations"),
+) -> None:
+    """Intermediate feature maps of each backbone stage for one image (edges and colours, then parts)."""
+    from headstart import api
+    from headstart.cli import render
+
+    with handled(ctx):
+        path = api.activations(source, image, out)
+    render.message(f"Wrote {path}.")
 
 
 @app.command()

@@ -1,0 +1,65 @@
+"""Where the network looks: Grad-CAM heatmaps and intermediate feature maps."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from PIL import Image
+from torch import nn
+
+from headstart.backbones import Backbone
+from headstart.errors import BackboneWeightsError
+
+
+def grad_cam(backbone: Backbone, batch: torch.Tensor, class_index: int, head: nn.Module | None = None) -> NDArray[np.float32]:
+    """Grad-CAM of one image for one class: float32 array of shape (h, w) in [0, 1].
+
+    The gradient of the class score with respect to the backbone's last feature map
+    (or the `layer` stage's), averaged per channel, weights that map's channels.
+
+    Args:
+        backbone: frozen or fine-tuned.
+        batch: one preprocessed image, shape (1, 3, H, W).
+        class_index: column of the classifier's output to explain.
+        head: a headstart head on the pooled features; None explains the
+            backbone's own ImageNet classifier.
+    """
+    if head is None and not backbone.has_imagenet_head:
+        raise BackboneWeightsError(f"Backbone '{backbone.name}' has no ImageNet classifier to explain.")
+    with torch.inference_mode():
+        maps = backbone.feature_map(batch)
+    with torch.enable_grad():
+        maps = maps.clone().requires_grad_(True)
+        logits = head(backbone.pool(maps)) if head is not None else backbone.module.forward_head(maps)  # type: ignore[operator]
+        (gradients,) = torch.autograd.grad(logits[0, class_index], maps)
+    weights = gradients.mean((2, 3), keepdim=True)
+    cam = torch.relu((weights * maps.detach()).sum(1))[0]
+    peak = float(cam.max())
+    return (cam / peak if peak > 0 else cam).numpy().astype(np.float32)
+
+
+def overlay(image: Image.Image, cam: NDArray[np.float32], alpha: float = 0.45) -> Image.Image:
+    """The heatmap, upsampled and coloured (jet), blended over the image."""
+    from matplotlib import colormaps
+
+    heat = Image.fromarray((cam * 255).astype(np.uint8)).resize(image.size, Image.Resampling.BILINEAR)
+    coloured = (colormaps["jet"](np.asarray(heat) / 255.0)[..., :3] * 255).astype(np.uint8)
+    return Image.blend(image.convert("RGB"), Image.fromarray(coloured), alpha)
+
+
+def upsampled(cam: NDArray[np.float32], size: tuple[int, int]) -> NDArray[np.float32]:
+    """The heatmap resized to (width, height) pixels, bilinear."""
+    return np.asarray(Image.fromarray(cam, mode="F").resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+def stage_activations(backbone: Backbone, batch: torch.Tensor, n_channels: int = 8) -> list[list[NDArray[np.float32]]]:
+    """For each stage, the first `n_channels` feature maps of one image, each scaled to [0, 1]."""
+    rows = []
+    for maps in backbone.stage_maps(batch):
+        row = []
+        for channel in maps[0, :n_channels].numpy():
+            low, high = float(channel.min()), float(channel.max())
+            row.append(((channel - low) / (high - low) if high > low else np.zeros_like(channel)).astype(np.float32))
+        rows.append(row)
+    return rows
