@@ -19,9 +19,9 @@ if TYPE_CHECKING:
     from headstart.api import demo as demo
     from headstart.api import evaluate as evaluate
     from headstart.api import explain as explain
-    from headstart.api import report as report
     from headstart.api import imagenet as imagenet
     from headstart.api import predict as predict
+    from headstart.api import report as report
     from headstart.api import train as train
     from headstart.classifier import HeadClassifier as HeadClassifier
     from headstart.errors import HeadstartError as HeadstartError
