@@ -122,3 +122,20 @@ def test_report_command_rebuilds_from_other_data(trained: Path, tmp_path: Path) 
     result = runner.invoke(app, ["report", str(trained), str(CATS_DOGS_TINY), "--out", str(tmp_path / "r.html")])
     assert result.exit_code == 0, result.output
     assert '<section id="confusion-matrix">' in (tmp_path / "r.html").read_text()
+
+
+def test_gradcam_for_a_timm_backbone_with_a_headstart_head(tmp_path: Path) -> None:
+    import timm
+    from safetensors.torch import save_file
+
+    from headstart.heads import build_head
+
+    torch.manual_seed(0)
+    save_file(timm.create_model("test_resnet").state_dict(), tmp_path / "w.safetensors")
+    backbone = create_backbone("timm:test_resnet", tmp_path / "w.safetensors")
+    batch = torch.from_numpy(preprocess(load_image(PHOTOS / "dog.jpg"), backbone.data_config))[None]
+    head = build_head("linear", backbone.n_features, 2).eval()
+    with torch.no_grad():  # class 0 scores the mean feature, so its evidence is all positive
+        head[1].weight.copy_(torch.stack([torch.ones(backbone.n_features), -torch.ones(backbone.n_features)]) / backbone.n_features)
+    cam = grad_cam(backbone, batch, 0, head)
+    assert cam.ndim == 2 and cam.shape[0] > 1 and cam.min() >= 0.0 and cam.max() == pytest.approx(1.0)
