@@ -108,7 +108,10 @@ def test_explain_works_for_frozen_finetuned_and_other_backbones(trained: Path, t
     assert bad.exit_code == 1 and "Unknown class 'horses'" in bad.output
 
 
-def test_activations_and_imagenet_grid(tmp_path: Path) -> None:
+def test_activations_and_imagenet_grid(trained: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["activations", str(trained), str(PHOTOS / "dog.jpg"), "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "dog_activations.png").is_file()
     result = runner.invoke(app, ["activations", "efficientnet_lite0", str(PHOTOS / "sk_chelsea.png"), "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     grid = np.asarray(Image.open(tmp_path / "sk_chelsea_activations.png").convert("L"), dtype=float)
