@@ -142,7 +142,7 @@ def train(
 
     choice = None
     if strategy == "auto":
-        final = _split(frozen.dataset, cache(net, frozen.dataset, batch_size, progress))
+        final = frozen.features
         early = _split(frozen.dataset, cache(at_layer(net, EARLIER_LAYER), frozen.dataset, batch_size, progress))
         confidence = imagenet_confidence(net, final.X_train) if net.has_imagenet_head and net.layer is None else None
         n_train, n_classes = len(frozen.dataset.train), len(frozen.dataset.classes)
@@ -191,9 +191,10 @@ def train(
 
 @dataclass(frozen=True)
 class _Frozen:
-    """The data as it stands after extraction, and the head fitted on its frozen features."""
+    """The data as it stands after extraction, its frozen features split into train/val, and the head fitted on them."""
 
     dataset: Dataset
+    features: ProbeData
     clf: HeadClassifier
     validation: Evaluation | None
     n_extracted: int
@@ -226,7 +227,7 @@ def _fit_frozen(net: Backbone, dataset: Dataset, clf: HeadClassifier, extraction
     if len(data.y_val):
         y_val = np.searchsorted(fitted.classes_, data.y_val)
         validation = evaluate_probabilities(y_val, fitted.predict_proba(data.X_val), dataset.classes)
-    return _Frozen(dataset, fitted, validation, extraction.n_extracted, extraction.n_cached)
+    return _Frozen(dataset, data, fitted, validation, extraction.n_extracted, extraction.n_cached)
 
 
 def _finetune(
@@ -288,10 +289,7 @@ def imagenet(
     extraction = extract_features(net, paths, progress=progress, forward=net.imagenet_logits)
     names = imagenet_class_names()
     proba = _softmax(extraction.features)
-    predictions = [
-        Prediction(paths[i], [(names[j], float(row[j])) for j in np.argsort(-row, kind="stable")[:top_k]])
-        for i, row in zip(extraction.kept, proba)
-    ]
+    predictions = [Prediction.from_probabilities(paths[i], row, names, top_k) for i, row in zip(extraction.kept, proba)]
     return Predictions(predictions, missing + extraction.skipped)
 
 

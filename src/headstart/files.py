@@ -26,6 +26,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
     return path
 
 
+def json_bytes(obj: Any) -> bytes:
+    """`obj` as indented JSON text, UTF-8, ending in a newline."""
+    return (json.dumps(obj, indent=2) + "\n").encode()
+
+
 def atomic_write_json(path: Path, obj: Any) -> Path:
     """Write `obj` as indented JSON, atomically."""
-    return atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+    return atomic_write_bytes(path, json_bytes(obj))

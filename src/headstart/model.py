@@ -17,12 +17,13 @@ from numpy.typing import NDArray
 
 from headstart import __version__
 from headstart.backbones import Backbone, create_backbone
-from headstart.bundle import read_bundle, read_config, save_bundle
+from headstart.bundle import read_bundle, save_bundle
 from headstart.classifier import HeadClassifier
 from headstart.config import DataConfig, Progress
-from headstart.data import Skipped, load_dataset
+from headstart.data import ImageRecord, Skipped, load_dataset
 from headstart.errors import BundleError, ConfigError, DataError, UnreadableImageError
 from headstart.features import Extraction, extract_features
+from headstart.files import json_bytes
 from headstart.heads import standardizer
 from headstart.metrics import Evaluation, evaluate_probabilities
 
@@ -35,6 +36,11 @@ class Prediction:
 
     path: Path
     top_k: list[tuple[str, float]]
+
+    @classmethod
+    def from_probabilities(cls, path: Path, proba: NDArray[np.float32], names: Sequence[str], top_k: int) -> Prediction:
+        """The `top_k` most probable of `names` given one row of class probabilities."""
+        return cls(path, [(names[j], float(proba[j])) for j in np.argsort(-proba, kind="stable")[:top_k]])
 
     @property
     def label(self) -> str:
@@ -59,6 +65,25 @@ class EvaluationResult:
 
     evaluation: Evaluation
     skipped: list[Skipped] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """A model's output on labelled images.
+
+    Attributes:
+        records: the readable images, in input order.
+        y_true: int64 class indices, shape (len(records),).
+        proba: float32 class probabilities, shape (len(records), n_classes).
+        evaluation: the metrics of `proba` against `y_true`.
+        skipped: the unreadable images.
+    """
+
+    records: list[ImageRecord]
+    y_true: NDArray[np.int64]
+    proba: NDArray[np.float32]
+    evaluation: Evaluation
+    skipped: list[Skipped]
 
 
 class Model:
@@ -102,10 +127,7 @@ class Model:
             raise ConfigError(f"top_k must be at least 1, got {top_k}.")
         extraction = self._extract(paths, skip_unreadable, progress)
         proba = self.head.predict_proba(extraction.features)
-        predictions = [
-            Prediction(paths[i], [(self.classes[j], float(row[j])) for j in np.argsort(-row, kind="stable")[:top_k]])
-            for i, row in zip(extraction.kept, proba)
-        ]
+        predictions = [Prediction.from_probabilities(paths[i], row, self.classes, top_k) for i, row in zip(extraction.kept, proba)]
         return Predictions(predictions, extraction.skipped)
 
     def _extract(self, paths: Sequence[Path], skip_unreadable: bool, progress: Progress | None) -> Extraction:
@@ -123,10 +145,16 @@ class Model:
             raise DataError(
                 f"{data}: class '{unknown[0]}' is not one this model knows ({', '.join(self.classes)}). Rename or remove that folder."
             )
+        scores = self.score(records, progress)
+        return EvaluationResult(scores.evaluation, dataset.skipped + scores.skipped)
+
+    def score(self, records: Sequence[ImageRecord], progress: Progress | None = None) -> Scores:
+        """Class probabilities and an evaluation for labelled images; labels must be among `classes`."""
         extraction = extract_features(self.backbone, [r.path for r in records], progress=progress)
-        y_true = np.asarray([self.classes.index(records[i].label) for i in extraction.kept], dtype=np.int64)
-        evaluation = evaluate_probabilities(y_true, self.head.predict_proba(extraction.features), self.classes)
-        return EvaluationResult(evaluation, dataset.skipped + extraction.skipped)
+        kept = [records[i] for i in extraction.kept]
+        y_true = np.asarray([self.classes.index(r.label) for r in kept], dtype=np.int64)
+        proba = self.head.predict_proba(extraction.features)
+        return Scores(kept, y_true, proba, evaluate_probabilities(y_true, proba, self.classes), extraction.skipped)
 
     def save(self, directory: PathLike) -> Path:
         """Write the model as a bundle folder (safetensors + JSON). Returns the folder.
@@ -152,7 +180,7 @@ class Model:
             "summary": {k: v for k, v in self.summary.items() if k != "history"},
         }
         history = self.summary.get("history", [])
-        extras = {"history.json": _json_bytes(history), "history.csv": _csv_bytes(history)}
+        extras = {"history.json": json_bytes(history), "history.csv": _csv_bytes(history)}
         return save_bundle(Path(directory), config, tensors, self.summary.get("validation", {}), extras)
 
     def __repr__(self) -> str:
@@ -202,10 +230,6 @@ def load(directory: PathLike, weights: PathLike | None = None) -> Model:
     return Model(backbone, head, summary)
 
 
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2) + "\n").encode()
-
-
 def _csv_bytes(rows: list[dict[str, Any]]) -> bytes:
     buffer = io.StringIO()
     columns = list(dict.fromkeys(key for row in rows for key in row))
@@ -213,8 +237,3 @@ def _csv_bytes(rows: list[dict[str, Any]]) -> bytes:
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue().encode()
-
-
-def info(directory: PathLike) -> dict[str, Any]:
-    """A bundle's validated config, read without loading any weights."""
-    return read_config(Path(directory))

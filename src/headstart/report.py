@@ -21,7 +21,7 @@ from PIL import Image
 
 from headstart.data import ImageRecord, load_image
 from headstart.files import atomic_write_bytes
-from headstart.metrics import Evaluation, evaluate_probabilities
+from headstart.metrics import Evaluation
 from headstart.model import Model
 
 if TYPE_CHECKING:
@@ -202,16 +202,11 @@ def build_report(
     Returns the path written.
     """
     from headstart.explain import grad_cam, overlay
-    from headstart.features import extract_features
     from headstart.transforms import preprocess, resize_and_crop
 
     s = model.summary
-    known = [r for r in records if r.label in model.classes]
-    extraction = extract_features(model.backbone, [r.path for r in known])
-    kept = [known[i] for i in extraction.kept]
-    proba = model.head.predict_proba(extraction.features)
-    y_true = np.asarray([model.classes.index(r.label) for r in kept], dtype=np.int64)
-    evaluation = evaluate_probabilities(y_true, proba, model.classes)
+    scores = model.score([r for r in records if r.label in model.classes])
+    kept, y_true, proba, evaluation = scores.records, scores.y_true, scores.proba, scores.evaluation
     y_pred = proba.argmax(1) if len(kept) else np.zeros(0, np.int64)
     losses = -np.log(np.clip(proba[np.arange(len(kept)), y_true], 1e-12, 1)) if len(kept) else np.zeros(0)
     cfg = model.backbone.data_config
