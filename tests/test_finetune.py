@@ -18,6 +18,7 @@ from headstart.backbones import create_backbone, parameter_groups
 from headstart.classifier import HeadClassifier
 from headstart.cli.main import app
 from headstart.data import load_dataset
+from headstart.engine import TorchEngine
 from headstart.errors import ConfigError
 from headstart.features import extract_features
 from headstart.finetune import FinetuneConfig, finetune
@@ -27,7 +28,7 @@ def test_frozen_layers_and_batchnorm_statistics_stay_bit_identical() -> None:
     backbone = create_backbone("efficientnet_lite0")
     before = {k: v.clone() for k, v in backbone.module.state_dict().items()}
     records = load_dataset(CATS_DOGS_TINY).train
-    features = extract_features(backbone, [r.path for r in records]).features
+    features = extract_features(TorchEngine(backbone), [r.path for r in records]).features
     head = HeadClassifier(max_epochs=2).fit(features, [r.label for r in records])  # under-fitted: room to improve
     config = FinetuneConfig(unfreeze=1, epochs=2, augment=AugmentConfig(), label_smoothing=0.0, lr=1e-2, backbone_lr=1e-3)
     result = finetune(backbone, head, records, records, config)  # validating on the training images makes epoch 1 win

@@ -10,8 +10,8 @@ import pytest
 
 import headstart
 from conftest import CATS_DOGS_TINY, FLOWERS_TINY
-from headstart.backbones import Backbone
 from headstart.data import IMAGE_EXTENSIONS
+from headstart.engine import OnnxEngine, TorchEngine
 
 
 def val_images() -> tuple[list[Path], list[str]]:
@@ -21,15 +21,15 @@ def val_images() -> tuple[list[Path], list[str]]:
 
 @pytest.fixture
 def forward_counter(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts images passed through any backbone's feature forward pass."""
+    """Counts images passed through any engine (ONNX Runtime or PyTorch) for features."""
     seen = [0]
-    original = Backbone.features
+    for engine in (OnnxEngine, TorchEngine):
 
-    def counting(self: Backbone, batch):  # type: ignore[no-untyped-def]
-        seen[0] += len(batch)
-        return original(self, batch)
+        def counting(self, batch, original=engine.__call__):  # type: ignore[no-untyped-def]
+            seen[0] += len(batch)
+            return original(self, batch)
 
-    monkeypatch.setattr(Backbone, "features", counting)
+        monkeypatch.setattr(engine, "__call__", counting)
     return seen
 
 

@@ -21,11 +21,12 @@ from PIL import ImageOps
 from headstart.augment import AugmentConfig
 from headstart.augment import augment as augment_image
 from headstart.backbones import Backbone, BackboneInfo, at_layer, create_backbone, imagenet_class_names, list_backbones
-from headstart.cache import CachedExtraction, FeatureCache, default_cache_dir, extract_with_cache
+from headstart.cache import CachedExtraction, FeatureCache, extract_with_cache
 from headstart.classifier import HeadClassifier
-from headstart.config import Progress
+from headstart.config import Progress, default_cache_dir
 from headstart.data import Dataset, ImageRecord, check_class_counts, list_images, load_dataset, load_image
 from headstart.datasets import fetch_flowers
+from headstart.engine import TorchEngine, create_engine
 from headstart.errors import ConfigError
 from headstart.explain import grad_cam, overlay, stage_activations
 from headstart.features import extract_features
@@ -205,7 +206,8 @@ def _cached_features(
     net: Backbone, dataset: Dataset, batch_size: int, progress: Progress | None, cache_root: Path, use_cache: bool
 ) -> CachedExtraction:
     cache = FeatureCache(cache_root, net) if use_cache else None
-    return extract_with_cache(net, [r.path for r in dataset.train + dataset.val], cache, batch_size, progress)
+    engine = create_engine(net, cache_root=cache_root)
+    return extract_with_cache(engine, [r.path for r in dataset.train + dataset.val], cache, batch_size, progress)
 
 
 def _split(dataset: Dataset, extraction: CachedExtraction) -> ProbeData:
@@ -286,7 +288,8 @@ def imagenet(
     """The backbone's own ImageNet-1k top-k classes for each image (its pretrained classifier kept on)."""
     net = create_backbone(backbone, weights)
     paths, missing = list_images(list(images))
-    extraction = extract_features(net, paths, progress=progress, forward=net.imagenet_logits)
+    # Full-resolution decoding: reduced JPEG decoding flips the ImageNet top-1 of a few large photos (bench/decode.py).
+    extraction = extract_features(TorchEngine(net, net.imagenet_logits), paths, progress=progress, reduced_decode=False)
     names = imagenet_class_names()
     proba = _softmax(extraction.features)
     predictions = [Prediction.from_probabilities(paths[i], row, names, top_k) for i, row in zip(extraction.kept, proba)]

@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import hashlib
 import importlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,16 @@ class Backbone:
     has_imagenet_head: bool
     layer: int | None = None
     finetuned_from: str | None = None
+
+    def fingerprint(self) -> str:
+        """A short hash of everything that decides this backbone's features."""
+        identity = {
+            "name": self.name,
+            "weights_sha256": self.weights_sha256,
+            "data_config": self.data_config.to_dict(),
+            "layer": self.layer,
+        }
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
 
     def features(self, batch: torch.Tensor) -> torch.Tensor:
         """Globally pooled features, shape (n, n_features), for a batch of shape (n, 3, H, W)."""

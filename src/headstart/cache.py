@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -23,19 +22,12 @@ from safetensors.numpy import save as save_safetensors
 from headstart.backbones import Backbone
 from headstart.config import Progress
 from headstart.data import Skipped
+from headstart.engine import Engine
 from headstart.features import Extraction, extract_features
 from headstart.files import atomic_write_bytes
 
-FEATURE_FORMAT = 1
+FEATURE_FORMAT = 2  # 2: large JPEGs decoded at reduced scale (see `pipeline.decode_input`)
 SHARD_SIZE = 1024
-
-
-def default_cache_dir() -> Path:
-    """`$HEADSTART_CACHE_DIR`, else `$XDG_CACHE_HOME/headstart`, else `~/.cache/headstart`."""
-    if os.environ.get("HEADSTART_CACHE_DIR"):
-        return Path(os.environ["HEADSTART_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "headstart"
 
 
 def file_digest(path: Path) -> str:
@@ -48,14 +40,8 @@ def file_digest(path: Path) -> str:
 
 
 def backbone_key(backbone: Backbone) -> str:
-    """A short hash of everything that decides a backbone's features."""
-    identity = {
-        "format": FEATURE_FORMAT,
-        "name": backbone.name,
-        "weights_sha256": backbone.weights_sha256,
-        "data_config": backbone.data_config.to_dict(),
-        "layer": backbone.layer,
-    }
+    """A short hash of everything that decides the cached features: the backbone and how images are decoded."""
+    identity = {"format": FEATURE_FORMAT, "backbone": backbone.fingerprint()}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -93,7 +79,7 @@ class CachedExtraction(Extraction):
 
 
 def extract_with_cache(
-    backbone: Backbone,
+    engine: Engine,
     paths: Sequence[Path],
     cache: FeatureCache | None,
     batch_size: int = 32,
@@ -105,7 +91,7 @@ def extract_with_cache(
     keeps what it finished.
     """
     if cache is None:
-        result = extract_features(backbone, paths, batch_size, progress)
+        result = extract_features(engine, paths, batch_size, progress)
         return CachedExtraction(result.features, result.kept, result.skipped, len(result.kept), 0)
     digests = [file_digest(p) for p in paths]
     known = cache.load(digests)
@@ -122,7 +108,7 @@ def extract_with_cache(
                 progress(desc, offset + done, len(missing), status)
 
         chunk_paths = [first_path[d] for d in chunk]
-        result = extract_features(backbone, chunk_paths, batch_size, chunk_progress)
+        result = extract_features(engine, chunk_paths, batch_size, chunk_progress)
         new = {chunk[i]: row for i, row in zip(result.kept, result.features)}
         cache.store(new)
         known.update(new)
@@ -131,5 +117,5 @@ def extract_with_cache(
         bad.update({digest_of[s.path]: s.reason for s in result.skipped})
     kept = [i for i, d in enumerate(digests) if d in known]
     skipped = [Skipped(p, bad[d]) for p, d in zip(paths, digests) if d in bad]
-    features = np.stack([known[digests[i]] for i in kept]) if kept else np.zeros((0, backbone.n_features), np.float32)
+    features = np.stack([known[digests[i]] for i in kept]) if kept else np.zeros((0, engine.backbone.n_features), np.float32)
     return CachedExtraction(features, np.asarray(kept, dtype=np.int64), skipped, n_extracted, n_cached)

@@ -1,12 +1,22 @@
-"""Preprocessing configuration: a frozen value that travels with the weights."""
+"""Configuration: preprocessing (a frozen value that travels with the weights), the cache location, progress reporting."""
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 Interpolation = Literal["bicubic", "bilinear", "nearest"]
+
+
+def default_cache_dir() -> Path:
+    """Where features and exported engines are cached: `$HEADSTART_CACHE_DIR`, else `$XDG_CACHE_HOME/headstart`, else `~/.cache/headstart`."""
+    if os.environ.get("HEADSTART_CACHE_DIR"):
+        return Path(os.environ["HEADSTART_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "headstart"
 
 
 class Progress(Protocol):

@@ -1,20 +1,18 @@
-"""Batched backbone forward passes over image files, decoding in threads."""
+"""Batched backbone forward passes over image files: decoding in worker processes, inference in an engine."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from numpy.typing import NDArray
 
-from headstart.backbones import Backbone
-from headstart.config import DataConfig, Progress
-from headstart.data import Skipped, load_image
-from headstart.loader import load_batches
-from headstart.transforms import preprocess
+from headstart.config import Progress
+from headstart.data import Skipped
+from headstart.engine import Engine
+from headstart.pipeline import decode_batches
 
 
 @dataclass(frozen=True)
@@ -32,38 +30,30 @@ class Extraction:
     skipped: list[Skipped]
 
 
-def load_input(path: Path, cfg: DataConfig) -> NDArray[np.float32]:
-    """Decode and preprocess one file: float32 array of shape (3, H, W)."""
-    return preprocess(load_image(path), cfg)
-
-
 def extract_features(
-    backbone: Backbone,
+    engine: Engine,
     paths: Sequence[Path],
     batch_size: int = 32,
     progress: Progress | None = None,
-    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    reduced_decode: bool = True,
 ) -> Extraction:
-    """Run the frozen backbone over image files.
+    """Run the frozen backbone over image files; unreadable files are skipped.
 
-    Images are decoded in a thread pool one batch ahead of the forward pass, so
-    at most two batches are held in memory. Unreadable files are skipped.
+    Images are decoded in worker processes a few batches ahead of the engine,
+    so memory stays flat however many paths there are.
 
     Args:
-        forward: what to compute per batch; default `backbone.features` (pooled
-            features). `backbone.imagenet_logits` gives ImageNet logits instead.
+        reduced_decode: decode large JPEGs at reduced scale (see `pipeline.decode_input`).
     """
-    forward = forward or backbone.features
-    cfg = backbone.data_config
     rows: list[NDArray[np.float32]] = []
     kept: list[int] = []
     skipped: list[Skipped] = []
-    for batch in load_batches(lambda i: load_input(paths[i], cfg), range(len(paths)), batch_size):
+    for batch in decode_batches(paths, engine.backbone.data_config, batch_size, reduced_decode=reduced_decode):
         kept += batch.indices
         skipped += batch.skipped
         if batch.indices:
-            rows.append(forward(torch.from_numpy(batch.arrays)).numpy())
+            rows.append(engine(batch.arrays))
         if progress:
             progress("Extracting features", len(kept) + len(skipped), len(paths))
-    features = np.concatenate(rows) if rows else np.zeros((0, backbone.n_features), np.float32)
+    features = np.concatenate(rows) if rows else np.zeros((0, engine.backbone.n_features), np.float32)
     return Extraction(features.astype(np.float32, copy=False), np.asarray(kept, dtype=np.int64), skipped)

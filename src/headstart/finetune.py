@@ -33,9 +33,9 @@ from headstart.classifier import HeadClassifier
 from headstart.config import Progress
 from headstart.data import ImageRecord
 from headstart.errors import ConfigError
-from headstart.features import load_input
 from headstart.files import atomic_write_bytes, atomic_write_json
-from headstart.loader import load_batches
+from headstart.pipeline import decode_input, load_batches
+from headstart.transforms import normalize
 
 CHECKPOINT_JSON = "checkpoint.json"
 
@@ -281,7 +281,7 @@ def _validate(
     logits = []
     done = 0
     with torch.inference_mode():
-        for batch in load_batches(lambda i: load_input(val[i].path, cfg), range(len(val)), config.batch_size):
+        for batch in load_batches(lambda i: normalize(decode_input(val[i].path, cfg), cfg), range(len(val)), config.batch_size):
             logits.append(net(torch.from_numpy(batch.arrays)))
             done += len(batch.indices)
             if progress:

@@ -9,6 +9,7 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from headstart.bundle import read_bundle, save_bundle
 from headstart.classifier import HeadClassifier
 from headstart.config import DataConfig, Progress
 from headstart.data import ImageRecord, Skipped, load_dataset
+from headstart.engine import Engine, create_engine
 from headstart.errors import BundleError, ConfigError, DataError, UnreadableImageError
 from headstart.features import Extraction, extract_features
 from headstart.files import json_bytes
@@ -102,6 +104,11 @@ class Model:
         self.classes: list[str] = [str(c) for c in head.classes_]
         self.summary: dict[str, Any] = summary or {}
 
+    @cached_property
+    def engine(self) -> Engine:
+        """What runs the backbone for predictions: ONNX Runtime when the backbone exports, else PyTorch."""
+        return create_engine(self.backbone)
+
     def predict_proba(self, images: Sequence[PathLike], progress: Progress | None = None) -> NDArray[np.float32]:
         """Class probabilities, shape (len(images), n_classes).
 
@@ -131,7 +138,7 @@ class Model:
         return Predictions(predictions, extraction.skipped)
 
     def _extract(self, paths: Sequence[Path], skip_unreadable: bool, progress: Progress | None) -> Extraction:
-        extraction = extract_features(self.backbone, paths, progress=progress)
+        extraction = extract_features(self.engine, paths, progress=progress)
         if extraction.skipped and not skip_unreadable:
             raise UnreadableImageError(extraction.skipped[0].path, extraction.skipped[0].reason)
         return extraction
@@ -150,7 +157,7 @@ class Model:
 
     def score(self, records: Sequence[ImageRecord], progress: Progress | None = None) -> Scores:
         """Class probabilities and an evaluation for labelled images; labels must be among `classes`."""
-        extraction = extract_features(self.backbone, [r.path for r in records], progress=progress)
+        extraction = extract_features(self.engine, [r.path for r in records], progress=progress)
         kept = [records[i] for i in extraction.kept]
         y_true = np.asarray([self.classes.index(r.label) for r in kept], dtype=np.int64)
         proba = self.head.predict_proba(extraction.features)

@@ -31,12 +31,22 @@ def resize_and_crop(image: Image.Image, cfg: DataConfig) -> Image.Image:
     return image.crop((left, top, left + cfg.input_size, top + cfg.input_size))
 
 
-def to_array(image: Image.Image, cfg: DataConfig) -> NDArray[np.float32]:
-    """Normalise an RGB image to a float32 array of shape (3, H, W)."""
-    pixels = np.asarray(image, dtype=np.float32) / 255.0
+def crop_pixels(image: Image.Image, cfg: DataConfig) -> NDArray[np.uint8]:
+    """`resize_and_crop` as uint8 pixels of shape (input_size, input_size, 3)."""
+    return np.asarray(resize_and_crop(image, cfg), dtype=np.uint8)
+
+
+def normalize(pixels: NDArray[np.uint8], cfg: DataConfig) -> NDArray[np.float32]:
+    """uint8 RGB pixels (..., H, W, 3) to normalised float32 channels-first (..., 3, H, W)."""
     mean = np.asarray(cfg.mean, dtype=np.float32)
     std = np.asarray(cfg.std, dtype=np.float32)
-    return np.ascontiguousarray(((pixels - mean) / std).transpose(2, 0, 1))
+    scaled = (pixels.astype(np.float32) / 255.0 - mean) / std
+    return np.ascontiguousarray(np.moveaxis(scaled, -1, -3))
+
+
+def to_array(image: Image.Image, cfg: DataConfig) -> NDArray[np.float32]:
+    """Normalise an RGB image to a float32 array of shape (3, H, W)."""
+    return normalize(np.asarray(image, dtype=np.uint8), cfg)
 
 
 def preprocess(image: Image.Image, cfg: DataConfig) -> NDArray[np.float32]:

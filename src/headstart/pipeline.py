@@ -1,0 +1,170 @@
+"""Images decoded into batches ahead of whoever consumes them, with bounded memory.
+
+`decode_batches` decodes in worker processes (for feature extraction, where the
+consumer is a native inference engine that needs every core it can get);
+`load_batches` runs any Python callable in a thread pool (for fine-tuning,
+where each item is an augmented image). Both keep a fixed number of batches in
+flight, so memory stays flat however many images there are.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+
+from headstart.config import DataConfig
+from headstart.data import Skipped, load_image
+from headstart.errors import UnreadableImageError
+from headstart.transforms import crop_pixels, normalize
+
+PREFETCH_PER_WORKER = 2
+_Chunk = tuple[list[int], NDArray[np.uint8], list[Skipped]]  # kept positions, their pixels, the unreadable files
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Decoded inputs: `arrays[k]` belongs to item `indices[k]`; unreadable items are in `skipped`."""
+
+    indices: list[int]
+    arrays: NDArray[np.float32]
+    skipped: list[Skipped]
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (containers)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_quota()
+    return max(1, min(cpus, math.ceil(quota))) if quota else cpus
+
+
+def _cgroup_quota() -> float | None:
+    """The cgroup v2 (`cpu.max`) or v1 (`cpu.cfs_quota_us`) CPU limit in CPUs, if one is set."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return quota_us / period_us if quota_us > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def decode_workers(cpus: int | None = None) -> int:
+    """Decoding processes to run beside the inference engine: a quarter of the CPUs, at least one.
+
+    Decoding a typical photo costs a fifth or less of a small CNN's forward pass,
+    so the rest of the cores are left to the engine's threads.
+    """
+    return max(1, (cpus or available_cpus()) // 4)
+
+
+def decode_input(path: Path, cfg: DataConfig, reduced_decode: bool = True) -> NDArray[np.uint8]:
+    """Decode, resize and crop one file to uint8 pixels of shape (input_size, input_size, 3).
+
+    With `reduced_decode`, JPEGs at least four times the resize size on their
+    short side are decoded at reduced scale (see `load_image`), keeping at least
+    twice the resize size, before the same bicubic resize and crop. Pixels then
+    differ slightly from a full decode; bench/decode.py measures by how much.
+    """
+    return crop_pixels(load_image(path, min_size=2 * cfg.resize_size if reduced_decode else None), cfg)
+
+
+def _decode_chunk(paths: Sequence[Path], cfg: DataConfig, reduced_decode: bool) -> _Chunk:
+    kept: list[int] = []
+    pixels: list[NDArray[np.uint8]] = []
+    skipped: list[Skipped] = []
+    for k, path in enumerate(paths):
+        try:
+            pixels.append(decode_input(path, cfg, reduced_decode))
+            kept.append(k)
+        except UnreadableImageError as e:
+            skipped.append(Skipped(e.path, e.reason))
+    size = cfg.input_size
+    return kept, np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8), skipped
+
+
+def decode_batches(
+    paths: Sequence[Path],
+    cfg: DataConfig,
+    batch_size: int,
+    reduced_decode: bool = True,
+    workers: int | None = None,
+    max_in_flight: int | None = None,
+) -> Iterator[Batch]:
+    """Yield the backbone inputs for `paths` in order, `batch_size` at a time.
+
+    Batches are decoded in `workers` processes (default `decode_workers()`), with
+    at most `max_in_flight` batches (default two per worker) submitted ahead of
+    the consumer. Inputs that fit in one batch are decoded in this process.
+    Unreadable files are skipped and listed in each batch's `skipped`.
+    """
+    starts = range(0, len(paths), batch_size)
+    if len(paths) <= batch_size:
+        for start in starts:
+            yield _batch(start, _decode_chunk(paths[start : start + batch_size], cfg, reduced_decode), cfg)
+        return
+    workers = workers or decode_workers()
+    limit = max_in_flight or PREFETCH_PER_WORKER * workers
+    chunks = ((start, paths[start : start + batch_size]) for start in starts)
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        pending: deque[tuple[int, Future[_Chunk]]] = deque()
+
+        def submit_next() -> None:
+            for start, chunk in itertools.islice(chunks, 1):
+                pending.append((start, pool.submit(_decode_chunk, chunk, cfg, reduced_decode)))
+
+        for _ in range(limit):
+            submit_next()
+        while pending:
+            start, future = pending.popleft()
+            submit_next()
+            yield _batch(start, future.result(), cfg)
+
+
+def _batch(start: int, chunk: _Chunk, cfg: DataConfig) -> Batch:
+    kept, pixels, skipped = chunk
+    return Batch([start + k for k in kept], normalize(pixels, cfg), skipped)
+
+
+def load_batches(load: Callable[[int], NDArray[np.float32]], indices: Sequence[int], batch_size: int) -> Iterator[Batch]:
+    """Yield batches of `load(i)` for `i` in `indices`, in order.
+
+    The next batch is submitted to a thread pool before the current one is
+    yielded, so loading overlaps with the consumer and at most two batches are
+    in memory. Items whose `load` raises UnreadableImageError are skipped.
+    """
+    with ThreadPoolExecutor(max_workers=available_cpus()) as pool:
+
+        def submit(start: int) -> list[tuple[int, Future[NDArray[np.float32]]]]:
+            return [(i, pool.submit(load, i)) for i in indices[start : start + batch_size]]
+
+        pending = submit(0)
+        for start in range(0, len(indices), batch_size):
+            current, pending = pending, submit(start + batch_size)
+            kept: list[int] = []
+            arrays: list[NDArray[np.float32]] = []
+            skipped: list[Skipped] = []
+            for index, future in current:
+                try:
+                    arrays.append(future.result())
+                    kept.append(index)
+                except UnreadableImageError as e:
+                    skipped.append(Skipped(e.path, e.reason))
+            yield Batch(kept, np.stack(arrays) if arrays else np.zeros((0, 3, 1, 1), np.float32), skipped)
