@@ -11,17 +11,13 @@ cached, so its time is the phase-two cost plus the (cached) phase one.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-import headstart
+from _common import publish, table
 
-RESULTS = Path(__file__).with_name("results.md")
+import headstart
 
 
 def main() -> None:
@@ -57,18 +53,11 @@ def main() -> None:
             f"{tuned_seconds:.0f}",
         ),
     ]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = [
-        f"\n## finetune: {args.data.name}, {args.backbone}, 80/20 split seed 0",
-        f"{datetime.date.today()}, commit {commit}, {platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores\n",
-        "| strategy | val accuracy | epochs | wall s |",
-        "|---|---|---|---|",
-        *(f"| {' | '.join(r)} |" for r in rows),
+        *table(["strategy", "val accuracy", "epochs", "wall s"], rows),
         f"\nfine-tuned minus linear: {ft_acc - lin_acc:+.4f}; per-epoch seconds: {[round(r['seconds']) for r in history]}",
     ]
-    print("\n".join(lines))
-    with RESULTS.open("a") as f:
-        f.write("\n".join(lines) + "\n")
+    publish(f"finetune: {args.data.name}, {args.backbone}, 80/20 split seed 0", lines)
 
 
 if __name__ == "__main__":

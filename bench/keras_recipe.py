@@ -19,8 +19,12 @@ import tensorflow as tf  # noqa: E402
 
 data, out = sys.argv[1], sys.argv[2]
 size, batch = (224, 224), 32
-train = tf.keras.utils.image_dataset_from_directory(data, validation_split=0.2, subset="training", seed=0, image_size=size, batch_size=batch)
-val = tf.keras.utils.image_dataset_from_directory(data, validation_split=0.2, subset="validation", seed=0, image_size=size, batch_size=batch)
+train = tf.keras.utils.image_dataset_from_directory(
+    data, validation_split=0.2, subset="training", seed=0, image_size=size, batch_size=batch
+)
+val = tf.keras.utils.image_dataset_from_directory(
+    data, validation_split=0.2, subset="validation", seed=0, image_size=size, batch_size=batch
+)
 n_classes = len(train.class_names)
 train, val = train.prefetch(tf.data.AUTOTUNE), val.prefetch(tf.data.AUTOTUNE)
 

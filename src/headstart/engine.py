@@ -14,6 +14,7 @@ import json
 import tempfile
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -68,7 +69,13 @@ class TorchEngine(Engine):
 
 
 class OnnxEngine(Engine):
-    """An ONNX Runtime CPU session over the backbone's exported, verified feature extractor."""
+    """ONNX Runtime CPU sessions over the backbone's exported, verified feature extractor.
+
+    One single-threaded session per CPU, each taking an equal slice of every
+    batch: on small CNNs this beats one session with a thread per CPU (120 vs
+    103 images/s for EfficientNet-Lite0 on 2 cores), because a layer-wise
+    split leaves cores waiting on the small and depthwise layers.
+    """
 
     name = "onnxruntime"
 
@@ -76,11 +83,20 @@ class OnnxEngine(Engine):
         super().__init__(backbone)
         self.path = path
         self.threads = threads or available_cpus()
-        self.session = _session(path.read_bytes(), self.threads)
+        data = path.read_bytes()
+        self.sessions = [_session(data, 1) for _ in range(self.threads)]
+        self._pool = ThreadPoolExecutor(max_workers=self.threads) if self.threads > 1 else None
 
     def __call__(self, inputs: NDArray[np.float32]) -> NDArray[np.float32]:
-        outputs: list[NDArray[np.float32]] = self.session.run(None, {"pixels": inputs})
-        return outputs[0]
+        if self._pool is None or len(inputs) == 1:
+            return _run(self.sessions[0], inputs)
+        slices = [s for s in np.array_split(inputs, self.threads) if len(s)]
+        return np.concatenate(list(self._pool.map(_run, self.sessions, slices)))
+
+
+def _run(session: onnxruntime.InferenceSession, inputs: NDArray[np.float32]) -> NDArray[np.float32]:
+    outputs: list[NDArray[np.float32]] = session.run(None, {"pixels": inputs})
+    return outputs[0]
 
 
 def create_engine(backbone: Backbone, kind: EngineKind = "auto", cache_root: Path | None = None) -> Engine:
@@ -188,7 +204,7 @@ def _parity_error(backbone: Backbone, data: bytes) -> float:
     """Max relative error of the exported features against PyTorch's on a fixed random batch."""
     batch = _check_batch(backbone)
     expected = backbone.features(batch).numpy()
-    actual = _session(data, available_cpus()).run(None, {"pixels": batch.numpy()})[0]
+    actual = _run(_session(data, available_cpus()), batch.numpy())
     if actual.shape != expected.shape:
         return float("inf")
     return float(np.abs(actual - expected).max() / max(float(np.abs(expected).max()), 1e-12))

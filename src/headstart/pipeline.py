@@ -46,20 +46,20 @@ def available_cpus() -> int:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
-    quota = _cgroup_quota()
+    quota = cgroup_cpu_quota()
     return max(1, min(cpus, math.ceil(quota))) if quota else cpus
 
 
-def _cgroup_quota() -> float | None:
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
     """The cgroup v2 (`cpu.max`) or v1 (`cpu.cfs_quota_us`) CPU limit in CPUs, if one is set."""
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        quota, period = (root / "cpu.max").read_text().split()[:2]
         return None if quota == "max" else int(quota) / int(period)
     except (OSError, ValueError):
         pass
     try:
-        quota_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
-        period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
         return quota_us / period_us if quota_us > 0 else None
     except (OSError, ValueError):
         return None

@@ -98,6 +98,7 @@ def train(
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache folder [default: ~/.cache/headstart].")] = None,
     cache: Annotated[bool, typer.Option(help="Read and write the feature cache.")] = True,
     batch_size: Annotated[int, typer.Option(help="Images per backbone forward pass or training step.")] = 32,
+    report: Annotated[bool, typer.Option(help="Also write OUT/report.html (curves, confusion matrix, Grad-CAM).")] = True,
 ) -> None:
     """Train a classifier on a folder of photos and save it."""
     from headstart import api
@@ -133,6 +134,7 @@ def train(
             resume=resume,
             cache_dir=cache_dir,
             use_cache=cache,
+            write_report=report,
             batch_size=batch_size,
             progress=progress,
         )

@@ -1,0 +1,102 @@
+"""The ONNX Runtime engine: same features as PyTorch, exported once, verified, with a PyTorch fallback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PHOTOS, SHARED
+from headstart.backbones import at_layer, create_backbone
+from headstart.classifier import HeadClassifier
+from headstart.data import load_dataset
+from headstart.engine import ExportError, OnnxEngine, TorchEngine, create_engine, exported_model
+from headstart.features import extract_features
+
+
+@pytest.fixture(scope="module")
+def lite0():  # type: ignore[no-untyped-def]
+    return create_backbone("efficientnet_lite0")
+
+
+def _relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    return float((np.abs(actual - expected).max(1) / np.abs(expected).max(1)).max())
+
+
+def test_onnx_features_match_pytorch_on_real_photos(lite0, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    photos = sorted(PHOTOS.iterdir())
+    fast = extract_features(create_engine(lite0, "onnx", tmp_path), photos)
+    reference = extract_features(TorchEngine(lite0), photos)
+    assert len(fast.kept) == len(photos) == len(reference.kept)
+    assert _relative_error(fast.features, reference.features) <= 1e-3
+    classifier = lite0.module.get_classifier()
+    with torch.inference_mode():
+        top1_fast = classifier(torch.from_numpy(fast.features)).argmax(1)
+        top1_reference = classifier(torch.from_numpy(reference.features)).argmax(1)
+    assert top1_fast.tolist() == top1_reference.tolist()
+
+
+@pytest.mark.parametrize("layer", [-2, 1])
+def test_earlier_layer_features_match_pytorch(lite0, tmp_path: Path, layer: int) -> None:  # type: ignore[no-untyped-def]
+    net = at_layer(lite0, layer)
+    photos = sorted(PHOTOS.glob("*.png"))
+    fast = extract_features(create_engine(net, "onnx", tmp_path), photos).features
+    assert fast.shape == (len(photos), net.n_features)
+    assert _relative_error(fast, extract_features(TorchEngine(net), photos).features) <= 1e-3
+
+
+def test_export_is_recorded_and_reused(lite0, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    path = exported_model(lite0, tmp_path)
+    record = json.loads(path.with_suffix(".json").read_text())
+    assert record["verified"] is True and record["max_relative_error"] <= 1e-4
+    monkeypatch.setattr("headstart.engine._export", lambda backbone: pytest.fail("exported twice"))
+    assert exported_model(lite0, tmp_path) == path
+
+
+def test_a_damaged_export_is_exported_again(lite0, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path = exported_model(lite0, tmp_path)
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2])
+    assert exported_model(lite0, tmp_path) == path
+    assert path.read_bytes() == good
+    assert isinstance(create_engine(lite0, "auto", tmp_path), OnnxEngine)
+
+
+def test_an_export_that_disagrees_falls_back_to_pytorch_and_is_not_retried(
+    lite0,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("headstart.engine._parity_error", lambda backbone, data: 0.2)
+    with pytest.warns(UserWarning, match="max relative error 2.00e-01.*PyTorch instead"):
+        engine = create_engine(lite0, "auto", tmp_path)
+    assert isinstance(engine, TorchEngine)
+    monkeypatch.setattr("headstart.engine._export", lambda backbone: pytest.fail("export retried"))
+    with pytest.raises(ExportError, match="did not export to ONNX"):
+        create_engine(lite0, "onnx", tmp_path)
+    assert not list(tmp_path.rglob("*.onnx"))  # a model that disagrees is never kept
+
+
+def test_an_export_that_fails_falls_back_to_pytorch(lite0, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    def failing(backbone):  # type: ignore[no-untyped-def]
+        raise RuntimeError("Unsupported: ONNX export of operator foo")
+
+    monkeypatch.setattr("headstart.engine._export", failing)
+    with pytest.warns(UserWarning, match="operator foo"):
+        assert isinstance(create_engine(lite0, "auto", tmp_path), TorchEngine)
+
+
+@pytest.mark.slow
+def test_flowers_validation_accuracy_is_the_same_with_either_engine(lite0) -> None:  # type: ignore[no-untyped-def]
+    dataset = load_dataset(SHARED / "datasets" / "flowers", val_split=0.2, seed=0)
+    accuracies = []
+    for engine in (create_engine(lite0, "onnx"), TorchEngine(lite0)):
+        train = extract_features(engine, [r.path for r in dataset.train]).features
+        val = extract_features(engine, [r.path for r in dataset.val]).features
+        clf = HeadClassifier(seed=0).fit(train, [r.label for r in dataset.train], val, [r.label for r in dataset.val])
+        accuracies.append(float(np.mean(clf.predict(val) == np.asarray([r.label for r in dataset.val]))))
+    assert accuracies[0] > 0.9
+    assert abs(accuracies[0] - accuracies[1]) <= 0.005, accuracies
