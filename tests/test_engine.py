@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
 from conftest import PHOTOS, SHARED
-from headstart.backbones import at_layer, create_backbone
+from headstart.backbones import at_layer, create_backbone, with_static_padding
 from headstart.classifier import HeadClassifier
 from headstart.data import load_dataset
 from headstart.engine import ExportError, OnnxEngine, TorchEngine, create_engine, exported_model
@@ -100,3 +101,14 @@ def test_flowers_validation_accuracy_is_the_same_with_either_engine(lite0) -> No
         accuracies.append(float(np.mean(clf.predict(val) == np.asarray([r.label for r in dataset.val]))))
     assert accuracies[0] > 0.9
     assert abs(accuracies[0] - accuracies[1]) <= 0.005, accuracies
+
+
+def test_static_padding_computes_the_same_features_and_exports_without_pad_nodes(lite0, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    static = with_static_padding(lite0)
+    same = [name for name, m in lite0.module.named_modules() if type(m).__name__ == "Conv2dSame"]
+    assert len(same) == 5  # the stem and the four stride-2 depthwise convolutions; the original stays as it was
+    assert all(type(static.module.get_submodule(name)).__name__ == "_PaddedConv" for name in same)
+    batch = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(static.features(batch), lite0.features(batch), rtol=1e-5, atol=1e-5)
+    graph = onnx.load(exported_model(lite0, tmp_path)).graph
+    assert not [n for n in graph.node if n.op_type == "Pad" and len(n.input) > 2]  # ONNX Runtime can fold every Pad into its Conv

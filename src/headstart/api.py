@@ -206,8 +206,8 @@ def _cached_features(
     net: Backbone, dataset: Dataset, batch_size: int, progress: Progress | None, cache_root: Path, use_cache: bool
 ) -> CachedExtraction:
     cache = FeatureCache(cache_root, net) if use_cache else None
-    engine = create_engine(net, cache_root=cache_root)
-    return extract_with_cache(engine, [r.path for r in dataset.train + dataset.val], cache, batch_size, progress)
+    make_engine = partial(create_engine, cache_root=cache_root)
+    return extract_with_cache(net, [r.path for r in dataset.train + dataset.val], cache, batch_size, progress, make_engine)
 
 
 def _split(dataset: Dataset, extraction: CachedExtraction) -> ProbeData:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -210,6 +211,49 @@ def parameter_groups(backbone: Backbone) -> list[list[str]]:
     groups = group_parameters(model, model.group_matcher(coarse=False))
     named = [[n for n in names if n not in classifier] for _, names in sorted(groups.items())]
     return [names for names in named if names]
+
+
+def with_static_padding(backbone: Backbone) -> Backbone:
+    """A copy of `backbone` whose TensorFlow-style "same" convolutions pad by fixed amounts.
+
+    timm's `Conv2dSame` (in the `tf_` ports, such as EfficientNet-Lite) works
+    out its padding from each input's shape. Fixed amounts for the backbone's
+    input size compute the same thing, and an exporter writes them as
+    constants that ONNX Runtime folds into the convolution.
+    """
+    from timm.layers.conv2d_same import Conv2dSame
+    from timm.layers.padding import get_same_padding
+
+    module: Any = copy.deepcopy(backbone.module)
+    sizes: dict[str, tuple[int, int]] = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda _, args, name=name: sizes.__setitem__(name, tuple(args[0].shape[-2:])))
+        for name, m in module.named_modules()
+        if isinstance(m, Conv2dSame)
+    ]
+    size = backbone.data_config.input_size
+    with torch.no_grad():
+        module.forward_features(torch.zeros(1, 3, size, size))
+    for hook in hooks:
+        hook.remove()
+    for name, (height, width) in sizes.items():
+        conv: nn.Conv2d = module.get_submodule(name)
+        pad_h = get_same_padding(height, conv.kernel_size[0], conv.stride[0], conv.dilation[0])
+        pad_w = get_same_padding(width, conv.kernel_size[1], conv.stride[1], conv.dilation[1])
+        parent, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent), child, _PaddedConv(conv, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)))
+    return dataclasses.replace(backbone, module=module)
+
+
+class _PaddedConv(nn.Module):
+    def __init__(self, conv: nn.Conv2d, padding: tuple[int, int, int, int]) -> None:
+        super().__init__()
+        self.conv = conv
+        self.padding = padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        return nn.functional.conv2d(nn.functional.pad(x, self.padding), c.weight, c.bias, c.stride, 0, c.dilation, c.groups)
 
 
 def at_layer(backbone: Backbone, layer: int) -> Backbone:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from safetensors.numpy import save as save_safetensors
 from headstart.backbones import Backbone
 from headstart.config import Progress
 from headstart.data import Skipped
-from headstart.engine import Engine
+from headstart.engine import Engine, create_engine
 from headstart.features import Extraction, extract_features
 from headstart.files import atomic_write_bytes
 
@@ -79,19 +79,20 @@ class CachedExtraction(Extraction):
 
 
 def extract_with_cache(
-    engine: Engine,
+    backbone: Backbone,
     paths: Sequence[Path],
     cache: FeatureCache | None,
     batch_size: int = 32,
     progress: Progress | None = None,
+    make_engine: Callable[[Backbone], Engine] = create_engine,
 ) -> CachedExtraction:
     """Features for `paths`, running the backbone only on images the cache lacks.
 
-    New features are stored every `SHARD_SIZE` images, so an interrupted run
-    keeps what it finished.
+    The engine is made only when some image needs it. New features are stored
+    every `SHARD_SIZE` images, so an interrupted run keeps what it finished.
     """
     if cache is None:
-        result = extract_features(engine, paths, batch_size, progress)
+        result = extract_features(make_engine(backbone), paths, batch_size, progress)
         return CachedExtraction(result.features, result.kept, result.skipped, len(result.kept), 0)
     digests = [file_digest(p) for p in paths]
     known = cache.load(digests)
@@ -100,6 +101,7 @@ def extract_with_cache(
     first_path = {d: p for p, d in reversed(list(zip(paths, digests)))}
     bad: dict[str, str] = {}
     n_extracted = 0
+    engine: Engine | None = None
     for start in range(0, len(missing), SHARD_SIZE):
         chunk = missing[start : start + SHARD_SIZE]
 
@@ -108,6 +110,7 @@ def extract_with_cache(
                 progress(desc, offset + done, len(missing), status)
 
         chunk_paths = [first_path[d] for d in chunk]
+        engine = engine or make_engine(backbone)
         result = extract_features(engine, chunk_paths, batch_size, chunk_progress)
         new = {chunk[i]: row for i, row in zip(result.kept, result.features)}
         cache.store(new)
@@ -117,5 +120,5 @@ def extract_with_cache(
         bad.update({digest_of[s.path]: s.reason for s in result.skipped})
     kept = [i for i, d in enumerate(digests) if d in known]
     skipped = [Skipped(p, bad[d]) for p, d in zip(paths, digests) if d in bad]
-    features = np.stack([known[digests[i]] for i in kept]) if kept else np.zeros((0, engine.backbone.n_features), np.float32)
+    features = np.stack([known[digests[i]] for i in kept]) if kept else np.zeros((0, backbone.n_features), np.float32)
     return CachedExtraction(features, np.asarray(kept, dtype=np.int64), skipped, n_extracted, n_cached)
