@@ -101,3 +101,59 @@ def test_bundle_json_is_plain_data(tiny_model_dir: Path) -> None:
     assert config["data_config"]["input_size"] == 224
     metrics = json.loads((tiny_model_dir / "metrics.json").read_text())
     assert metrics["accuracy"] == config["summary"]["validation"]["accuracy"]
+
+
+def test_wrong_tensor_shapes_are_refused(bundle: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(bundle / "model.safetensors")
+    name = next(k for k, v in tensors.items() if v.ndim == 2)  # the linear layer's weight
+    tensors[name] = tensors[name][:, :100].contiguous()
+    save_file(tensors, bundle / "model.safetensors")
+    with pytest.raises(BundleError, match="size mismatch"):
+        headstart.load(bundle)
+
+
+def test_unknown_backbone_is_named(bundle: Path) -> None:
+    config = json.loads((bundle / "bundle.json").read_text())
+    config["backbone"]["name"] = "efficientnet_lite9"
+    (bundle / "bundle.json").write_text(json.dumps(config))
+    with pytest.raises(headstart.HeadstartError, match="efficientnet_lite9"):
+        headstart.load(bundle)
+
+
+def test_truncated_weights_are_refused(bundle: Path) -> None:
+    data = (bundle / "model.safetensors").read_bytes()
+    (bundle / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(BundleError, match="not a safetensors file; refused"):
+        headstart.load(bundle)
+
+
+def test_info_reads_a_bundle_without_loading_weights(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from headstart.cli.main import app
+
+    def forbidden(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr("headstart.bundle.load_safetensors", forbidden)
+    monkeypatch.setattr("headstart.model.create_backbone", forbidden)
+    description = headstart.info(bundle)
+    assert description["config"]["classes"] == ["cats", "dogs"]
+    assert description["tensors"] and all(isinstance(shape, list) for shape in description["tensors"].values())  # from the header
+    result = CliRunner().invoke(app, ["info", str(bundle)])
+    assert result.exit_code == 0, result.output
+    assert "efficientnet_lite0" in result.output and "cats, dogs" in result.output and "validation accuracy" in result.output
+
+
+def test_info_refuses_a_pickle_without_running_it(bundle: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from headstart.cli.main import app
+
+    marker = tmp_path / "code-ran"
+    (bundle / "model.safetensors").write_bytes(pickled_payload(marker))
+    result = CliRunner().invoke(app, ["info", str(bundle)])
+    assert result.exit_code == 1 and "not a safetensors file; refused" in result.output
+    assert not marker.exists()

@@ -16,10 +16,12 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from headstart.api import backbones as backbones
+    from headstart.api import check as check
     from headstart.api import demo as demo
     from headstart.api import evaluate as evaluate
     from headstart.api import explain as explain
     from headstart.api import imagenet as imagenet
+    from headstart.api import info as info
     from headstart.api import predict as predict
     from headstart.api import report as report
     from headstart.api import train as train
@@ -28,11 +30,14 @@ if TYPE_CHECKING:
     from headstart.model import Model as Model
     from headstart.model import Prediction as Prediction
     from headstart.model import load as load
+    from headstart.triage import Triage as Triage
 
 # Public names and the module each lives in; imported on first use so that
 # `import headstart` (and `headstart --help`) does not pull in torch.
 _EXPORTS = {
     "train": "headstart.api",
+    "check": "headstart.api",
+    "info": "headstart.api",
     "predict": "headstart.api",
     "evaluate": "headstart.api",
     "imagenet": "headstart.api",
@@ -44,6 +49,7 @@ _EXPORTS = {
     "Model": "headstart.model",
     "Prediction": "headstart.model",
     "HeadClassifier": "headstart.classifier",
+    "Triage": "headstart.triage",
     "HeadstartError": "headstart.errors",
 }
 __all__ = ["__version__", *_EXPORTS]

@@ -21,6 +21,7 @@ from PIL import ImageOps
 from headstart.augment import AugmentConfig
 from headstart.augment import augment as augment_image
 from headstart.backbones import Backbone, BackboneInfo, at_layer, create_backbone, imagenet_class_names, list_backbones
+from headstart.bundle import describe_bundle
 from headstart.cache import CachedExtraction, FeatureCache, extract_with_cache
 from headstart.classifier import HeadClassifier
 from headstart.config import Progress, default_cache_dir
@@ -37,9 +38,11 @@ from headstart.model import EvaluationResult, Model, PathLike, Prediction, Predi
 from headstart.report import build_report, feature_map_grid, image_grid, save_figure
 from headstart.strategy import EARLIER_LAYER, ProbeData, choose, imagenet_confidence, probe_loss
 from headstart.transforms import preprocess, resize_and_crop
+from headstart.triage import Triage, triage
 
 __all__ = [
     "activations",
+    "check",
     "augment_preview",
     "backbones",
     "demo",
@@ -135,6 +138,7 @@ def train(
     augment_config = augment if isinstance(augment, AugmentConfig) else AugmentConfig.preset(augment)
     tune = FinetuneConfig(unfreeze=unfreeze, epochs=epochs, augment=augment_config, seed=seed, batch_size=batch_size)
     dataset = load_dataset(data, val_split=val_split, seed=seed)
+    warnings = [f for f in triage(data, val_split, seed, decode=False).findings if f.action == "warning"]
     if strategy in ("finetune", "auto") and not dataset.val:
         raise ConfigError(f"Strategy '{strategy}' needs validation images; use a val_split above 0.")
     net = create_backbone(backbone, weights, layer)
@@ -167,6 +171,7 @@ def train(
         "n_train": {c: sum(r.label == c for r in dataset.train) for c in dataset.classes},
         "n_val": {c: sum(r.label == c for r in dataset.val) for c in dataset.classes},
         "skipped": [{"path": str(s.path), "reason": s.reason} for s in dataset.skipped],
+        "warnings": [{"path": str(f.path), "problem": f.problem, "detail": f.detail, "fix": f.fix} for f in warnings],
         "val_images": [[str(r.path.resolve()), r.label] for r in dataset.val],
         "n_extracted": frozen.n_extracted,
         "n_cached": frozen.n_cached,
@@ -262,6 +267,16 @@ def _finetune(
     result = finetune(net, clf, dataset.train, dataset.val, config, checkpoint, resume, progress, on_best=save_best)
     summary.update(record(result))
     return result.backbone, result.head
+
+
+def check(data: PathLike, val_split: float = 0.2, seed: int = 0, progress: Progress | None = None) -> Triage:
+    """Every problem in a dataset with its fix: what `train` would skip, convert, or warn about, and whether it can train."""
+    return triage(data, val_split, seed, decode=True, progress=progress)
+
+
+def info(model: PathLike) -> dict[str, Any]:
+    """What a model folder holds, read from its JSON and the safetensors header; no weights are loaded."""
+    return describe_bundle(Path(model))
 
 
 def predict(model: PathLike | Model, images: Sequence[PathLike], top_k: int = 3, progress: Progress | None = None) -> Predictions:

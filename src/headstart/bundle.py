@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -80,6 +81,29 @@ def read_bundle(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
         kind = "a pickle" if _looks_pickled(data) else "not a safetensors file"
         raise BundleError(f"{path}: {kind}; refused. headstart loads weights only from safetensors (pickles can run code).") from None
     return config, tensors
+
+
+def describe_bundle(directory: Path) -> dict[str, Any]:
+    """A bundle's validated config, metrics, files and tensor shapes, read without loading any tensor data.
+
+    Raises:
+        BundleError: as `read_config`, or the weights file is missing or not safetensors.
+    """
+    config = read_config(directory)
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        raise BundleError(f"{path}: missing. The model folder is incomplete; re-save or retrain it.")
+    try:
+        with safe_open(path, framework="numpy") as f:
+            shapes = {key: list(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    except Exception:
+        raise BundleError(f"{path}: not a safetensors file; refused. Re-save or retrain the model.") from None
+    try:
+        metrics = json.loads((directory / METRICS_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        metrics = {}
+    files = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()}
+    return {"config": config, "metrics": metrics, "tensors": shapes, "files": files}
 
 
 def validate_config(config: Any, directory: Path) -> None:

@@ -70,6 +70,18 @@ class FeatureCache:
             atomic_write_bytes(self.directory / f"{uuid.uuid4().hex}.safetensors", save_safetensors(features))
 
 
+def _digests(paths: Sequence[Path]) -> tuple[dict[int, str], list[Skipped]]:
+    """The digest of each readable file by its index, and the files that cannot be read at all."""
+    digests: dict[int, str] = {}
+    unreadable: list[Skipped] = []
+    for i, path in enumerate(paths):
+        try:
+            digests[i] = file_digest(path)
+        except OSError as e:  # a vanished file, a symlink loop, no permission
+            unreadable.append(Skipped(path, e.strerror or str(e)))
+    return digests, unreadable
+
+
 @dataclass(frozen=True)
 class CachedExtraction(Extraction):
     """An `Extraction` that also says how many images ran through the backbone."""
@@ -94,11 +106,11 @@ def extract_with_cache(
     if cache is None:
         result = extract_features(make_engine(backbone), paths, batch_size, progress)
         return CachedExtraction(result.features, result.kept, result.skipped, len(result.kept), 0)
-    digests = [file_digest(p) for p in paths]
-    known = cache.load(digests)
-    n_cached = sum(d in known for d in digests)
-    missing = list(dict.fromkeys(d for d in digests if d not in known))
-    first_path = {d: p for p, d in reversed(list(zip(paths, digests)))}
+    digests, unreadable = _digests(paths)
+    known = cache.load(digests.values())
+    n_cached = sum(d in known for d in digests.values())
+    missing = list(dict.fromkeys(d for d in digests.values() if d not in known))
+    first_path = {d: paths[i] for i, d in reversed(digests.items())}
     bad: dict[str, str] = {}
     n_extracted = 0
     engine: Engine | None = None
@@ -118,7 +130,7 @@ def extract_with_cache(
         n_extracted += len(new)
         digest_of = dict(zip(chunk_paths, chunk))
         bad.update({digest_of[s.path]: s.reason for s in result.skipped})
-    kept = [i for i, d in enumerate(digests) if d in known]
-    skipped = [Skipped(p, bad[d]) for p, d in zip(paths, digests) if d in bad]
+    kept = [i for i, d in digests.items() if d in known]
+    skipped = unreadable + [Skipped(paths[i], bad[d]) for i, d in digests.items() if d in bad]
     features = np.stack([known[digests[i]] for i in kept]) if kept else np.zeros((0, backbone.n_features), np.float32)
     return CachedExtraction(features, np.asarray(kept, dtype=np.int64), skipped, n_extracted, n_cached)

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
+import threading
+import warnings
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +20,10 @@ from headstart.errors import ConfigError, DataError, UnreadableImageError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 VAL_FOLDER_NAMES = ("val", "validation")
+MAX_PIXELS = 89_478_485  # Pillow's decompression-bomb threshold (a 0.25 GB RGB image); larger files are refused
+MIN_SIDE = 16  # images smaller than this on either side (icons, tracking pixels) are refused
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # load_image refuses such files itself, with a clear reason
+DECODE_SECONDS = 20.0  # a file that takes longer to decode is refused (crafted files can make decoders crawl)
 
 
 @dataclass(frozen=True)
@@ -66,27 +75,31 @@ def load_dataset(source: str | os.PathLike[str], val_split: float = 0.2, seed: i
         DataError: the source is missing, has no images, or a class has too few.
     """
     root = Path(source).expanduser()
-    if not root.exists():
-        raise DataError(f"{root}: no such file or folder. Give a folder with one sub-folder per class, or a CSV of path,label.")
     if not 0.0 <= val_split < 1.0:
         raise ConfigError(f"val_split must be in [0, 1), got {val_split}.")
-    if root.is_file():
-        records, skipped = read_csv(root)
-        train, val = split_records(records, val_split, seed)
-    else:
-        val_dir = next((root / n for n in VAL_FOLDER_NAMES if (root / n).is_dir()), None)
-        if (root / "train").is_dir() and val_dir is not None:
-            train, skipped = scan_folder(root / "train")
-            val, skipped_val = scan_folder(val_dir)
-            skipped += skipped_val
-        else:
-            records, skipped = scan_folder(root)
-            train, val = split_records(records, val_split, seed)
+    records, val, skipped = read_source(root)
+    train, val = (records, val) if val is not None else split_records(records, val_split, seed)
     classes = sorted({r.label for r in train})
     if not classes:
         raise DataError(f"{root}: found no images. Put each class's images in its own sub-folder (e.g. {root}/cats/*.jpg).")
     check_class_counts(train, val, classes, min_val=1 if val_split > 0 else 0)
     return Dataset(train=train, val=val, classes=classes, skipped=skipped)
+
+
+def read_source(root: Path) -> tuple[list[ImageRecord], list[ImageRecord] | None, list[Skipped]]:
+    """The labelled images of a CSV or folder tree, its own validation split if it has one (else None), and the files left out."""
+    if not root.exists():
+        raise DataError(f"{root}: no such file or folder. Give a folder with one sub-folder per class, or a CSV of path,label.")
+    if root.is_file():
+        records, skipped = read_csv(root)
+        return records, None, skipped
+    val_dir = next((root / n for n in VAL_FOLDER_NAMES if (root / n).is_dir()), None)
+    if (root / "train").is_dir() and val_dir is not None:
+        train, skipped = scan_folder(root / "train")
+        val, skipped_val = scan_folder(val_dir)
+        return train, val, skipped + skipped_val
+    records, skipped = scan_folder(root)
+    return records, None, skipped
 
 
 def check_class_counts(train: list[ImageRecord], val: list[ImageRecord], classes: list[str], min_val: int) -> None:
@@ -202,16 +215,44 @@ def load_image(path: Path, min_size: int | None = None) -> Image.Image:
         UnreadableImageError: the file is not a decodable image (the reason says why).
     """
     try:
-        with Image.open(path) as opened:
+        with _time_limit(DECODE_SECONDS), Image.open(path) as opened:
+            width, height = opened.size
+            if width * height > MAX_PIXELS:
+                raise UnreadableImageError(path, f"decompression bomb: {width}x{height} pixels, more than the {MAX_PIXELS:,} allowed")
+            if min(width, height) < MIN_SIDE:
+                raise UnreadableImageError(path, f"too small: {width}x{height} pixels, less than {MIN_SIDE} on a side")
             if min_size:
                 opened.draft(None, (min_size, min_size))
             opened.load()
             return _to_rgb(ImageOps.exif_transpose(opened))
+    except UnreadableImageError:
+        raise
+    except TimeoutError:
+        raise UnreadableImageError(path, f"decoding took longer than {DECODE_SECONDS:g} s") from None
     except Image.DecompressionBombError:
-        raise UnreadableImageError(path, "image too large (decompression bomb guard)") from None
+        raise UnreadableImageError(path, f"decompression bomb: more than {MAX_PIXELS:,} pixels") from None
     except Exception as e:  # Pillow raises many types for broken files
         reason = str(e).split(" '")[0] if "cannot identify image file" in str(e) else str(e)
         raise UnreadableImageError(path, reason or type(e).__name__) from None
+
+
+@contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Raise TimeoutError in this block after `seconds` (main thread on Unix only; elsewhere no limit)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -181,6 +181,41 @@ def _augment(preset: Augment, min_crop: float | None, **overrides: Any) -> Any:
 
 
 @app.command()
+def check(
+    ctx: typer.Context,
+    data: Annotated[Path, typer.Argument(help="Folder with one sub-folder per class (or train/ and val/), or a CSV of path,label.")],
+    out: Annotated[Path, typer.Option(help="CSV file listing each problem: path, problem, action, detail, fix.")] = Path(
+        "headstart-check.csv"
+    ),
+    val_split: Annotated[float, typer.Option(help="The validation fraction `train` would use.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="The split seed `train` would use.")] = 0,
+) -> None:
+    """Find every problem in a dataset before training; exit code 1 when training cannot proceed."""
+    from headstart import api
+    from headstart.cli import render
+
+    with handled(ctx), render.progress_bar() as progress:
+        result = api.check(data, val_split=val_split, seed=seed, progress=progress)
+        result.write_csv(out)
+    render.triage(result, out)
+    raise typer.Exit(0 if result.can_train else 1)
+
+
+@app.command()
+def info(
+    ctx: typer.Context,
+    model: Annotated[Path, typer.Argument(help="A model folder from `headstart train`.")],
+) -> None:
+    """Describe a model folder (backbone, classes, head, scores, files) without loading its weights."""
+    from headstart import api
+    from headstart.cli import render
+
+    with handled(ctx):
+        description = api.info(model)
+    render.info(model, description)
+
+
+@app.command()
 def predict(
     ctx: typer.Context,
     model: Annotated[Path, typer.Argument(help="A model folder from `headstart train`.")],

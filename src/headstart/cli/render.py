@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +18,7 @@ from headstart.config import Progress as ProgressCallback
 from headstart.data import Skipped
 from headstart.metrics import Evaluation
 from headstart.model import Model, Predictions
+from headstart.triage import PROBLEMS, Triage
 
 console = Console()
 err_console = Console(stderr=True)
@@ -58,6 +61,53 @@ def skipped(files: list[Skipped], out: Console | None = None, limit: int = 20) -
         out.print(f"  … and {len(files) - limit} more")
 
 
+def triage(result: Triage, listing: Path, out: Console | None = None) -> None:
+    out = out or console
+    table = Table(title=f"{result.n_images} images in {result.source}")
+    for name in ("problem", "what headstart does", "files", "fix"):
+        table.add_column(name, justify="right" if name == "files" else "left", overflow="fold")
+    for problem, action, count in result.counts():
+        colour = {"blocks training": "red", "skipped": "yellow", "warning": "yellow"}.get(action, "default")
+        table.add_row(problem, f"[{colour}]{action}[/]", str(count), PROBLEMS[problem].fix)
+    if result.findings:
+        out.print(table)
+    else:
+        out.print(f"No problems in {result.n_images} images.")
+    usable = ", ".join(f"{name} {n}" for name, n in result.usable.items())
+    out.print(f"Usable images per class: {usable or 'none'}.", highlight=False)
+    if result.findings:
+        out.print(f"Each problem with its file and fix: {listing}", highlight=False)
+    if result.can_train:
+        out.print("[green]Training can proceed[/] (unusable files are skipped).")
+    else:
+        blocking = next(f for f in result.findings if f.action == "blocks training")
+        out.print(f"[red]Training cannot proceed:[/] {blocking.problem}: {blocking.detail}", highlight=False)
+
+
+def info(directory: Path, description: dict[str, Any], out: Console | None = None) -> None:
+    out = out or console
+    config, metrics = description["config"], description["metrics"]
+    backbone = config["backbone"]
+    layer = f", stage {backbone['layer']}" if backbone.get("layer") is not None else ""
+    tuned = " (fine-tuned)" if backbone.get("finetuned_from") else ""
+    head = config["head"]
+    n_parameters = sum(math.prod(shape) for shape in description["tensors"].values())
+    lines = [
+        f"[bold]{directory}[/]: headstart model, format {config['format_version']}, saved by headstart {config.get('headstart_version', '?')}",
+        f"backbone: {backbone['name']}{layer}{tuned}, weights sha256 {backbone['weights_sha256'][:12]}…",
+        f"classes ({len(config['classes'])}): {', '.join(config['classes'])}",
+        f"head: {head.get('head')}"
+        + (f", hidden {head.get('hidden')}, dropout {head.get('dropout')}" if head.get("head") == "mlp" else ""),
+        f"input: {config['data_config']['input_size']} px (resize {config['data_config']['resize_size']}, {config['data_config']['interpolation']})",
+        f"tensors: {len(description['tensors'])}, {n_parameters:,} values",
+    ]
+    if "accuracy" in metrics:
+        lines.append(f"validation accuracy {metrics['accuracy']:.3f} on {metrics.get('n_images', '?')} images")
+    lines.append("files: " + ", ".join(f"{name} ({size:,} B)" for name, size in description["files"].items()))
+    for line in lines:
+        out.print(line, highlight=False)
+
+
 def training(model: Model, saved_to: Path, out: Console | None = None) -> None:
     out = out or console
     s = model.summary
@@ -82,6 +132,10 @@ def training(model: Model, saved_to: Path, out: Console | None = None) -> None:
         )
     out.print(f"Took {s['seconds']:.1f} s.")
     skipped([Skipped(Path(d["path"]), d["reason"]) for d in s["skipped"]], out)
+    if s.get("warnings"):
+        counts = Counter(w["problem"] for w in s["warnings"])
+        listed = ", ".join(f"{problem} ({n})" for problem, n in counts.items())
+        out.print(f"[yellow]Warnings:[/] {listed}. `headstart check {s['data']}` lists each with its fix.", highlight=False)
     if "validation" in s:
         v = s["validation"]
         out.print(f"Validation accuracy [bold]{v['accuracy']:.3f}[/] on {v['n_images']} images.")
