@@ -69,3 +69,26 @@ def test_debug_shows_the_exception(tmp_path: Path) -> None:
 def test_missing_model_folder(args: list[str]) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 1 and "not a headstart model" in result.output
+
+
+def test_a_full_disk_is_one_line_and_the_saved_model_survives(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+    import shutil
+
+    out = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def full_disk(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("headstart.files.os.fsync", full_disk)
+    result = CliRunner().invoke(app, ["train", str(CATS_DOGS_TINY), "--out", str(out), "--no-report"])
+    assert result.exit_code == 1
+    lines = [line for line in result.output.strip().splitlines() if "no space left" in line]
+    assert len(lines) == 1 and lines[0].startswith("Error: /") and "--cache-dir" in lines[0], result.output  # names the file
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # the old model is intact
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]

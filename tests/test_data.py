@@ -64,21 +64,21 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("mode", ["L", "P", "CMYK", "RGBA", "LA", "I;16", "1"])
 def test_every_pixel_mode_becomes_rgb(tmp_path: Path, mode: str) -> None:
-    base = Image.new("RGB", (16, 12), (200, 100, 50))
-    image = base.convert(mode) if mode != "I;16" else Image.fromarray(np.full((12, 16), 40000, np.uint16))
+    base = Image.new("RGB", (32, 24), (200, 100, 50))
+    image = base.convert(mode) if mode != "I;16" else Image.fromarray(np.full((24, 32), 40000, np.uint16))
     path = tmp_path / ("x.tif" if mode in ("CMYK", "I;16") else "x.png")
     image.save(path)
     decoded = load_image(path)
-    assert decoded.mode == "RGB" and decoded.size == (16, 12)
+    assert decoded.mode == "RGB" and decoded.size == (32, 24)
 
 
 def test_transparent_pixels_become_white(tmp_path: Path) -> None:
-    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    Image.new("RGBA", (16, 16), (0, 0, 0, 0)).save(tmp_path / "clear.png")
     assert load_image(tmp_path / "clear.png").getpixel((0, 0)) == (255, 255, 255)
 
 
 def test_animated_gif_uses_first_frame(tmp_path: Path) -> None:
-    frames = [Image.new("RGB", (10, 10), c) for c in [(255, 0, 0), (0, 0, 255)]]
+    frames = [Image.new("RGB", (20, 20), c) for c in [(255, 0, 0), (0, 0, 255)]]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
     r, g, b = load_image(tmp_path / "anim.gif").getpixel((5, 5))
     assert r > 200 and b < 50
@@ -140,6 +140,6 @@ def test_split_records_without_validation_keeps_everything(tmp_path: Path) -> No
 
 def test_png_bytes_in_memory_roundtrip(tmp_path: Path) -> None:
     buffer = io.BytesIO()
-    Image.new("P", (4, 4)).save(buffer, "PNG", transparency=0)
+    Image.new("P", (16, 16)).save(buffer, "PNG", transparency=0)
     (tmp_path / "p.png").write_bytes(buffer.getvalue())
     assert load_image(tmp_path / "p.png").getpixel((0, 0)) == (255, 255, 255)

@@ -1,13 +1,16 @@
-"""kill -9 at random points of feature extraction and of training: the rerun completes, equals an uninterrupted run, and never reads a half-written file."""
+"""kill -9 at random points of feature extraction and of fine-tuning: the rerun completes, equals an uninterrupted run, and no half-written file is ever left to be read."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,34 +18,39 @@ import pytest
 from safetensors import safe_open
 
 import headstart
-from conftest import SHARED
+from conftest import FLOWERS_TINY, SHARED
 
-TRIALS = 3
-# Extraction in a child process, with small cache shards so a kill lands between shard writes.
-EXTRACT = """
+# Training in a child process, with small cache shards so that kills land between shard writes too.
+TRAIN = """
 import sys
 import headstart, headstart.cache
-headstart.cache.SHARD_SIZE = 16
+headstart.cache.SHARD_SIZE = 32
 headstart.train(sys.argv[1], cache_dir=sys.argv[2], out=sys.argv[3], write_report=False)
 """
 
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """160 flower photos, 32 per class."""
+    """320 flower photos, 64 per class."""
     root = tmp_path_factory.mktemp("kill") / "flowers"
     for folder in sorted((SHARED / "datasets" / "flowers").iterdir()):
         (root / folder.name).mkdir(parents=True)
-        for path in sorted(folder.iterdir())[:32]:
+        for path in sorted(folder.iterdir())[:64]:
             shutil.copy(path, root / folder.name / path.name)
     return root
 
 
-def _run_and_kill(command: list[str], delay: float) -> bool:
-    """Start `command`, SIGKILL it after `delay` seconds; True if it was still running when killed."""
+def _kill_when(command: list[str], ready: Callable[[], bool], jitter: float) -> bool:
+    """Run `command`, SIGKILL it `jitter` seconds after `ready()` first holds; True if it was still running then.
+
+    Kills are tied to the run's progress rather than to wall time, so they land
+    mid-run however fast or slow the machine is.
+    """
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while process.poll() is None and not ready():
+        time.sleep(0.01)
     try:
-        process.wait(timeout=delay)
+        process.wait(timeout=jitter)
         return False
     except subprocess.TimeoutExpired:
         os.kill(process.pid, signal.SIGKILL)
@@ -50,52 +58,71 @@ def _run_and_kill(command: list[str], delay: float) -> bool:
         return True
 
 
-def _assert_no_half_files(*folders: Path) -> None:
-    """Every safetensors and JSON file is complete (temporary files may remain; they are never read)."""
+def _written(folder: Path, pattern: str, at_least: int = 1) -> Callable[[], bool]:
+    """Whether `folder` holds at least `at_least` files matching `pattern`."""
+    return lambda: folder.exists() and sum(1 for _ in folder.rglob(pattern)) >= at_least
+
+
+def _assert_every_file_complete(*folders: Path) -> None:
+    """Every safetensors and JSON file parses in full (temporary files are never read by headstart)."""
     for folder in folders:
         for path in folder.rglob("*.safetensors"):
             with safe_open(path, framework="numpy") as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                     f.get_tensor(key)
         for path in folder.rglob("*.json"):
-            import json
-
             json.loads(path.read_text())
 
 
 def test_extraction_killed_at_random_points_resumes_to_the_same_model(photos: Path, tmp_path: Path) -> None:
-    reference = headstart.train(photos, cache_dir=tmp_path / "reference-cache")
+    reference_out = tmp_path / "reference"
+    subprocess.run(
+        [sys.executable, "-c", TRAIN, str(photos), str(tmp_path / "reference-cache"), str(reference_out)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    reference = headstart.load(reference_out)
     rng = random.Random(5)
-    cache, out = tmp_path / "cache", tmp_path / "model"
-    killed = 0
-    for _ in range(TRIALS):
-        killed += _run_and_kill([sys.executable, "-c", EXTRACT, str(photos), str(cache), str(out)], rng.uniform(4.0, 9.0))
-        _assert_no_half_files(cache, out)
-        if (out / "bundle.json").exists():
-            headstart.load(out)
-    assert killed >= 2, "the kills should land while the run is going"
-    subprocess.run([sys.executable, "-c", EXTRACT, str(photos), str(cache), str(out)], check=True)
-    model = headstart.load(out)
-    assert model.summary["n_extracted"] + model.summary["n_cached"] == 160
-    paths = sorted(photos.rglob("*.jpg"))[::8]
-    np.testing.assert_allclose(model.predict_proba(paths), reference.predict_proba(paths), atol=1e-4)
+    paths = sorted(photos.rglob("*.jpg"))[::16]
+    # 320 images in shards of 32: kill early, midway and late in extraction, at a random moment after the k-th shard.
+    for trial, shards in enumerate([rng.randint(1, 3), rng.randint(4, 6), rng.randint(7, 8)]):
+        cache, out = tmp_path / f"cache{trial}", tmp_path / f"model{trial}"
+        command = [sys.executable, "-c", TRAIN, str(photos), str(cache), str(out)]
+        ready = _written(cache, "*.safetensors", at_least=shards)
+        assert _kill_when(command, ready, rng.uniform(0, 0.2)), "the kill should land while the run is going"
+        _assert_every_file_complete(cache, out)
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        model = headstart.load(out)
+        assert model.summary["n_cached"] >= shards * 32
+        assert model.summary["n_extracted"] + model.summary["n_cached"] == 320
+        np.testing.assert_allclose(model.predict_proba(paths), reference.predict_proba(paths), atol=1e-4)
 
 
-def test_finetuning_killed_at_random_points_resumes_to_completion(photos: Path, tmp_path: Path) -> None:
-    out = tmp_path / "tuned"
-    command = [sys.executable, "-m", "headstart.cli.main", "train", str(photos), "--strategy", "finetune", "--epochs", "2",
-               "--unfreeze", "1", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-report"]  # fmt: skip
+def test_finetuning_killed_at_random_points_resumes_to_the_same_model(tmp_path: Path) -> None:
+    def command(out: Path, cache: Path) -> list[str]:
+        return [sys.executable, "-m", "headstart.cli.main", "train", str(FLOWERS_TINY), "--strategy", "finetune", "--epochs", "2",
+                "--unfreeze", "1", "--out", str(out), "--cache-dir", str(cache), "--no-report"]  # fmt: skip
+
+    subprocess.run(command(tmp_path / "reference", tmp_path / "reference-cache"), check=True, stdout=subprocess.DEVNULL)
+    reference = headstart.load(tmp_path / "reference")
     rng = random.Random(7)
-    killed = 0
-    for _ in range(TRIALS):
-        if (out / ".checkpoint").exists() or not (out / "bundle.json").exists():
-            killed += _run_and_kill([*command, "--resume"] if (out / ".checkpoint").exists() else command, rng.uniform(8.0, 20.0))
-        _assert_no_half_files(out, tmp_path / "cache")
+    paths = sorted(FLOWERS_TINY.rglob("*.jpg"))[::4]
+    # Kill while starting up, after the features are cached (head phase), and after the first fine-tuning checkpoint.
+    for trial, stage in enumerate(["start", "features", "checkpoint"]):
+        out, cache = tmp_path / f"tuned{trial}", tmp_path / f"cache{trial}"
+        ready = {
+            "start": lambda: True,
+            "features": _written(cache, "*.safetensors"),
+            "checkpoint": _written(out / ".checkpoint", "checkpoint.json"),
+        }[stage]
+        jitter = rng.uniform(1, 3) if stage == "start" else rng.uniform(0, 0.5)
+        assert _kill_when(command(out, cache), ready, jitter), f"the kill at stage {stage!r} should land while the run is going"
+        _assert_every_file_complete(out, cache)
         if (out / "bundle.json").exists():
-            headstart.load(out)  # whatever was saved before the kill loads
-    assert killed >= 2
-    resume = ["--resume"] if (out / ".checkpoint").exists() else []
-    subprocess.run([*command, *resume], check=True, stdout=subprocess.DEVNULL)
-    model = headstart.load(out)
-    assert [r["phase"] for r in model.summary["history"]].count("finetune") == 2
-    assert not (out / ".checkpoint").exists()
+            headstart.load(out)  # the best-so-far model saved before the kill loads
+        resume = ["--resume"] if (out / ".checkpoint" / "checkpoint.json").exists() else []
+        subprocess.run([*command(out, cache), *resume], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        model = headstart.load(out)
+        assert [r["phase"] for r in model.summary["history"]].count("finetune") == 2
+        assert not (out / ".checkpoint").exists()
+        np.testing.assert_allclose(model.predict_proba(paths), reference.predict_proba(paths), atol=1e-4)

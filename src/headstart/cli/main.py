@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
@@ -58,9 +59,27 @@ def handled(ctx: typer.Context) -> Iterator[None]:
             raise
         render.error(str(e))
         raise typer.Exit(1) from None
+    except OSError as e:
+        if ctx.obj and ctx.obj.get("debug"):
+            raise
+        render.error(_os_error_line(e))
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         render.error("Interrupted. Files already written are complete; to continue a fine-tuning run, repeat the command with --resume.")
         raise typer.Exit(130) from None
+
+
+def _os_error_line(e: OSError) -> str:
+    """One line naming the file and the fix for an operating-system error (full disk, permissions, ...)."""
+    where = f"{e.filename}: " if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"{where}no space left on the device. Free some space, or write elsewhere (--out, --cache-dir or "
+            "HEADSTART_CACHE_DIR), and run again; files already written are complete."
+        )
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{where}permission denied. Choose a folder you can write to, or fix the permissions, and run again."
+    return f"{where}{e.strerror or e}. Run with --debug for the traceback."
 
 
 @app.command()
