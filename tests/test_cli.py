@@ -60,6 +60,26 @@ def test_errors_are_one_line_with_exit_code_1(tmp_path: Path) -> None:
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize(
+    ("args", "cause"),
+    [
+        (["train", "{tmp}/empty"], "found no images"),
+        (["train", str(CATS_DOGS_TINY), "--backbone", "efficientnet_lite9"], "Unknown backbone"),
+        (["predict", "{tmp}/bad-model", str(PHOTOS / "sk_coffee.png")], "bundle.json: not valid JSON"),
+        (["info", "{tmp}/bad-model"], "bundle.json: not valid JSON"),
+        (["check", "{tmp}/nowhere"], "no such file or folder"),
+    ],
+)
+def test_each_failure_is_one_line_naming_the_cause(tmp_path: Path, args: list[str], cause: str) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad-model").mkdir()
+    (tmp_path / "bad-model" / "bundle.json").write_text("{not json")
+    result = runner.invoke(app, [a.replace("{tmp}", str(tmp_path)) for a in args])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert lines[0].startswith("Error: ") and cause in lines[0]
+
+
 def test_debug_shows_the_exception(tmp_path: Path) -> None:
     result = runner.invoke(app, ["--debug", "train", str(tmp_path / "missing")])
     assert isinstance(result.exception, DataError)

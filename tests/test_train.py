@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import headstart
+import headstart.cache
 from conftest import CATS_DOGS_TINY, FLOWERS_TINY
 from headstart.data import IMAGE_EXTENSIONS
 from headstart.engine import OnnxEngine, TorchEngine
@@ -78,6 +79,22 @@ def test_only_new_files_are_extracted(tmp_path: Path, forward_counter: list[int]
     model = headstart.train(data, cache_dir=tmp_path / "cache")
     assert forward_counter[0] == 1  # the two copies of one rose share a content hash; the cat is new
     assert model.summary["n_cached"] == 42
+
+
+def test_a_damaged_cache_shard_is_discarded_and_only_its_images_re_extracted(
+    tmp_path: Path, forward_counter: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(headstart.cache, "SHARD_SIZE", 8)
+    first = headstart.train(FLOWERS_TINY, cache_dir=tmp_path)
+    shards = sorted((tmp_path / "features").rglob("*.safetensors"))
+    assert len(shards) == 5
+    shards[2].write_bytes(shards[2].read_bytes()[:100])  # as if cut off mid-write by something other than headstart
+    forward_counter[0] = 0
+    second = headstart.train(FLOWERS_TINY, cache_dir=tmp_path)
+    assert forward_counter[0] == 8 == second.summary["n_extracted"]
+    assert not shards[2].exists()
+    paths, _ = val_images()
+    np.testing.assert_allclose(second.predict_proba(paths), first.predict_proba(paths), atol=1e-5)
 
 
 def test_training_is_reproducible(tmp_path: Path) -> None:

@@ -26,15 +26,17 @@ err_console = Console(stderr=True)
 
 @contextmanager
 def progress_bar(out: Console | None = None) -> Iterator[ProgressCallback]:
-    """A progress callback drawing one bar per description, on stderr."""
+    """A progress callback drawing one bar per description, on stderr when it is a terminal."""
+    out = out or err_console
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
         TextColumn("{task.fields[status]}"),
-        console=out or err_console,
+        console=out,
         transient=True,
+        disable=not out.is_terminal,  # piped or logged: no bar, and no stray blank line
     ) as bar:
         tasks: dict[str, Any] = {}
 
