@@ -11,7 +11,7 @@ from PIL import Image
 
 import headstart
 from conftest import CATS_DOGS_TINY, FLOWERS_TINY, ODD_FILES, write_image
-from headstart.data import load_dataset, load_image, split_records
+from headstart.data import load_dataset, load_image, scan_folder, split_records
 from headstart.errors import ConfigError, DataError, UnreadableImageError
 
 
@@ -70,6 +70,13 @@ def test_every_pixel_mode_becomes_rgb(tmp_path: Path, mode: str) -> None:
     image.save(path)
     decoded = load_image(path)
     assert decoded.mode == "RGB" and decoded.size == (32, 24)
+
+
+def test_avif_photos_are_found_and_read(tmp_path: Path) -> None:
+    (tmp_path / "cats").mkdir()
+    Image.new("RGB", (40, 30), (200, 100, 50)).save(tmp_path / "cats" / "phone.avif")
+    [record], skipped = scan_folder(tmp_path)
+    assert not skipped and load_image(record.path).size == (40, 30)
 
 
 def test_transparent_pixels_become_white(tmp_path: Path) -> None:

@@ -68,6 +68,12 @@ def test_second_run_on_same_data_does_no_backbone_forward_pass(tmp_path: Path, f
     assert second.summary["n_extracted"] == 0 and second.summary["n_cached"] == 40
 
 
+def test_the_report_reuses_the_validation_features(tmp_path: Path, forward_counter: list[int]) -> None:
+    model = headstart.train(FLOWERS_TINY, cache_dir=tmp_path / "cache", out=tmp_path / "model")
+    assert (tmp_path / "model" / "report.html").is_file()
+    assert forward_counter[0] == 40 == model.summary["n_extracted"]  # each image once, none again for the report
+
+
 def test_only_new_files_are_extracted(tmp_path: Path, forward_counter: list[int]) -> None:
     data = tmp_path / "data"
     shutil.copytree(FLOWERS_TINY, data)

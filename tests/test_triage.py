@@ -58,6 +58,7 @@ def make_bad_corpus(root: Path) -> dict[str, str]:
     write_image(bad("train/dogs/.thumbnail.png", "hidden file"), (1, 2, 3))
     bad("train/fish", "empty class folder").mkdir()
     bad("train/cats/readme.txt", "not an image extension").write_text("photos of cats\n")
+    bad("train/dogs/IMG_0001.HEIC", "HEIC photo").write_bytes(b"\0\0\0\x18ftypheic\0\0\0\0mif1heic")
     write_image(bad("train/stray.png", "outside class folders"), (9, 9, 9))
     shutil.copy(root / "train/dogs/train_dogs_0.png", bad("train/dogs/train_dogs_0_copy.png", "duplicate"))
     shutil.copy(root / "train/cats/train_cats_0.png", bad("val/cats/leaked.png", "train/val leak"))

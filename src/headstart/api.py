@@ -191,7 +191,9 @@ def train(
         model.save(out)
         shutil.rmtree(Path(out) / CHECKPOINT_DIR, ignore_errors=True)
         if write_report and dataset.val:
-            build_report(model, dataset.val, Path(out) / REPORT_NAME)
+            finetuned = net.finetuned_from is not None
+            scores = model.score(dataset.val, progress, features=None if finetuned else frozen.features.X_val)
+            build_report(model, scores, Path(out) / REPORT_NAME)
     return model
 
 
@@ -363,7 +365,8 @@ def report(model: PathLike, data: PathLike | None = None, out: PathLike | None =
         records = [ImageRecord(Path(p), label) for p, label in loaded.summary.get("val_images", [])]
         if not records:
             raise ConfigError(f"{model}: no validation images are recorded; give labelled images: headstart report {model} DATA.")
-    return build_report(loaded, records, Path(out) if out is not None else Path(model) / REPORT_NAME)
+    scores = loaded.score([r for r in records if r.label in loaded.classes])
+    return build_report(loaded, scores, Path(out) if out is not None else Path(model) / REPORT_NAME)
 
 
 def explain(

@@ -18,7 +18,8 @@ from PIL import Image, ImageOps
 
 from headstart.errors import ConfigError, DataError, UnreadableImageError
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".avif", ".tif", ".tiff", ".ppm", ".pgm"})
+HEIC_EXTENSIONS = frozenset({".heic", ".heif"})  # iPhone photos; Pillow cannot read them
 VAL_FOLDER_NAMES = ("val", "validation")
 MAX_PIXELS = 89_478_485  # Pillow's decompression-bomb threshold (a 0.25 GB RGB image); larger files are refused
 MIN_SIDE = 16  # images smaller than this on either side (icons, tracking pixels) are refused
@@ -138,6 +139,8 @@ def scan_folder(root: Path) -> tuple[list[ImageRecord], list[Skipped]]:
                 path = Path(dirpath) / name
                 if path.suffix.lower() in IMAGE_EXTENSIONS:
                     records.append(ImageRecord(path, entry.name))
+                elif path.suffix.lower() in HEIC_EXTENSIONS:
+                    skipped.append(Skipped(path, "HEIC photo, which headstart cannot read"))
                 else:
                     skipped.append(Skipped(path, f"not an image file (extension '{path.suffix}')"))
     return records, skipped

@@ -155,13 +155,20 @@ class Model:
         scores = self.score(records, progress)
         return EvaluationResult(scores.evaluation, dataset.skipped + scores.skipped)
 
-    def score(self, records: Sequence[ImageRecord], progress: Progress | None = None) -> Scores:
-        """Class probabilities and an evaluation for labelled images; labels must be among `classes`."""
-        extraction = extract_features(self.engine, [r.path for r in records], progress=progress)
-        kept = [records[i] for i in extraction.kept]
+    def score(
+        self, records: Sequence[ImageRecord], progress: Progress | None = None, features: NDArray[np.float32] | None = None
+    ) -> Scores:
+        """Class probabilities and an evaluation for labelled images; labels must be among `classes`.
+
+        `features`, the backbone's features of `records` when already at hand, spares running the backbone again.
+        """
+        kept, skipped = list(records), []
+        if features is None:
+            extraction = extract_features(self.engine, [r.path for r in records], progress=progress)
+            kept, features, skipped = [records[i] for i in extraction.kept], extraction.features, extraction.skipped
         y_true = np.asarray([self.classes.index(r.label) for r in kept], dtype=np.int64)
-        proba = self.head.predict_proba(extraction.features)
-        return Scores(kept, y_true, proba, evaluate_probabilities(y_true, proba, self.classes), extraction.skipped)
+        proba = self.head.predict_proba(features)
+        return Scores(kept, y_true, proba, evaluate_probabilities(y_true, proba, self.classes), skipped)
 
     def save(self, directory: PathLike) -> Path:
         """Write the model as a bundle folder (safetensors + JSON). Returns the folder.

@@ -19,10 +19,10 @@ import torch
 from numpy.typing import NDArray
 from PIL import Image
 
-from headstart.data import ImageRecord, load_image
+from headstart.data import load_image
 from headstart.files import atomic_write_bytes
 from headstart.metrics import Evaluation
-from headstart.model import Model
+from headstart.model import Model, Scores
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -194,10 +194,8 @@ def write_report(path: Path, title: str, sections: Sequence[Section]) -> Path:
     return atomic_write_bytes(path, render_html(title, sections).encode())
 
 
-def build_report(
-    model: Model, records: Sequence[ImageRecord], out: Path, n_grid: int = 16, n_top: int = 8, n_cam: int = 3, seed: int = 0
-) -> Path:
-    """Write `report.html` for `model`, scored on labelled `records` (usually its validation split).
+def build_report(model: Model, scores: Scores, out: Path, n_grid: int = 16, n_top: int = 8, n_cam: int = 3, seed: int = 0) -> Path:
+    """Write `report.html` for `model` from its `scores` on labelled images (usually its validation split).
 
     Returns the path written.
     """
@@ -205,7 +203,6 @@ def build_report(
     from headstart.transforms import preprocess, resize_and_crop
 
     s = model.summary
-    scores = model.score([r for r in records if r.label in model.classes])
     kept, y_true, proba, evaluation = scores.records, scores.y_true, scores.proba, scores.evaluation
     y_pred = proba.argmax(1) if len(kept) else np.zeros(0, np.int64)
     losses = -np.log(np.clip(proba[np.arange(len(kept)), y_true], 1e-12, 1)) if len(kept) else np.zeros(0)

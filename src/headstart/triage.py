@@ -45,6 +45,7 @@ PROBLEMS: dict[str, Problem] = {
     "too small": Problem("skipped", f"Use images at least {MIN_SIDE} px on each side, or remove it."),
     "broken link": Problem("skipped", "Point the symbolic link at an existing file (or break the loop), or remove it."),
     "missing file": Problem("skipped", "Fix the path in the CSV, or remove the row."),
+    "HEIC photo": Problem("skipped", "Convert it to JPEG (macOS: sips -s format jpeg; Linux: heif-convert), or remove it."),
     "outside class folders": Problem("ignored", "Move the image into its class's sub-folder."),
     "not an image extension": Problem("ignored", "Nothing to do; rename it with an image extension if it is a photo."),
     "hidden file": Problem("ignored", "Nothing to do; un-hide it if it is a photo you meant to include."),
@@ -147,6 +148,8 @@ def triage(
 def _from_skipped(s: Skipped) -> Finding:
     if "not found" in s.reason:
         return Finding(s.path, "missing file", s.reason)
+    if s.reason.startswith("HEIC"):
+        return Finding(s.path, "HEIC photo", s.reason)
     if "not inside a class folder" in s.reason:
         return Finding(s.path, "outside class folders", s.reason)
     return Finding(s.path, "not an image extension", s.reason)
