@@ -21,6 +21,7 @@ from pathlib import Path
 from _common import FLOWERS, HEADSTART, publish, table
 
 import headstart
+import headstart.cache
 from headstart.backbones import create_backbone
 from headstart.engine import create_engine
 
@@ -35,6 +36,7 @@ def main() -> None:
         create_engine(create_backbone("efficientnet_lite0"), "onnx", cache)
         seconds = []
         for _ in range(2):
+            headstart.cache._remembered_sha256.cache_clear()  # every file hashed again: only the feature cache helps
             started = time.perf_counter()
             model = headstart.train(args.data, cache_dir=cache)
             seconds.append(time.perf_counter() - started)

@@ -38,7 +38,7 @@ from headstart.model import EvaluationResult, Model, PathLike, Prediction, Predi
 from headstart.report import build_report, feature_map_grid, image_grid, save_figure
 from headstart.strategy import EARLIER_LAYER, ProbeData, choose, imagenet_confidence, probe_loss
 from headstart.transforms import preprocess, resize_and_crop
-from headstart.triage import Triage, triage
+from headstart.triage import Triage, dataset_warnings, triage
 
 __all__ = [
     "activations",
@@ -138,7 +138,7 @@ def train(
     augment_config = augment if isinstance(augment, AugmentConfig) else AugmentConfig.preset(augment)
     tune = FinetuneConfig(unfreeze=unfreeze, epochs=epochs, augment=augment_config, seed=seed, batch_size=batch_size)
     dataset = load_dataset(data, val_split=val_split, seed=seed)
-    warnings = [f for f in triage(data, val_split, seed, decode=False).findings if f.action == "warning"]
+    warnings = dataset_warnings(data, dataset)
     if strategy in ("finetune", "auto") and not dataset.val:
         raise ConfigError(f"Strategy '{strategy}' needs validation images; use a val_split above 0.")
     net = create_backbone(backbone, weights, layer)
@@ -273,7 +273,7 @@ def _finetune(
 
 def check(data: PathLike, val_split: float = 0.2, seed: int = 0, progress: Progress | None = None) -> Triage:
     """Every problem in a dataset with its fix: what `train` would skip, convert, or warn about, and whether it can train."""
-    return triage(data, val_split, seed, decode=True, progress=progress)
+    return triage(data, val_split, seed, progress=progress)
 
 
 def info(model: PathLike) -> dict[str, Any]:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +33,25 @@ SHARD_SIZE = 1024
 
 
 def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes, hex."""
+    """sha256 of a file's bytes, hex.
+
+    Remembered in this process while the file's size, times and inode stay the
+    same (so the data checks and the cache hash each file once), except for
+    files changed in the last two seconds: a second change within the file
+    system's clock granularity could leave all of those as they were.
+    """
+    stat = path.stat()
+    if time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) < 2_000_000_000:
+        return _sha256(path)
+    return _remembered_sha256(path, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+
+
+@lru_cache(maxsize=1 << 16)
+def _remembered_sha256(path: Path, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> str:
+    return _sha256(path)
+
+
+def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

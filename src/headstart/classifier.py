@@ -113,7 +113,11 @@ class HeadClassifier:
     def _fit(self, X: torch.Tensor, y: torch.Tensor, val: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         n_classes = len(self.classes_)
         head = build_head(self.head, X.shape[1], n_classes, self.hidden, self.dropout)
-        standardizer(head).fit(X)
+        standardize = standardizer(head).fit(X)
+        body = head[1:]  # trained on features standardised once, rather than again in every step
+        X = standardize(X)
+        if val is not None:
+            val = (standardize(val[0]), val[1])
         counts = torch.bincount(y, minlength=n_classes).float()
         weight = len(y) / (n_classes * counts) if self.class_weight == "balanced" else None
         loss_fn = nn.CrossEntropyLoss(weight=weight)
@@ -127,7 +131,7 @@ class HeadClassifier:
             correct = 0
             for batch in torch.split(torch.randperm(len(y), generator=generator), self.batch_size):
                 optimizer.zero_grad()
-                logits = head(X[batch])
+                logits = body(X[batch])
                 loss = loss_fn(logits, y[batch])
                 loss.backward()
                 optimizer.step()
@@ -137,7 +141,7 @@ class HeadClassifier:
             head.eval()
             if val is not None:
                 with torch.no_grad():
-                    logits = head(val[0])
+                    logits = body(val[0])
                     record["val_loss"] = float(nn.functional.cross_entropy(logits, val[1], weight=weight))
                     record["val_accuracy"] = float((logits.argmax(1) == val[1]).float().mean())
             self.history_.append(record)

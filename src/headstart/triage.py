@@ -17,7 +17,7 @@ from PIL import ExifTags, Image
 
 from headstart.cache import file_digest
 from headstart.config import Progress
-from headstart.data import MAX_PIXELS, MIN_SIDE, ImageRecord, Skipped, check_class_counts, load_image, read_source, split_records
+from headstart.data import MAX_PIXELS, MIN_SIDE, Dataset, ImageRecord, Skipped, check_class_counts, load_image, read_source, split_records
 from headstart.errors import DataError, UnreadableImageError
 from headstart.files import atomic_write_bytes
 from headstart.pipeline import available_cpus
@@ -113,15 +113,12 @@ class Triage:
         return atomic_write_bytes(path, buffer.getvalue().encode())
 
 
-def triage(
-    source: str | os.PathLike[str], val_split: float = 0.2, seed: int = 0, decode: bool = True, progress: Progress | None = None
-) -> Triage:
+def triage(source: str | os.PathLike[str], val_split: float = 0.2, seed: int = 0, progress: Progress | None = None) -> Triage:
     """Find every problem in a dataset: unusable files, files used after conversion, duplicates, leaks, imbalance.
 
     Args:
         source: a class-folder tree, a tree with train/ and val/, or a `path,label` CSV.
         val_split, seed: the split `train` would make (for the class-size and leak checks).
-        decode: decode every image fully (finds truncated files); False reads headers only.
 
     Raises:
         DataError: the source does not exist.
@@ -132,7 +129,7 @@ def triage(
     if root.is_dir():
         findings += _hidden_and_empty(root)
     all_records = records + (presplit_val or [])
-    findings += _inspect_all([r.path for r in all_records], decode, progress)
+    findings += _inspect_all([r.path for r in all_records], progress)
     unusable = {f.path for f in findings if f.action == "skipped"}
     usable_records = [r for r in records if r.path not in unusable]
     if presplit_val is None:
@@ -143,6 +140,19 @@ def triage(
     usable = dict(sorted(Counter(r.label for r in train + val).items()))
     findings += _class_findings(root, train, val, usable, min_val=1 if val_split > 0 or presplit_val else 0)
     return Triage(root, len(all_records), usable, sorted(findings, key=lambda f: (list(PROBLEMS).index(f.problem), str(f.path))))
+
+
+def dataset_warnings(source: str | os.PathLike[str], dataset: Dataset) -> list[Finding]:
+    """The problems of an already loaded dataset that training goes on with: duplicates, leaks, imbalance, empty class folders.
+
+    What would block training has raised in `load_dataset`; unreadable files are skipped during extraction.
+    """
+    root = Path(source).expanduser()
+    usable = dict(sorted(Counter(r.label for r in dataset.train + dataset.val).items()))
+    findings = _hidden_and_empty(root) if root.is_dir() else []
+    findings += _duplicates(dataset.train, dataset.val)
+    findings += _class_findings(root, dataset.train, dataset.val, usable, min_val=1 if dataset.val else 0)
+    return [f for f in findings if f.action == "warning"]
 
 
 def _from_skipped(s: Skipped) -> Finding:
@@ -174,15 +184,14 @@ def _hidden_and_empty(root: Path) -> list[Finding]:
     return findings
 
 
-def inspect_file(path: Path, decode: bool = True) -> list[tuple[str, str]]:
-    """The (problem, detail) pairs for one image file; empty when it is a plain RGB image."""
+def inspect_file(path: Path) -> list[tuple[str, str]]:
+    """The (problem, detail) pairs for one image file, decoded in full; empty when it is a plain RGB image."""
     if not path.exists():
         return [("broken link", "symbolic link to a missing file, or a loop")] if path.is_symlink() else [("missing file", "no such file")]
     if path.stat().st_size == 0:
         return [("empty file", "0 bytes")]
     try:
-        if decode:
-            load_image(path)
+        load_image(path)
         with Image.open(path) as image:
             notes = []
             frames = getattr(image, "n_frames", 1)
@@ -193,16 +202,10 @@ def inspect_file(path: Path, decode: bool = True) -> list[tuple[str, str]]:
             orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
             if orientation not in (0, 1):
                 notes.append(("rotated by EXIF", f"orientation {orientation}"))
-            if not decode:
-                width, height = image.size
-                if width * height > MAX_PIXELS:
-                    return [("decompression bomb", f"{width}x{height} pixels")]
-                if min(width, height) < MIN_SIDE:
-                    return [("too small", f"{width}x{height} pixels")]
             return notes
     except UnreadableImageError as e:
         return [(_problem_of(e.reason), e.reason)]
-    except Exception as e:  # header reading failed where decoding did not, or decode=False
+    except Exception as e:  # header reading failed where decoding did not
         return [(_problem_of(str(e)), str(e) or type(e).__name__)]
 
 
@@ -213,13 +216,11 @@ def _problem_of(reason: str) -> str:
     return "unreadable image"
 
 
-def _inspect_all(paths: Sequence[Path], decode: bool, progress: Progress | None) -> list[Finding]:
+def _inspect_all(paths: Sequence[Path], progress: Progress | None) -> list[Finding]:
     findings: list[Finding] = []
-    if not decode:  # headers only: fast enough in this process
-        return [Finding(p, problem, detail) for p in paths for problem, detail in inspect_file(p, decode=False)]
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     with ProcessPoolExecutor(max_workers=available_cpus(), mp_context=context) as pool:
-        for done, (path, notes) in enumerate(zip(paths, pool.map(inspect_file, paths, [decode] * len(paths), chunksize=16)), start=1):
+        for done, (path, notes) in enumerate(zip(paths, pool.map(inspect_file, paths, chunksize=16)), start=1):
             findings += [Finding(path, problem, detail) for problem, detail in notes]
             if progress:
                 progress("Checking images", done, len(paths))
@@ -229,7 +230,10 @@ def _inspect_all(paths: Sequence[Path], decode: bool, progress: Progress | None)
 def _duplicates(train: list[ImageRecord], val: list[ImageRecord]) -> list[Finding]:
     by_digest: dict[str, list[tuple[ImageRecord, str]]] = defaultdict(list)
     for record, split in [(r, "train") for r in train] + [(r, "val") for r in val]:
-        by_digest[file_digest(record.path)].append((record, split))
+        try:
+            by_digest[file_digest(record.path)].append((record, split))
+        except OSError:  # a broken link or unreadable file: reported as such, never as a duplicate
+            continue
     findings = []
     for copies in by_digest.values():
         first = copies[0][0]
