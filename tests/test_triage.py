@@ -102,7 +102,7 @@ def test_train_proceeds_on_the_good_files(corpus: tuple[Path, dict[str, str]], t
     assert not used & skipped  # converted, rotated and animated images are trained on
     assert model.summary["n_train"]["cats"] >= 15
     warnings = {w["problem"] for w in model.summary["warnings"]}
-    assert {"duplicate", "train/val leak", "class imbalance"} <= warnings
+    assert {"duplicate", "train/val leak", "class imbalance", "empty class folder"} <= warnings
 
 
 def test_cli_check_writes_the_problem_list_and_says_training_can_proceed(corpus: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
