@@ -40,6 +40,14 @@ def test_onnx_features_match_pytorch_on_real_photos(lite0, tmp_path: Path) -> No
     assert top1_fast.tolist() == top1_reference.tolist()
 
 
+@pytest.mark.parametrize("n", [1, 5, 32])
+def test_a_batch_cut_into_slices_gives_each_image_its_own_features(lite0, tmp_path: Path, n: int) -> None:  # type: ignore[no-untyped-def]
+    engine = OnnxEngine(lite0, exported_model(lite0, tmp_path), threads=2)
+    batch = np.random.default_rng(n).standard_normal((n, 3, 224, 224), dtype=np.float32)
+    alone = np.concatenate([engine.sessions[0].run(None, {"pixels": image[None]})[0] for image in batch])
+    np.testing.assert_allclose(engine(batch), alone, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("layer", [-2, 1])
 def test_earlier_layer_features_match_pytorch(lite0, tmp_path: Path, layer: int) -> None:  # type: ignore[no-untyped-def]
     net = at_layer(lite0, layer)
