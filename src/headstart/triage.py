@@ -17,7 +17,18 @@ from PIL import ExifTags, Image
 
 from headstart.cache import file_digest
 from headstart.config import Progress
-from headstart.data import MAX_PIXELS, MIN_SIDE, Dataset, ImageRecord, Skipped, check_class_counts, load_image, read_source, split_records
+from headstart.data import (
+    MAX_PIXELS,
+    MIN_SIDE,
+    VAL_FOLDER_NAMES,
+    Dataset,
+    ImageRecord,
+    Skipped,
+    check_class_counts,
+    load_image,
+    read_source,
+    split_records,
+)
 from headstart.errors import DataError, UnreadableImageError
 from headstart.files import atomic_write_bytes
 from headstart.pipeline import available_cpus
@@ -126,8 +137,7 @@ def triage(source: str | os.PathLike[str], val_split: float = 0.2, seed: int = 0
     root = Path(source).expanduser()
     records, presplit_val, skipped = read_source(root)
     findings = [_from_skipped(s) for s in skipped]
-    if root.is_dir():
-        findings += _hidden_and_empty(root)
+    findings += _hidden_files(root) + _empty_class_folders(root)
     all_records = records + (presplit_val or [])
     findings += _inspect_all([r.path for r in all_records], progress)
     unusable = {f.path for f in findings if f.action == "skipped"}
@@ -149,8 +159,7 @@ def dataset_warnings(source: str | os.PathLike[str], dataset: Dataset) -> list[F
     """
     root = Path(source).expanduser()
     usable = dict(sorted(Counter(r.label for r in dataset.train + dataset.val).items()))
-    findings = _hidden_and_empty(root) if root.is_dir() else []
-    findings += _duplicates(dataset.train, dataset.val)
+    findings = _empty_class_folders(root) + _duplicates(dataset.train, dataset.val)
     findings += _class_findings(root, dataset.train, dataset.val, usable, min_val=1 if dataset.val else 0)
     return [f for f in findings if f.action == "warning"]
 
@@ -165,18 +174,29 @@ def _from_skipped(s: Skipped) -> Finding:
     return Finding(s.path, "not an image extension", s.reason)
 
 
-def _hidden_and_empty(root: Path) -> list[Finding]:
+def _class_tops(root: Path) -> list[Path]:
+    """The folders whose sub-folders are classes: train/ and val/ of a pre-split tree, else `root` (none for a CSV)."""
+    if not root.is_dir():
+        return []
+    tops = [root / "train", *(root / n for n in VAL_FOLDER_NAMES)] if (root / "train").is_dir() else [root]
+    return [t for t in tops if t.is_dir()]
+
+
+def _empty_class_folders(root: Path) -> list[Finding]:
+    return [
+        Finding(entry, "empty class folder", "no files in it")
+        for top in _class_tops(root)
+        for entry in sorted(top.iterdir())
+        if not entry.name.startswith(".")
+        and entry.is_dir()
+        and not any(p.is_file() or p.is_symlink() for p in entry.rglob("*") if not p.name.startswith("."))
+    ]
+
+
+def _hidden_files(root: Path) -> list[Finding]:
     findings = []
-    tops = [root / "train", *(root / n for n in ("val", "validation"))] if (root / "train").is_dir() else [root]
-    for top in (t for t in tops if t.is_dir()):
-        for entry in sorted(top.iterdir()):
-            if entry.name.startswith("."):
-                findings.append(Finding(entry, "hidden file", "name starts with '.'"))
-            elif entry.is_dir() and not any(p.is_file() or p.is_symlink() for p in entry.rglob("*") if not p.name.startswith(".")):
-                findings.append(Finding(entry, "empty class folder", "no files in it"))
+    for top in _class_tops(root):
         for dirpath, dirnames, filenames in os.walk(top):
-            if Path(dirpath) == top:
-                continue
             findings += [
                 Finding(Path(dirpath) / n, "hidden file", "name starts with '.'") for n in sorted(filenames + dirnames) if n.startswith(".")
             ]

@@ -54,15 +54,10 @@ def handled(ctx: typer.Context) -> Iterator[None]:
 
     try:
         yield
-    except HeadstartError as e:
+    except (HeadstartError, OSError) as e:
         if ctx.obj and ctx.obj.get("debug"):
             raise
-        render.error(str(e))
-        raise typer.Exit(1) from None
-    except OSError as e:
-        if ctx.obj and ctx.obj.get("debug"):
-            raise
-        render.error(_os_error_line(e))
+        render.error(str(e) if isinstance(e, HeadstartError) else _os_error_line(e))
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         render.error("Interrupted. Files already written are complete; to continue a fine-tuning run, repeat the command with --resume.")
