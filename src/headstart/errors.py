@@ -43,3 +43,15 @@ class NotFittedError(HeadstartError, ValueError, AttributeError):
 
 class ConfigError(HeadstartError, ValueError):
     """An option value outside what it accepts."""
+
+
+class FileRefusedError(HeadstartError, OSError):
+    """A path that headstart will not read: not a regular file (FIFO, device, folder), or too large."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return str(self.args[0])

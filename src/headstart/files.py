@@ -1,29 +1,50 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Files in and out: atomic writes, bounded reads of regular files only, names shown safely, CSVs that round-trip any name."""
 
 from __future__ import annotations
 
+import csv
+import ctypes
+import io
 import json
 import os
+import re
+import shutil
+import stat
+import sys
 import uuid
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+from headstart.errors import FileRefusedError
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write `data` to a temporary file beside `path`, fsync it, then rename it over `path`."""
+    """Write `data` to a temporary file beside `path`, fsync it, then rename it over `path`.
+
+    An error names `path`, never the temporary file, which is removed.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode follows the umask
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)  # mode follows the umask
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.filename is None:
-            e.filename = str(path)  # name the file in the error (e.g. a full disk during write)
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            e.filename, e.filename2 = str(path), None
         raise
     return path
 
@@ -36,3 +57,178 @@ def json_bytes(obj: Any) -> bytes:
 def atomic_write_json(path: Path, obj: Any) -> Path:
     """Write `obj` as indented JSON, atomically."""
     return atomic_write_bytes(path, json_bytes(obj))
+
+
+def open_regular(path: Path, max_bytes: int, dir_fd: int | None = None) -> BinaryIO:
+    """Open a regular file (symbolic links followed) for reading, never blocking on a FIFO or device.
+
+    With `dir_fd`, the file named `path.name` in that open folder is read (`path` names it in errors).
+
+    Raises:
+        FileRefusedError: `path` is not a regular file, or is larger than `max_bytes`.
+        OSError: it cannot be opened (missing, no permission, a symlink loop).
+    """
+    fd = os.open(path.name if dir_fd is not None else path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), dir_fd=dir_fd)
+    try:
+        info = os.fstat(fd)
+        kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), None)
+        if kind is not None or not stat.S_ISREG(info.st_mode):
+            raise FileRefusedError(path, f"not a regular file: {kind or 'a special file'}")
+        if info.st_size > max_bytes:
+            raise FileRefusedError(path, f"too large: {info.st_size:,} bytes, more than the {max_bytes:,} allowed")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path: Path, max_bytes: int, dir_fd: int | None = None) -> bytes:
+    """The bytes of a regular file of at most `max_bytes` (see `open_regular`)."""
+    with open_regular(path, max_bytes, dir_fd) as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:  # grew while being read
+        raise FileRefusedError(path, f"too large: more than the {max_bytes:,} bytes allowed")
+    return data
+
+
+def atomic_write_folder(directory: Path, files: dict[str, bytes], replaced: Collection[str]) -> Path:
+    """Make `directory` hold `files` in one step: any reader, and any run killed at any moment, sees the old folder or the new one.
+
+    The new folder is built beside the old one; every entry of the old folder not
+    named in `replaced` (a user's own files, say) is carried into it as a hard
+    link (or a copy), along with the old folder's permissions; then the two
+    folders are exchanged in one rename and the old one is removed. Staging
+    folders left by a killed run are removed first. Returns `directory`.
+    """
+    parent = directory.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    if directory.is_dir():  # else a stale one may hold the only copy (a swap by three renames, interrupted)
+        for stale in _staging_folders(directory):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = _staging_folder(directory)
+    staging.mkdir()
+    try:
+        for name, data in files.items():
+            _write_synced(staging / name, data, target=directory / name)
+        if directory.is_dir():
+            os.chmod(staging, stat.S_IMODE(directory.stat().st_mode))
+            for entry in os.scandir(directory):
+                if entry.name not in replaced and not _is_leftover(entry.name, replaced):
+                    _link_tree(Path(entry.path), staging / entry.name)
+        _fsync_folder(staging)
+        if directory.is_dir():
+            _exchange(staging, directory)  # `staging` now names the old folder
+        else:
+            os.rename(staging, directory)
+        _fsync_folder(parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # the old folder, or the unfinished new one
+    return directory
+
+
+_STAGING_ID = re.compile(r"[0-9a-f]{12}")
+
+
+def _staging_folder(directory: Path) -> Path:
+    return directory.with_name(f".{directory.name[:80]}.headstart-{uuid.uuid4().hex[:12]}")
+
+
+def _staging_folders(directory: Path) -> list[Path]:
+    """Staging folders of `directory` left by runs killed while saving."""
+    prefix = f".{directory.name[:80]}.headstart-"
+    return [
+        Path(e.path) for e in os.scandir(directory.parent) if e.name.startswith(prefix) and _STAGING_ID.fullmatch(e.name[len(prefix) :])
+    ]
+
+
+def _is_leftover(name: str, replaced: Collection[str]) -> bool:
+    """Whether `name` is a temporary file `atomic_write_bytes` left behind for one of the `replaced` names."""
+    return any(name.startswith(f".{r}.") and _STAGING_ID.fullmatch(name[len(r) + 2 : -4]) and name.endswith(".tmp") for r in replaced)
+
+
+def _write_synced(path: Path, data: bytes, target: Path) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        e.filename, e.filename2 = str(target), None
+        raise
+
+
+def _link_tree(source: Path, destination: Path) -> None:
+    """Recreate `source` at `destination`: files as hard links (copies where links fail), folders and symbolic links as such."""
+    if source.is_symlink():
+        os.symlink(os.readlink(source), destination)
+    elif source.is_dir():
+        destination.mkdir()
+        shutil.copymode(source, destination)
+        for entry in os.scandir(source):
+            _link_tree(Path(entry.path), destination / entry.name)
+    else:
+        try:
+            os.link(source, destination, follow_symlinks=False)
+        except OSError:
+            shutil.copy2(source, destination, follow_symlinks=False)
+
+
+def _fsync_folder(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot sync a folder; the data itself is synced
+        pass
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap two folders in one atomic rename (Linux `renameat2`, macOS `renamex_np`); elsewhere in three renames."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    swap = getattr(libc, "renameat2", None) if sys.platform.startswith("linux") else getattr(libc, "renamex_np", None)
+    if swap is not None:
+        args = (-100, os.fsencode(a), -100, os.fsencode(b), 2) if sys.platform.startswith("linux") else (os.fsencode(a), os.fsencode(b), 2)
+        if swap(*args) == 0:  # AT_FDCWD = -100; RENAME_EXCHANGE and RENAME_SWAP are both 2
+            return
+        code = ctypes.get_errno()
+        if code not in (22, 38, 45, 95):  # EINVAL, ENOSYS, EOPNOTSUPP/ENOTSUP: the file system cannot swap
+            raise OSError(code, os.strerror(code), str(b))
+    aside = _staging_folder(b)
+    os.rename(b, aside)
+    os.rename(a, b)
+    os.rename(aside, a)
+
+
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def display(text: str | os.PathLike[str]) -> str:
+    """`text` (a file name, a class name) safe to show on one line of a terminal, a page or a plot.
+
+    Control characters (ESC included), line and bidirectional-override
+    characters, and the undecodable bytes of non-UTF-8 file names
+    (`surrogateescape`) are written as `\\xNN` / `\\uNNNN` escapes.
+    """
+    value = os.fspath(text)
+
+    def escape(match: re.Match[str]) -> str:
+        char = match.group()
+        code = ord(char)
+        if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte, as os.fsdecode keeps it
+            return f"\\x{code - 0xDC00:02x}"
+        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+    return _UNPRINTABLE.sub(escape, value)
+
+
+def csv_bytes(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> bytes:
+    """CSV text in UTF-8. Undecodable bytes of non-UTF-8 file names are written back as the original bytes,
+    so a path read from the CSV (with `errors="surrogateescape"`) names the same file."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue().encode("utf-8", errors="surrogateescape")
