@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import shutil
@@ -30,6 +31,14 @@ def bundle(tiny_model_dir: Path, tmp_path: Path) -> Path:
     return copy
 
 
+def rewrite(bundle: Path, name: str, data: bytes) -> None:
+    """Replace a model file and record its new size and hash in bundle.json, as a careful tamperer would."""
+    (bundle / name).write_bytes(data)
+    config = json.loads((bundle / "bundle.json").read_text())
+    config["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (bundle / "bundle.json").write_text(json.dumps(config))
+
+
 def pickled_payload(marker: Path) -> bytes:
     data = pickle.dumps(_MarkerPayload(marker), protocol=4)
     pickle.loads(data)  # the payload really does create the marker when unpickled...
@@ -38,19 +47,12 @@ def pickled_payload(marker: Path) -> bytes:
     return data
 
 
-def test_extra_pickle_file_is_refused_without_running_it(bundle: Path, tmp_path: Path) -> None:
+def test_files_the_model_does_not_list_are_never_read(bundle: Path, tmp_path: Path) -> None:
+    """Only the files bundle.json lists are read: a pickle (or a .zip, .npy, .bin) beside them is ignored, never run."""
     marker = tmp_path / "code-ran"
-    (bundle / "extra_head.pkl").write_bytes(pickled_payload(marker))
-    with pytest.raises(BundleError, match="extra_head.pkl: a pickle file inside the model folder; refused"):
-        headstart.load(bundle)
-    assert not marker.exists()
-
-
-def test_pickle_disguised_as_a_data_file_is_refused(bundle: Path, tmp_path: Path) -> None:
-    marker = tmp_path / "code-ran"
-    (bundle / "notes.dat").write_bytes(pickled_payload(marker))
-    with pytest.raises(BundleError, match="notes.dat: a pickle file"):
-        headstart.load(bundle)
+    for name in ("extra_head.pkl", "notes.dat", "archive.zip", "array.npy", "weights.bin"):
+        (bundle / name).write_bytes(pickled_payload(marker))
+    assert headstart.load(bundle).classes == ["cats", "dogs"]
     assert not marker.exists()
 
 
@@ -94,7 +96,8 @@ def test_missing_weights_and_missing_folder(bundle: Path, tmp_path: Path) -> Non
 
 def test_bundle_json_is_plain_data(tiny_model_dir: Path) -> None:
     config = json.loads((tiny_model_dir / "bundle.json").read_text())
-    assert config["format_version"] == 1
+    assert config["format_version"] == 2
+    assert set(config["files"]) == {"model.safetensors", "metrics.json", "history.json", "history.csv"}
     assert config["backbone"]["name"] == "efficientnet_lite0"
     assert len(config["backbone"]["weights_sha256"]) == 64
     assert config["classes"] == ["cats", "dogs"]
@@ -110,8 +113,11 @@ def test_wrong_tensor_shapes_are_refused(bundle: Path) -> None:
     name = next(k for k, v in tensors.items() if v.ndim == 2)  # the linear layer's weight
     tensors[name] = tensors[name][:, :100].contiguous()
     save_file(tensors, bundle / "model.safetensors")
-    with pytest.raises(BundleError, match="size mismatch"):
-        headstart.load(bundle)
+    with pytest.raises(BundleError, match="differs from the file bundle.json records"):
+        headstart.load(bundle)  # caught by the manifest first...
+    rewrite(bundle, "model.safetensors", (bundle / "model.safetensors").read_bytes())
+    with pytest.raises(BundleError, match=r"1.weight: \[2, 100\] instead of \[2, 1280\]"):
+        headstart.load(bundle)  # ...and by the shape check when the manifest was edited to match
 
 
 def test_unknown_backbone_is_named(bundle: Path) -> None:
@@ -125,6 +131,9 @@ def test_unknown_backbone_is_named(bundle: Path) -> None:
 def test_truncated_weights_are_refused(bundle: Path) -> None:
     data = (bundle / "model.safetensors").read_bytes()
     (bundle / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(BundleError, match="differs from the file bundle.json records"):
+        headstart.load(bundle)
+    rewrite(bundle, "model.safetensors", data[: len(data) // 2])
     with pytest.raises(BundleError, match="not a safetensors file; refused"):
         headstart.load(bundle)
 
@@ -155,5 +164,5 @@ def test_info_refuses_a_pickle_without_running_it(bundle: Path, tmp_path: Path) 
     marker = tmp_path / "code-ran"
     (bundle / "model.safetensors").write_bytes(pickled_payload(marker))
     result = CliRunner().invoke(app, ["info", str(bundle)])
-    assert result.exit_code == 1 and "not a safetensors file; refused" in result.output
+    assert result.exit_code == 1 and "a pickle; refused" in result.output
     assert not marker.exists()

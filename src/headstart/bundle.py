@@ -1,31 +1,95 @@
-"""Model folders on disk: safetensors weights plus JSON, never pickle.
+"""Model folders on disk: safetensors weights plus JSON, never pickle, switched as a whole.
 
-A bundle is a folder holding `bundle.json` (what the model is), `model.safetensors`
-(its tensors) and `metrics.json` (how it scored). `bundle.json` is written last,
-so a folder with a readable `bundle.json` is complete.
+A bundle is a folder holding `bundle.json` (what the model is, and the size and
+sha256 of every other file of the model), `model.safetensors` (its tensors),
+`metrics.json`, `history.json` and `history.csv`; training adds `report.html`,
+and an unfinished fine-tuning run its `.checkpoint/`. A save builds the new
+folder beside the old one and swaps the two in one rename, so a reader, or a
+run killed at any moment, finds the old model or the new one, never a mix.
+headstart writes only into an empty or new folder or a model folder, and
+replaces only the model's own files: anything else in it is kept. Loading reads
+only the files `bundle.json` lists, each checked against its size and hash,
+and validates every field before anything is allocated.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import os
 import re
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from headstart.config import DataConfig
-from headstart.errors import BundleError
-from headstart.files import atomic_write_bytes, atomic_write_json
+from headstart.errors import BundleError, FileRefusedError
+from headstart.files import atomic_write_folder, json_bytes, open_regular, read_regular
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: `files` lists the size and sha256 of every file of the model
 CONFIG_NAME = "bundle.json"
 WEIGHTS_NAME = "model.safetensors"
 METRICS_NAME = "metrics.json"
-PICKLE_SUFFIXES = frozenset({".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt", ".joblib", ".npy", ".npz"})
+HISTORY_NAME = "history.json"
+HISTORY_CSV_NAME = "history.csv"
+REPORT_NAME = "report.html"
+CHECKPOINT_DIR = ".checkpoint"
+MODEL_FILES = (CONFIG_NAME, WEIGHTS_NAME, METRICS_NAME, HISTORY_NAME, HISTORY_CSV_NAME, REPORT_NAME)
+"""The files a save replaces; everything else in a model folder is left as it is."""
+MAX_JSON_BYTES = 64 << 20
+MAX_WEIGHTS_BYTES = 4 << 30
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class BundleContents:
+    """What a model folder holds, read and validated.
+
+    Attributes:
+        config: `bundle.json`.
+        shapes: each tensor's shape, from the safetensors header.
+        tensors: the tensors themselves (empty when read without weights).
+        metrics: `metrics.json` (validation scores).
+        history: `history.json` (one row per epoch).
+        files: the model's files and their sizes in bytes.
+    """
+
+    config: dict[str, Any]
+    shapes: dict[str, list[int]]
+    tensors: dict[str, torch.Tensor]
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    files: dict[str, int]
+
+
+def check_output_folder(directory: Path, force: bool = False) -> None:
+    """Raise BundleError unless `directory` is new, empty or a headstart model (or `force`): never mix a model into a user's own files."""
+    if directory.exists() and not directory.is_dir():
+        raise BundleError(f"{directory}: exists and is not a folder. Choose another --out.")
+    if force or not directory.exists() or is_model_folder(directory):
+        return
+    entries = sorted(e.name for e in os.scandir(directory))
+    if entries:
+        raise BundleError(
+            f"{directory}: not empty and not a headstart model (it holds '{entries[0]}'"
+            + (f" and {len(entries) - 1} more" if len(entries) > 1 else "")
+            + "). Choose a new folder for --out, or pass --force to add the model's files to it (nothing else in it is touched)."
+        )
+
+
+def is_model_folder(directory: Path) -> bool:
+    """Whether `directory` holds a `bundle.json` that headstart wrote (its fields are not checked)."""
+    try:
+        config = _parse_json(read_regular(directory / CONFIG_NAME, MAX_JSON_BYTES), directory / CONFIG_NAME)
+    except (OSError, BundleError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("format_version"), int) and isinstance(config.get("backbone"), dict)
 
 
 def save_bundle(
@@ -34,137 +98,272 @@ def save_bundle(
     tensors: dict[str, torch.Tensor],
     metrics: dict[str, Any],
     extras: dict[str, bytes] | None = None,
+    force: bool = False,
 ) -> Path:
-    """Write a bundle; each file atomically, `bundle.json` last. Returns the folder.
+    """Write a bundle as one atomic switch of the whole folder. Returns the folder.
 
-    `extras` are further files (name -> bytes), such as the training history.
-    """
-    config = {"format_version": FORMAT_VERSION, **config}
-    validate_config(config, directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(directory / WEIGHTS_NAME, save_safetensors({k: v.contiguous() for k, v in tensors.items()}))
-    atomic_write_json(directory / METRICS_NAME, metrics)
-    for name, data in (extras or {}).items():
-        atomic_write_bytes(directory / name, data)
-    atomic_write_json(directory / CONFIG_NAME, config)
-    return directory
-
-
-def read_config(directory: Path) -> dict[str, Any]:
-    """Read and validate `bundle.json` without touching the weights.
+    `extras` are further model files (name -> bytes) among `MODEL_FILES`, such as the training history.
 
     Raises:
-        BundleError: missing folder or file, a pickle inside, bad JSON or a bad field.
+        BundleError: the folder holds other files and is not a model (see `check_output_folder`).
     """
-    if not (directory / CONFIG_NAME).is_file():
-        what = "no such folder" if not directory.exists() else f"no {CONFIG_NAME} in it"
-        raise BundleError(f"{directory}: not a headstart model ({what}). Train one with `headstart train DATA --out {directory}`.")
-    _refuse_pickles(directory)
-    try:
-        config = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{directory / CONFIG_NAME}: not valid JSON ({e}). Re-save the model or retrain it.") from None
+    if directory.is_symlink():
+        directory = directory.resolve()
+    check_output_folder(directory, force)
+    files = {WEIGHTS_NAME: save_safetensors({k: v.contiguous() for k, v in tensors.items()}), METRICS_NAME: json_bytes(metrics)}
+    files.update(extras or {})
+    if not set(files) < set(MODEL_FILES):
+        raise ValueError(f"Not a model file: {sorted(set(files) - set(MODEL_FILES))}")
+    manifest = {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in files.items()}
+    config = {"format_version": FORMAT_VERSION, **config, "files": manifest}
     validate_config(config, directory)
-    return config  # type: ignore[no-any-return]
+    return atomic_write_folder(directory, {**files, CONFIG_NAME: json_bytes(config)}, replaced=MODEL_FILES)
 
 
-def read_bundle(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read a bundle's validated config and its tensors. Nothing in it is executed."""
-    config = read_config(directory)
-    path = directory / WEIGHTS_NAME
-    if not path.is_file():
-        raise BundleError(f"{path}: missing. The model folder is incomplete; re-save or retrain it.")
-    data = path.read_bytes()
+def read_bundle(directory: Path, load_weights: bool = True) -> BundleContents:
+    """Read and validate a model folder. Nothing in it is executed, and only the files `bundle.json` lists are read.
+
+    The files are read through one handle on the folder, so a save that swaps the
+    folder meanwhile cannot mix two models; the read is retried if the folder vanished.
+
+    Raises:
+        BundleError: not a model folder, or a file missing, damaged, edited, from another save, or not safetensors/JSON.
+    """
+    for attempt in range(3):
+        try:
+            fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except (FileNotFoundError, NotADirectoryError):
+            raise BundleError(
+                f"{directory}: not a headstart model (no such folder). Train one with `headstart train DATA --out {directory}`."
+            ) from None
+        try:
+            return _read(directory, fd, load_weights)
+        except FileNotFoundError as e:  # a file of the model is gone: retried if a save swapped the folder meanwhile
+            if attempt == 2 or not _replaced_meanwhile(directory, fd):
+                raise BundleError(f"{e.filename}: missing. The model folder is incomplete; re-save or retrain it.") from None
+        finally:
+            os.close(fd)
+    raise AssertionError("unreachable")
+
+
+def _replaced_meanwhile(directory: Path, fd: int) -> bool:
     try:
-        tensors = load_safetensors(data)
-    except Exception:
-        kind = "a pickle" if _looks_pickled(data) else "not a safetensors file"
-        raise BundleError(f"{path}: {kind}; refused. headstart loads weights only from safetensors (pickles can run code).") from None
-    return config, tensors
+        return os.stat(directory).st_ino != os.fstat(fd).st_ino
+    except OSError:
+        return True
+
+
+def _read(directory: Path, fd: int, load_weights: bool) -> BundleContents:
+    try:
+        raw = read_regular(directory / CONFIG_NAME, MAX_JSON_BYTES, fd)
+    except FileNotFoundError:
+        if _replaced_meanwhile(directory, fd):
+            raise
+        raise BundleError(
+            f"{directory}: not a headstart model (no {CONFIG_NAME} in it). Train one with `headstart train DATA --out {directory}`."
+        ) from None
+    config = _parse_json(raw, directory / CONFIG_NAME)
+    validate_config(config, directory)
+    listed = config.get("files") or {WEIGHTS_NAME: None, METRICS_NAME: None, HISTORY_NAME: None}  # format 1: no sizes or hashes
+    contents = {name: _read_listed(directory, fd, name, record, required=name == WEIGHTS_NAME) for name, record in listed.items()}
+    weights = contents[WEIGHTS_NAME]
+    assert weights is not None  # required above
+    shapes = _safetensors_shapes(weights, directory / WEIGHTS_NAME)
+    tensors = load_safetensors(weights) if load_weights else {}
+    metrics = _json_file(contents.get(METRICS_NAME), directory / METRICS_NAME, dict)
+    history = _json_file(contents.get(HISTORY_NAME), directory / HISTORY_NAME, list)
+    _need(all(isinstance(row, dict) for row in history), directory / HISTORY_NAME, "(rows)", "a list of objects")
+    _need(_is_number(metrics.get("accuracy", 0.0)), directory / METRICS_NAME, "accuracy", "a number")
+    files = {CONFIG_NAME: len(raw), **{name: len(data) for name, data in contents.items() if data is not None}}
+    return BundleContents(config, shapes, tensors, metrics, history, files)
+
+
+def _read_listed(directory: Path, fd: int, name: str, record: dict[str, Any] | None, required: bool) -> bytes | None:
+    """A model file's bytes, checked against its manifest record (size and sha256) when there is one."""
+    path = directory / name
+    limit = MAX_WEIGHTS_BYTES if name == WEIGHTS_NAME else MAX_JSON_BYTES
+    try:
+        with open_regular(path, limit, fd) as f:
+            head = f.read(4)
+            if name == WEIGHTS_NAME and _looks_pickled(head):
+                raise BundleError(f"{path}: a pickle; refused. headstart loads weights only from safetensors (pickles can run code).")
+            same_size = record is None or os.fstat(f.fileno()).st_size == record["size"]
+            data = head + f.read(limit) if same_size else b""
+    except FileNotFoundError as e:
+        if required or record is not None:
+            e.filename = str(path)
+            raise
+        return None
+    except FileRefusedError as e:
+        raise BundleError(f"{e}. The model folder is damaged or was edited; re-save or retrain it.") from None
+    if record is not None and (not same_size or len(data) != record["size"] or hashlib.sha256(data).hexdigest() != record["sha256"]):
+        raise BundleError(
+            f"{path}: differs from the file {CONFIG_NAME} records (size or sha256): the folder mixes files of different saves, "
+            "or the file was damaged or edited. Re-save or retrain the model."
+        )
+    return data
+
+
+def _safetensors_shapes(data: bytes, path: Path) -> dict[str, list[int]]:
+    """Tensor shapes from a safetensors header, after checking that the header and the file size agree."""
+    refused = BundleError(f"{path}: not a safetensors file; refused. Re-save or retrain the model.")
+    if len(data) < 8:
+        raise refused
+    (n,) = struct.unpack("<Q", data[:8])
+    try:
+        header = json.loads(data[8 : 8 + n]) if 8 + n <= len(data) else None
+    except (ValueError, RecursionError):
+        header = None
+    if not isinstance(header, dict):
+        raise refused
+    header.pop("__metadata__", None)
+    shapes: dict[str, list[int]] = {}
+    end = 0
+    for key, entry in header.items():
+        shape: Any = entry.get("shape") if isinstance(entry, dict) else None
+        offsets: Any = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (_ints(shape) and _ints(offsets) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1]):
+            raise refused
+        shapes[key] = list(shape)
+        end = max(end, offsets[1])
+    if 8 + n + end != len(data):
+        raise refused
+    return shapes
 
 
 def describe_bundle(directory: Path) -> dict[str, Any]:
-    """A bundle's validated config, metrics, files and tensor shapes, read without loading any tensor data.
+    """A bundle's validated config, metrics, files and tensor shapes, read without loading any tensor.
 
     Raises:
-        BundleError: as `read_config`, or the weights file is missing or not safetensors.
+        BundleError: as `read_bundle`.
     """
-    config = read_config(directory)
-    path = directory / WEIGHTS_NAME
-    if not path.is_file():
-        raise BundleError(f"{path}: missing. The model folder is incomplete; re-save or retrain it.")
+    contents = read_bundle(directory, load_weights=False)
+    return {"config": contents.config, "metrics": contents.metrics, "tensors": contents.shapes, "files": contents.files}
+
+
+def _parse_json(data: bytes, path: Path) -> Any:
+    """JSON without NaN or Infinity (Python's json module accepts them) and without unbounded nesting."""
+
+    def refuse_constant(name: str) -> None:
+        raise ValueError(f"{name} is not a JSON number")
+
     try:
-        with safe_open(path, framework="numpy") as f:
-            shapes = {key: list(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-    except Exception:
-        raise BundleError(f"{path}: not a safetensors file; refused. Re-save or retrain the model.") from None
-    try:
-        metrics = json.loads((directory / METRICS_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        metrics = {}
-    files = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()}
-    return {"config": config, "metrics": metrics, "tensors": shapes, "files": files}
+        return json.loads(data.decode("utf-8"), parse_constant=refuse_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise BundleError(f"{path}: not valid JSON ({reason}). Re-save the model or retrain it.") from None
+
+
+def _json_file(data: bytes | None, path: Path, kind: type) -> Any:
+    if data is None:
+        return kind()
+    value = _parse_json(data, path)
+    _need(isinstance(value, kind), path, "(top level)", "a JSON " + ("object" if kind is dict else "list"))
+    return value
+
+
+def _need(ok: bool, where: Path, field: str, expected: str) -> None:
+    if not ok:
+        raise BundleError(f"{where}: field '{field}' must be {expected}. The file is damaged or was edited; re-save or retrain the model.")
+
+
+def _is_int(value: Any, low: int = 0, high: int = 1 << 62) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _ints(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_int(v) for v in value)
 
 
 def validate_config(config: Any, directory: Path) -> None:
-    """Check the fields and types of a bundle config; raise BundleError naming the first bad one."""
+    """Check the fields, types and bounds of a bundle config; raise BundleError naming the first bad one."""
     where = directory / CONFIG_NAME
 
     def need(ok: bool, field: str, expected: str) -> None:
-        if not ok:
-            raise BundleError(
-                f"{where}: field '{field}' must be {expected}. The file is damaged or was edited; re-save or retrain the model."
-            )
+        _need(ok, where, field, expected)
 
     need(isinstance(config, dict), "(top level)", "a JSON object")
     version = config.get("format_version")
-    need(isinstance(version, int), "format_version", "an integer")
+    need(_is_int(version), "format_version", "an integer")
     if version > FORMAT_VERSION:
         raise BundleError(f"{where}: format {version} is newer than this headstart reads ({FORMAT_VERSION}). Upgrade headstart.")
     backbone = config.get("backbone")
     need(isinstance(backbone, dict), "backbone", "an object")
     need(isinstance(backbone.get("name"), str), "backbone.name", "a string")
-    need(
-        isinstance(backbone.get("weights_sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", backbone["weights_sha256"]) is not None,
-        "backbone.weights_sha256",
-        "64 hex digits",
-    )
+    need(isinstance(backbone.get("weights_sha256"), str) and _HEX64.fullmatch(backbone["weights_sha256"]) is not None,
+         "backbone.weights_sha256", "64 hex digits")  # fmt: skip
     need(backbone.get("weights_file") is None or isinstance(backbone["weights_file"], str), "backbone.weights_file", "a string or null")
-    layer = backbone.get("layer")
-    need(layer is None or (isinstance(layer, int) and not isinstance(layer, bool)), "backbone.layer", "an integer or null")
+    need(backbone.get("n_features") is None or _is_int(backbone["n_features"], 1, 1 << 20), "backbone.n_features", "a positive integer")
+    need(backbone.get("layer") is None or _is_int(backbone["layer"], -64, 64), "backbone.layer", "an integer from -64 to 64, or null")
     tuned = backbone.get("finetuned_from")
     need(
-        tuned is None or (isinstance(tuned, str) and re.fullmatch(r"[0-9a-f]{64}", tuned) is not None),
+        tuned is None or (isinstance(tuned, str) and _HEX64.fullmatch(tuned) is not None),
         "backbone.finetuned_from",
         "null or 64 hex digits",
     )
     classes = config.get("classes")
     need(
-        isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes) and len(set(classes)) == len(classes),
+        isinstance(classes, list)
+        and 2 <= len(classes) <= 100_000
+        and all(isinstance(c, str) for c in classes)
+        and len(set(classes)) == len(classes),
         "classes",
         "a list of at least two distinct strings",
     )
     need(isinstance(config.get("head"), dict), "head", "an object")
+    summary = config.get("summary", {})
+    need(isinstance(summary, dict), "summary", "an object")
+    for field, (ok, expected) in _SUMMARY_FIELDS.items():
+        need(field not in summary or ok(summary[field]), f"summary.{field}", expected)
     try:
         DataConfig.from_dict(config.get("data_config"))
-    except (TypeError, KeyError, ValueError, AttributeError):
-        need(False, "data_config", "an object with input_size, resize_size, interpolation, mean and std")
+    except (TypeError, KeyError, ValueError, AttributeError, OverflowError):
+        need(False, "data_config", "an object with input_size (16 to 2048), resize_size, interpolation, mean and std")
+    if version >= 2:
+        files = config.get("files")
+        need(
+            isinstance(files, dict) and WEIGHTS_NAME in files and METRICS_NAME in files,
+            "files",
+            f"an object listing {WEIGHTS_NAME} and {METRICS_NAME}",
+        )
+        for name, record in files.items():
+            need(name in MODEL_FILES and name != CONFIG_NAME, f"files.{name}", "one of " + ", ".join(MODEL_FILES[1:]))
+            ok = isinstance(record, dict) and _is_int(record.get("size")) and _HEX64.fullmatch(str(record.get("sha256"))) is not None
+            need(ok, f"files.{name}", "an object with size and sha256")
 
 
-def _refuse_pickles(directory: Path) -> None:
-    for path in sorted(directory.rglob("*")):
-        if path.is_file() and (
-            path.suffix.lower() in PICKLE_SUFFIXES or (path.suffix != ".safetensors" and _looks_pickled(_head_bytes(path)))
-        ):
-            raise BundleError(
-                f"{path}: a pickle file inside the model folder; refused. headstart bundles hold only safetensors and JSON, "
-                "and pickles can run code. Delete the file if you did not expect it."
-            )
+def _strings(n: int) -> Any:
+    return lambda v: isinstance(v, list) and len(v) == n and all(isinstance(x, str) for x in v)
 
 
-def _head_bytes(path: Path) -> bytes:
-    with path.open("rb") as f:
-        return f.read(4)
+def _list_of(ok: Any) -> Any:
+    return lambda v: isinstance(v, list) and all(ok(x) for x in v)
+
+
+def _counts(v: Any) -> bool:
+    return isinstance(v, dict) and all(_is_int(n) for n in v.values())
+
+
+def _accuracy(v: Any) -> bool:
+    return v is None or (isinstance(v, dict) and _is_number(v.get("accuracy", 0.0)))
+
+
+_SUMMARY_FIELDS: dict[str, tuple[Any, str]] = {  # the fields that reports and renderers read from a loaded model
+    "data": (lambda v: isinstance(v, str), "a string"),
+    "strategy": (lambda v: isinstance(v, str), "a string"),
+    "n_train": (_counts, "an object of counts"),
+    "n_val": (_counts, "an object of counts"),
+    "val_images": (_list_of(_strings(2)), "a list of [path, label] pairs"),
+    "skipped": (_list_of(lambda d: isinstance(d, dict) and _strings(2)([d.get("path"), d.get("reason")])), "a list of {path, reason}"),
+    "validation": (lambda v: isinstance(v, dict) and _accuracy(v), "an object with a numeric accuracy"),
+    "seconds": (_is_number, "a number"),
+    "auto": (lambda v: isinstance(v, dict) and isinstance(v.get("reason"), str), "an object with a reason"),
+    "finetune": (lambda v: isinstance(v, dict) and _accuracy(v.get("frozen_validation")), "an object"),
+}
 
 
 def _looks_pickled(head: bytes) -> bool:

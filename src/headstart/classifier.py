@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 from typing import Any, Literal
 
 import numpy as np
@@ -13,6 +14,8 @@ from torch import nn
 
 from headstart.errors import ConfigError, NotFittedError
 from headstart.heads import HEAD_KINDS, build_head, standardizer
+
+MAX_HIDDEN = 1 << 16
 
 
 class HeadClassifier:
@@ -179,10 +182,21 @@ class HeadClassifier:
             raise ConfigError(f"Unknown head '{self.head}'. Choose one of: {', '.join(HEAD_KINDS)}.")
         if self.class_weight not in (None, "balanced"):
             raise ConfigError(f"class_weight must be None or 'balanced', got {self.class_weight!r}.")
-        for name in ("hidden", "batch_size", "max_epochs", "patience"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        if not 0.0 <= self.dropout < 1.0:
+        for name, high in (
+            ("hidden", MAX_HIDDEN),
+            ("batch_size", 1 << 20),
+            ("max_epochs", 1 << 20),
+            ("patience", 1 << 20),
+            ("seed", 1 << 63),
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int | np.integer) or isinstance(value, bool) or not (name == "seed" or 1 <= value <= high):
+                raise ConfigError(f"{name} must be an integer" + ("" if name == "seed" else f" from 1 to {high}") + f", got {value!r}.")
+        for name in ("dropout", "lr", "weight_decay"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} must be a finite number of at least 0, got {value!r}.")
+        if not self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}.")
         return self
 
@@ -198,13 +212,18 @@ class HeadClassifier:
             ConfigError: the state dict does not match the parameters and classes.
         """
         self = cls(**params).check_params()
-        n_features = int(state["0.mean"].shape[0]) if "0.mean" in state else 0
+        n_features = int(state["0.mean"].shape[0]) if "0.mean" in state and state["0.mean"].ndim == 1 else 0
+        with torch.device("meta"):  # the shapes the parameters call for, without allocating them
+            expected = {
+                k: list(v.shape) for k, v in build_head(self.head, n_features, len(classes), self.hidden, self.dropout).state_dict().items()
+            }
+        found = {k: list(v.shape) for k, v in state.items()}
+        if found != expected:
+            detail = "; ".join(f"{k}: {found.get(k, 'missing')} instead of {v}" for k, v in expected.items() if found.get(k) != v)
+            detail += "".join(f"; unexpected {k}" for k in found.keys() - expected.keys())
+            raise ConfigError(f"Head weights do not match a {self.head} head for {len(classes)} classes: {detail[:300]}")
         head = build_head(self.head, n_features, len(classes), self.hidden, self.dropout)
-        try:
-            head.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            detail = " ".join(str(e).split())[:300]
-            raise ConfigError(f"Head weights do not match a {self.head} head for {len(classes)} classes: {detail}") from None
+        head.load_state_dict(state, strict=True)
         head.eval()
         self.head_, self.classes_, self.best_epoch_, self.history_ = head, np.asarray(classes), 0, []
         return self

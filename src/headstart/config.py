@@ -63,10 +63,25 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataConfig:
-        return cls(
-            input_size=int(d["input_size"]),
-            resize_size=int(d["resize_size"]),
-            interpolation=d["interpolation"],
-            mean=tuple(float(v) for v in d["mean"]),  # type: ignore[arg-type]
-            std=tuple(float(v) for v in d["std"]),  # type: ignore[arg-type]
-        )
+        """The inverse of `to_dict`; ValueError for a field out of type or range (e.g. from an edited file)."""
+
+        def number(v: Any) -> bool:
+            return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+        def size(v: Any, low: int, high: int) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+        mean, std = d["mean"], d["std"]
+        if not (
+            size(d["input_size"], 16, 2048)
+            and size(d["resize_size"], d["input_size"], 4096)
+            and d["interpolation"] in ("bicubic", "bilinear", "nearest")
+            and isinstance(mean, list | tuple)
+            and len(mean) == 3
+            and all(number(v) for v in mean)
+            and isinstance(std, list | tuple)
+            and len(std) == 3
+            and all(number(v) and v > 0 for v in std)
+        ):
+            raise ValueError(f"not a valid data config: {d!r:.200}")
+        return cls(d["input_size"], d["resize_size"], d["interpolation"], tuple(float(v) for v in mean), tuple(float(v) for v in std))  # type: ignore[arg-type]

@@ -10,10 +10,12 @@ written atomically, from which an interrupted run resumes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +35,7 @@ from headstart.classifier import HeadClassifier
 from headstart.config import Progress
 from headstart.data import ImageRecord
 from headstart.errors import ConfigError
-from headstart.files import atomic_write_bytes, atomic_write_json
+from headstart.files import atomic_write_bytes, atomic_write_json, read_regular
 from headstart.pipeline import decode_input, load_batches
 from headstart.transforms import normalize
 
@@ -174,8 +176,13 @@ def finetune(
         if checkpoint_dir is None or not (checkpoint_dir / CHECKPOINT_JSON).is_file():
             raise ConfigError(f"Nothing to resume: no checkpoint in {checkpoint_dir}. Run without --resume to start afresh.")
         saved = _load_checkpoint(checkpoint_dir, fingerprint)
-        net.load_state_dict(saved.current, strict=False)
-        optimizer.load_state_dict(saved.optimizer)
+        try:
+            net.load_state_dict(saved.current, strict=False)
+            optimizer.load_state_dict(saved.optimizer)
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(
+                f"The checkpoint in {checkpoint_dir} does not fit this model ({str(e).splitlines()[0][:200]}); run without --resume."
+            ) from None
         history, best_loss, best_epoch, best_state = saved.history, saved.best_loss, saved.best_epoch, saved.best
         start_epoch = len(history) + 1
 
@@ -379,14 +386,49 @@ def _save_checkpoint(
             old.unlink(missing_ok=True)
 
 
+def remove_checkpoint(directory: Path) -> None:
+    """Delete the checkpoint files in `directory` (and the folder, if nothing else is in it)."""
+    if not directory.is_dir():
+        return
+    for entry in directory.iterdir():
+        if entry.name == CHECKPOINT_JSON or _CHECKPOINT_TENSORS.fullmatch(entry.name) or _CHECKPOINT_LEFTOVER.fullmatch(entry.name):
+            entry.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        directory.rmdir()
+
+
+_CHECKPOINT_TENSORS = re.compile(r"checkpoint-\d{1,6}\.safetensors")
+_CHECKPOINT_LEFTOVER = re.compile(r"\.(checkpoint\.json|checkpoint-\d{1,6}\.safetensors)\.[0-9a-f]{12}\.tmp")
+MAX_CHECKPOINT_BYTES = 8 << 30
+
+
 def _load_checkpoint(directory: Path, fingerprint: str) -> _Checkpoint:
-    meta = json.loads((directory / CHECKPOINT_JSON).read_text())
+    damaged = f"The checkpoint in {directory} is damaged; run without --resume to start afresh."
+    try:
+        meta = json.loads(read_regular(directory / CHECKPOINT_JSON, 64 << 20), parse_constant=lambda name: None)
+    except (OSError, ValueError, RecursionError):
+        raise ConfigError(damaged) from None
+    fields_ok = (
+        isinstance(meta, dict)
+        and isinstance(meta.get("tensors"), str)
+        and _CHECKPOINT_TENSORS.fullmatch(meta["tensors"]) is not None
+        and isinstance(meta.get("history"), list)
+        and all(isinstance(row, dict) and all(isinstance(v, int | float) for v in row.values()) for row in meta["history"])
+        and isinstance(meta.get("best_loss"), int | float)
+        and isinstance(meta.get("best_epoch"), int)
+        and isinstance(meta.get("optimizer_groups"), list)
+    )
+    if not fields_ok:
+        raise ConfigError(damaged)
     if meta.get("fingerprint") != fingerprint:
         raise ConfigError(
             f"The checkpoint in {directory} was made with other data or settings; "
             "resume with the same command, or run without --resume to start afresh."
         )
-    tensors = load_safetensors((directory / meta["tensors"]).read_bytes())
+    try:  # only a checkpoint-N.safetensors in this folder: the name was checked above
+        tensors = load_safetensors(read_regular(directory / meta["tensors"], MAX_CHECKPOINT_BYTES))
+    except Exception:
+        raise ConfigError(damaged) from None
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,14 +15,14 @@ from numpy.typing import NDArray
 
 from headstart import __version__
 from headstart.backbones import Backbone, create_backbone
-from headstart.bundle import read_bundle, save_bundle
+from headstart.bundle import HISTORY_CSV_NAME, HISTORY_NAME, read_bundle, save_bundle
 from headstart.classifier import HeadClassifier
 from headstart.config import DataConfig, Progress
 from headstart.data import ImageRecord, Skipped, load_dataset
 from headstart.engine import Engine, create_engine
 from headstart.errors import BundleError, ConfigError, DataError, UnreadableImageError
 from headstart.features import Extraction, extract_features
-from headstart.files import json_bytes
+from headstart.files import csv_bytes, json_bytes
 from headstart.heads import standardizer
 from headstart.metrics import Evaluation, evaluate_probabilities
 
@@ -170,10 +167,15 @@ class Model:
         proba = self.head.predict_proba(features)
         return Scores(kept, y_true, proba, evaluate_probabilities(y_true, proba, self.classes), skipped)
 
-    def save(self, directory: PathLike) -> Path:
-        """Write the model as a bundle folder (safetensors + JSON). Returns the folder.
+    def save(self, directory: PathLike, force: bool = False) -> Path:
+        """Write the model as a bundle folder (safetensors + JSON), switched in one step. Returns the folder.
 
         Fine-tuned backbone weights are saved in full; pretrained ones only by name and hash.
+        `directory` must be new, empty or a headstart model; `force` also allows a
+        folder of other files, which are kept (the model's own files are replaced).
+
+        Raises:
+            BundleError: `directory` holds other files and `force` is off.
         """
         tensors = {f"head.{k}": v for k, v in self.head.head_.state_dict().items()}
         if self.backbone.finetuned_from is not None:
@@ -194,8 +196,12 @@ class Model:
             "summary": {k: v for k, v in self.summary.items() if k != "history"},
         }
         history = self.summary.get("history", [])
-        extras = {"history.json": json_bytes(history), "history.csv": _csv_bytes(history)}
-        return save_bundle(Path(directory), config, tensors, self.summary.get("validation", {}), extras)
+        columns = list(dict.fromkeys(key for row in history for key in row))
+        extras = {
+            HISTORY_NAME: json_bytes(history),
+            HISTORY_CSV_NAME: csv_bytes(columns, [[row.get(c, "") for c in columns] for row in history]),
+        }
+        return save_bundle(Path(directory), config, tensors, self.summary.get("validation", {}), extras, force)
 
     def __repr__(self) -> str:
         return f"Model(backbone={self.backbone.name!r}, head={self.head.head!r}, classes={self.classes})"
@@ -212,7 +218,8 @@ def load(directory: PathLike, weights: PathLike | None = None) -> Model:
         BundleError: the folder is not a valid model, or the backbone weights differ from the recorded ones.
     """
     directory = Path(directory)
-    config, tensors = read_bundle(directory)
+    contents = read_bundle(directory)
+    config, tensors = contents.config, contents.tensors
     recorded = config["backbone"]
     if recorded.get("finetuned_from"):
         state = {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
@@ -237,17 +244,4 @@ def load(directory: PathLike, weights: PathLike | None = None) -> Model:
     n_features = standardizer(head.head_).n_features
     if n_features != backbone.n_features:
         raise BundleError(f"{directory}: head expects {n_features} features, backbone gives {backbone.n_features}.")
-    summary = config.get("summary") or {}
-    history_file = directory / "history.json"
-    if history_file.is_file():
-        summary["history"] = json.loads(history_file.read_text(encoding="utf-8"))
-    return Model(backbone, head, summary)
-
-
-def _csv_bytes(rows: list[dict[str, Any]]) -> bytes:
-    buffer = io.StringIO()
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    writer = csv.DictWriter(buffer, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue().encode()
+    return Model(backbone, head, {**config.get("summary", {}), "history": contents.history})

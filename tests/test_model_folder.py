@@ -1,0 +1,291 @@
+"""Model folders: headstart writes only into its own, switches them as a whole, and refuses anything mixed, special or tampered."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import headstart
+from conftest import CATS_DOGS_TINY, FLOWERS_TINY, SHARED
+from headstart.bundle import MODEL_FILES, read_bundle
+from headstart.cli.main import app
+from headstart.errors import BundleError, ConfigError
+from test_bundle import rewrite
+
+FIXTURE_V1 = Path(__file__).parent / "fixtures" / "model_v1"
+
+
+@pytest.fixture(scope="module")
+def flowers_dir(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second model, with other classes: efficientnet_lite0 + linear head on flowers5_tiny."""
+    return headstart.train(FLOWERS_TINY, cache_dir=cache_dir).save(tmp_path_factory.mktemp("models") / "flowers")
+
+
+@pytest.fixture
+def bundle(tiny_model_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+
+
+def model_files(folder: Path) -> dict[str, bytes]:
+    return {name: (folder / name).read_bytes() for name in MODEL_FILES if (folder / name).is_file()}
+
+
+def one_line_error(args: list[str]) -> str:
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and result.output.startswith("Error:"), result.output
+    return " ".join(result.output.split())
+
+
+# 1. train --out never destroys the user's files
+
+
+def test_train_refuses_a_folder_of_other_files_and_keeps_them_with_force(cache_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "u"
+    (out / ".checkpoint").mkdir(parents=True)
+    (out / ".checkpoint" / "t.tex").write_text("x")
+    message = one_line_error(["train", str(CATS_DOGS_TINY), "--out", str(out), "--cache-dir", str(cache_dir), "--no-report"])
+    assert "not empty and not a headstart model" in message and "--force" in message
+    assert (out / ".checkpoint" / "t.tex").read_text() == "x" and not (out / "bundle.json").exists()
+    result = CliRunner().invoke(
+        app, ["train", str(CATS_DOGS_TINY), "--out", str(out), "--cache-dir", str(cache_dir), "--no-report", "--force"]
+    )
+    assert result.exit_code == 0, result.output
+    assert (out / ".checkpoint" / "t.tex").read_text() == "x"  # a linear head leaves .checkpoint alone
+    assert headstart.load(out).classes == ["cats", "dogs"]
+
+
+def test_another_tools_model_file_is_not_replaced_silently(tiny_model: headstart.Model, tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"another tool's weights")
+    with pytest.raises(BundleError, match="not empty and not a headstart model"):
+        tiny_model.save(out)
+    assert (out / "model.safetensors").read_bytes() == b"another tool's weights"
+
+
+def test_saving_over_a_model_keeps_the_users_files_and_drops_leftovers(bundle: Path, tiny_model: headstart.Model) -> None:
+    (bundle / "notes.txt").write_text("mine")
+    (bundle / "plots").mkdir()
+    (bundle / "plots" / "a.png").write_bytes(b"png")
+    (bundle / ".model.safetensors.0123456789ab.tmp").write_bytes(b"half-written")  # left by a killed write
+    stale = bundle.with_name(".model.headstart-abcdef012345")  # a staging folder left by a killed save
+    stale.mkdir()
+    tiny_model.save(bundle)
+    assert (bundle / "notes.txt").read_text() == "mine" and (bundle / "plots" / "a.png").read_bytes() == b"png"
+    assert not (bundle / ".model.safetensors.0123456789ab.tmp").exists() and not stale.exists()
+    assert sorted(p.name for p in bundle.parent.iterdir()) == ["model"]
+
+
+def test_a_finished_finetune_removes_only_its_checkpoint_files(tmp_path: Path) -> None:
+    from headstart.finetune import remove_checkpoint
+
+    folder = tmp_path / ".checkpoint"
+    folder.mkdir()
+    for name in ("checkpoint.json", "checkpoint-3.safetensors", ".checkpoint.json.0123456789ab.tmp", "mine.txt"):
+        (folder / name).write_text("x")
+    remove_checkpoint(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["mine.txt"]
+    (folder / "mine.txt").unlink()
+    remove_checkpoint(folder)
+    assert not folder.exists()
+
+
+# 2. a model folder switches as a whole; a mixed one is refused
+
+
+def test_a_folder_mixing_two_models_is_refused(bundle: Path, flowers_dir: Path) -> None:
+    shutil.copy(flowers_dir / "model.safetensors", bundle / "model.safetensors")
+    image = next(CATS_DOGS_TINY.rglob("*.jpg"))
+    message = one_line_error(["predict", str(bundle), str(image)])
+    assert "model.safetensors: differs from the file bundle.json records" in message and "mixes files of different saves" in message
+
+
+# The child writes a saved model's files through the same folder switch `save_bundle` ends with (no torch import, so it starts fast).
+SAVE = """
+import os, sys, time
+from pathlib import Path
+from headstart.files import atomic_write_folder
+MODEL_FILES = sys.argv[3].split(",")
+files = {name: (Path(sys.argv[1]) / name).read_bytes() for name in MODEL_FILES if (Path(sys.argv[1]) / name).is_file()}
+real_fsync = os.fsync
+def slow_fsync(fd):
+    print("fsync", flush=True)
+    time.sleep(0.1)
+    real_fsync(fd)
+os.fsync = slow_fsync
+atomic_write_folder(Path(sys.argv[2]), files, MODEL_FILES)
+print("done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("kill", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_a_save_killed_at_any_point_leaves_the_old_model_or_the_new_one(
+    kill: signal.Signals, bundle: Path, flowers_dir: Path, tmp_path: Path
+) -> None:
+    """Kill a save over an existing model after each of its fsyncs (each slowed down) while a reader loads it in a loop."""
+    (bundle / "notes.txt").write_text("mine")
+    old, new = model_files(bundle), model_files(flowers_dir)
+    target = tmp_path / "target"
+    outcomes = []
+    for k in range(1, 20):
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(bundle, target)
+        stop, seen, errors = threading.Event(), set(), []
+
+        def read_in_a_loop(stop: threading.Event = stop, seen: set[str] = seen, errors: list[Exception] = errors) -> None:
+            while not stop.is_set():
+                try:
+                    seen.add(",".join(read_bundle(target, load_weights=False).config["classes"]))
+                except Exception as e:
+                    errors.append(e)
+
+        reader = threading.Thread(target=read_in_a_loop)
+        child = subprocess.Popen(
+            [sys.executable, "-c", SAVE, str(flowers_dir), str(target), ",".join(MODEL_FILES)], stdout=subprocess.PIPE, text=True
+        )
+        assert child.stdout is not None
+        reader.start()
+        lines = []
+        while len(lines) < k and (line := child.stdout.readline()):
+            lines.append(line.strip())
+        finished = "done" in lines
+        if not finished:
+            child.send_signal(kill)
+        child.wait(timeout=60)
+        stop.set()
+        reader.join()
+        assert not errors, errors[:1]  # a reader never saw a mixed, half-written or missing model
+        assert seen <= {"cats,dogs", "daisy,dandelion,roses,sunflowers,tulips"}
+        files = model_files(target)
+        assert files in (old, new), f"after fsync {k}: a mix of the old and the new model"
+        assert (target / "notes.txt").read_text() == "mine"
+        read_bundle(target)  # validates every file, weights included
+        if kill == signal.SIGINT:  # Ctrl-C cleans up after itself; kill -9 leaves a staging folder for the next save
+            assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".target")) == []
+        outcomes.append("new" if files == new else "old")
+        if finished:
+            break
+    assert "old" in outcomes and "new" in outcomes, outcomes  # the kills landed before and after the switch
+    assert headstart.load(target).classes
+
+
+# 6. special files, huge files and paths outside the folder
+
+
+def test_info_on_a_model_whose_metrics_is_a_fifo_does_not_hang(bundle: Path) -> None:
+    (bundle / "metrics.json").unlink()
+    os.mkfifo(bundle / "metrics.json")
+    result = subprocess.run([sys.executable, "-m", "headstart.cli.main", "info", str(bundle)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "metrics.json: not a regular file: a FIFO" in result.stderr, result.stderr
+
+
+def test_a_huge_sparse_weights_file_is_refused_without_reading_it(bundle: Path) -> None:
+    path = bundle / "model.safetensors"
+    with path.open("r+b") as f:
+        f.truncate(1 << 30)  # 1 GB, sparse: under the size limit, but not the size the manifest records
+    with pytest.raises(BundleError, match="differs from the file bundle.json records"):
+        headstart.load(bundle)
+    with path.open("r+b") as f:
+        f.truncate(100 << 30)  # 100 GB: over the limit whatever the manifest says
+    assert "model.safetensors: too large: 107,374,182,400 bytes" in one_line_error(["predict", str(bundle), str(path)])
+
+
+@pytest.mark.parametrize("tensors", ["/etc/passwd", "../model.safetensors", "checkpoint-1.safetensors/../../x"])
+def test_resume_reads_only_checkpoint_files_inside_the_checkpoint_folder(tensors: str, tmp_path: Path) -> None:
+    from headstart.finetune import _load_checkpoint
+
+    (tmp_path / "checkpoint.json").write_text(
+        json.dumps({"fingerprint": "f", "tensors": tensors, "history": [], "best_loss": 1.0, "best_epoch": 0, "optimizer_groups": []})
+    )
+    with pytest.raises(ConfigError, match="checkpoint .* is damaged"):
+        _load_checkpoint(tmp_path, "f")
+
+
+@pytest.mark.parametrize("text", ["{not json", "[]", '{"tensors": 5}', "[" * 100_000 + "]" * 100_000])
+def test_a_damaged_checkpoint_json_is_one_clear_error(text: str, tmp_path: Path) -> None:
+    from headstart.finetune import _load_checkpoint
+
+    (tmp_path / "checkpoint.json").write_text(text)
+    with pytest.raises(ConfigError, match="damaged; run without --resume"):
+        _load_checkpoint(tmp_path, "f")
+
+
+# 9. tampered bundles: validated before anything is allocated
+
+
+def edit_config(bundle: Path, text: str) -> None:
+    (bundle / "bundle.json").write_text(text)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("data_config.input_size", "Infinity", "not valid JSON"),
+        ("data_config.input_size", "1e12", "field 'data_config'"),
+        ("data_config.std", "[0, 1, 1]", "field 'data_config'"),
+        ("head.hidden", "NaN", "not valid JSON"),
+        ("head.hidden", '"abc"', "hidden must be an integer"),
+        ("head.hidden", "1e12", "hidden must be an integer"),
+        ("head.hidden", "500000", "hidden must be an integer from 1 to 65536"),
+        ("head.hidden", "4096", r"1.weight: \[2, 1280\] instead of \[4096, 1280\]"),  # mlp shapes checked before allocation
+        ("summary", "[1, 2]", "field 'summary' must be an object"),
+        ("summary.val_images", '[["a.jpg"]]', "field 'summary.val_images'"),
+        ("files", '{"model.safetensors": {"size": 1, "sha256": "00"}}', "field 'files'"),
+        ("files", '{"../../etc/passwd": {"size": 1, "sha256": "00"}, "model.safetensors": {}, "metrics.json": {}}', "field 'files"),
+    ],
+)
+def test_tampered_fields_are_refused_in_one_line(bundle: Path, field: str, value: str, message: str) -> None:
+    config = json.loads((bundle / "bundle.json").read_text())
+    *parents, leaf = field.split(".")
+    target = config
+    for name in parents:
+        target = target[name]
+    target[leaf] = "@@"
+    if field == "head.hidden":
+        config["head"]["head"] = "mlp"
+    edit_config(bundle, json.dumps(config).replace('"@@"', value))
+    with pytest.raises(BundleError, match=message):
+        headstart.load(bundle)
+    assert re.search(message, one_line_error(["predict", str(bundle), str(next(CATS_DOGS_TINY.rglob("*.jpg")))]))
+
+
+def test_deeply_nested_json_is_refused(bundle: Path) -> None:
+    edit_config(bundle, "[" * 100_000 + "]" * 100_000)
+    with pytest.raises(BundleError, match="nested too deeply"):
+        headstart.load(bundle)
+
+
+@pytest.mark.parametrize(("name", "data", "message"), [
+    ("history.json", b'{"epoch": 1}', "field '(top level)' must be a JSON list"),
+    ("history.json", b"[1, 2]", "must be a list of objects"),
+    ("metrics.json", b"[]", "must be a JSON object"),
+    ("metrics.json", b'{"accuracy": "high"}', "field 'accuracy' must be a number"),
+])  # fmt: skip
+def test_malformed_history_and_metrics_are_refused(bundle: Path, name: str, data: bytes, message: str) -> None:
+    rewrite(bundle, name, data)
+    with pytest.raises(BundleError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        headstart.load(bundle)
+    assert message in one_line_error(["info", str(bundle)])
+
+
+# Models saved by earlier versions
+
+
+def test_a_model_saved_in_format_1_still_loads_and_predicts_the_same() -> None:
+    expected = json.loads((FIXTURE_V1.parent / "model_v1_expected.json").read_text())
+    model = headstart.load(FIXTURE_V1)
+    proba = model.predict_proba([SHARED / p for p in expected["images"]])
+    np.testing.assert_allclose(proba, expected["proba"], atol=1e-5)
+    assert model.classes == ["cats", "dogs"] and model.summary["history"]
