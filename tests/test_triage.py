@@ -108,7 +108,7 @@ def test_train_proceeds_on_the_good_files(corpus: tuple[Path, dict[str, str]], t
 def test_cli_check_writes_the_problem_list_and_says_training_can_proceed(corpus: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
     root, expected = corpus
     listing = tmp_path / "problems.csv"
-    result = CliRunner().invoke(app, ["check", str(root), "--out", str(listing)])
+    result = CliRunner().invoke(app, ["check", str(root), "--csv", str(listing)])
     assert result.exit_code == 0, result.output
     assert "decompression bomb" in result.output and "training can proceed" in result.output.lower()
     rows = list(csv.DictReader(listing.open()))
@@ -128,6 +128,6 @@ def test_check_exit_code_says_training_cannot_proceed(tmp_path: Path, layout: di
             write_image(root / name / f"{k}.png", (10 * k, 50, 90))
     report = triage(root)
     assert not report.can_train and problem in {f.problem for f in report.findings}
-    result = CliRunner().invoke(app, ["check", str(root), "--out", str(tmp_path / "p.csv")])
+    result = CliRunner().invoke(app, ["check", str(root), "--csv", str(tmp_path / "p.csv")])
     assert result.exit_code == 1
     assert "cannot" in result.output.lower() and problem in result.output

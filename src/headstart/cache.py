@@ -23,10 +23,11 @@ from safetensors.numpy import save as save_safetensors
 
 from headstart.backbones import Backbone
 from headstart.config import Progress
-from headstart.data import Skipped
+from headstart.data import MAX_FILE_BYTES, Skipped
 from headstart.engine import Engine, create_engine
+from headstart.errors import FileRefusedError
 from headstart.features import Extraction, extract_features
-from headstart.files import atomic_write_bytes
+from headstart.files import atomic_write_bytes, open_regular
 
 FEATURE_FORMAT = 2  # 2: large JPEGs decoded at reduced scale (see `pipeline.decode_input`)
 SHARD_SIZE = 1024
@@ -39,6 +40,10 @@ def file_digest(path: Path) -> str:
     same (so the data checks and the cache hash each file once), except for
     files changed in the last two seconds: a second change within the file
     system's clock granularity could leave all of those as they were.
+
+    Raises:
+        FileRefusedError: `path` is not a regular file (a FIFO, a device) or is larger than `data.MAX_FILE_BYTES`.
+        OSError: it cannot be read.
     """
     stat = path.stat()
     if time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) < 2_000_000_000:
@@ -53,8 +58,12 @@ def _remembered_sha256(path: Path, size: int, mtime_ns: int, ctime_ns: int, inod
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as f:
+    n_bytes = 0
+    with open_regular(path, MAX_FILE_BYTES) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
+            n_bytes += len(chunk)
+            if n_bytes > MAX_FILE_BYTES:  # grew while being read
+                raise FileRefusedError(path, f"too large: more than the {MAX_FILE_BYTES:,} bytes allowed")
             digest.update(chunk)
     return digest.hexdigest()
 
@@ -66,23 +75,35 @@ def backbone_key(backbone: Backbone) -> str:
 
 
 class FeatureCache:
-    """The cached features of one backbone, under `root/features/<backbone_key>/`."""
+    """The cached features of one backbone, under `root/features/<backbone_key>/`; each is float32 of shape (n_features,)."""
 
     def __init__(self, root: Path, backbone: Backbone) -> None:
         self.directory = root / "features" / backbone_key(backbone)
+        self.n_features = backbone.n_features
 
     def load(self, digests: Iterable[str]) -> dict[str, NDArray[np.float32]]:
-        """The cached features among `digests`. Unreadable shards are deleted and ignored."""
+        """The cached features among `digests`.
+
+        A damaged shard (unreadable, or holding a wanted tensor that is not finite
+        float32 of shape (n_features,)) is deleted, and its images are extracted again.
+        """
         wanted = set(digests)
         found: dict[str, NDArray[np.float32]] = {}
         for shard in sorted(self.directory.glob("*.safetensors")) if self.directory.is_dir() else []:
             try:
                 with safe_open(shard, framework="numpy") as f:
-                    for key in wanted.intersection(f.keys()).difference(found):
-                        found[key] = f.get_tensor(key)
+                    tensors = {key: f.get_tensor(key) for key in wanted.intersection(f.keys()).difference(found)}
             except Exception:  # a damaged shard is re-extracted, never fatal
                 shard.unlink(missing_ok=True)
+                continue
+            if all(self._valid(t) for t in tensors.values()):
+                found.update(tensors)
+            else:
+                shard.unlink(missing_ok=True)
         return found
+
+    def _valid(self, tensor: NDArray[np.float32]) -> bool:
+        return tensor.shape == (self.n_features,) and tensor.dtype == np.float32 and bool(np.isfinite(tensor).all())
 
     def store(self, features: dict[str, NDArray[np.float32]]) -> None:
         """Write features as a new shard, atomically."""
@@ -97,6 +118,8 @@ def _digests(paths: Sequence[Path]) -> tuple[dict[int, str], list[Skipped]]:
     for i, path in enumerate(paths):
         try:
             digests[i] = file_digest(path)
+        except FileRefusedError as e:  # a FIFO, a device, a file too large
+            unreadable.append(Skipped(path, e.reason))
         except OSError as e:  # a vanished file, a symlink loop, no permission
             unreadable.append(Skipped(path, e.strerror or str(e)))
     return digests, unreadable

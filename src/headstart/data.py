@@ -3,26 +3,32 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 import signal
 import threading
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from headstart.errors import ConfigError, DataError, UnreadableImageError
+from headstart.errors import ConfigError, DataError, FileRefusedError, UnreadableImageError
+from headstart.files import display, open_regular, read_regular
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".avif", ".tif", ".tiff", ".ppm", ".pgm"})
 HEIC_EXTENSIONS = frozenset({".heic", ".heif"})  # iPhone photos; Pillow cannot read them
 VAL_FOLDER_NAMES = ("val", "validation")
 MAX_PIXELS = 89_478_485  # Pillow's decompression-bomb threshold (a 0.25 GB RGB image); larger files are refused
 MIN_SIDE = 16  # images smaller than this on either side (icons, tracking pixels) are refused
+MAX_ASPECT_RATIO = 100  # long side / short side beyond which an image is refused: resizing a 16 x 5,000,000 strip asks for ~80 GB
+MAX_FILE_BYTES = 1 << 30  # image files larger than 1 GiB are refused unread (no photo is this large; a file that is may not end)
+MAX_CSV_BYTES = 1 << 28  # a path,label CSV larger than 256 MiB (several million rows) is refused
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # load_image refuses such files itself, with a clear reason
 DECODE_SECONDS = 20.0  # a file that takes longer to decode is refused (crafted files can make decoders crawl)
 
@@ -53,7 +59,9 @@ class Dataset:
     skipped: list[Skipped] = field(default_factory=list)
 
     def drop(self, skipped: list[Skipped]) -> Dataset:
-        """The same dataset without the given files, which join `skipped`."""
+        """The same dataset without the given files; those it held join `skipped`."""
+        present = {r.path for r in self.train + self.val}
+        skipped = [s for s in skipped if s.path in present]
         bad = {s.path for s in skipped}
         return Dataset(
             train=[r for r in self.train if r.path not in bad],
@@ -76,22 +84,65 @@ def load_dataset(source: str | os.PathLike[str], val_split: float = 0.2, seed: i
         DataError: the source is missing, has no images, or a class has too few.
     """
     root = Path(source).expanduser()
+    check_val_split(val_split)
+    records, val, skipped = read_source(root)
+    return split_dataset(root, records, val, skipped, val_split, seed)
+
+
+def check_val_split(val_split: float) -> None:
+    """Raise ConfigError unless 0 <= `val_split` < 1."""
     if not 0.0 <= val_split < 1.0:
         raise ConfigError(f"val_split must be in [0, 1), got {val_split}.")
-    records, val, skipped = read_source(root)
-    train, val = (records, val) if val is not None else split_records(records, val_split, seed)
+
+
+def split_dataset(
+    root: Path,
+    records: list[ImageRecord],
+    presplit_val: list[ImageRecord] | None,
+    skipped: list[Skipped],
+    val_split: float,
+    seed: int,
+    unusable: Sequence[Skipped] = (),
+) -> Dataset:
+    """Leave out the `unusable` files, split the rest (unless the source has its own validation split) and check every class.
+
+    Unusable files are dropped before the split, as `triage` does, so `check` and `train` agree.
+
+    Raises:
+        DataError: no usable images, or a class has too few.
+    """
+    bad = {s.path for s in unusable}
+    records = [r for r in records if r.path not in bad]
+    if presplit_val is None:
+        train, val = split_records(records, val_split, seed)
+    else:
+        train, val = records, [r for r in presplit_val if r.path not in bad]
+    check_layout(root, train)
+    classes = sorted({r.label for r in train})
+    check_class_counts(train, val, classes, min_val=1 if val_split > 0 else 0)
+    return Dataset(train=train, val=val, classes=classes, skipped=skipped + list(unusable))
+
+
+def check_layout(root: Path, train: list[ImageRecord]) -> None:
+    """Raise DataError when the training images cannot train however few are skipped: none at all, or a single class."""
     classes = sorted({r.label for r in train})
     if not classes:
         raise DataError(f"{root}: found no images. Put each class's images in its own sub-folder (e.g. {root}/cats/*.jpg).")
-    check_class_counts(train, val, classes, min_val=1 if val_split > 0 else 0)
-    return Dataset(train=train, val=val, classes=classes, skipped=skipped)
+    check_class_counts(train, [], classes, min_val=0)
 
 
 def read_source(root: Path) -> tuple[list[ImageRecord], list[ImageRecord] | None, list[Skipped]]:
-    """The labelled images of a CSV or folder tree, its own validation split if it has one (else None), and the files left out."""
+    """The labelled images of a CSV or folder tree, its own validation split if it has one (else None), and the files left out.
+
+    Raises:
+        DataError: `root` does not exist, is an image, or is a CSV that cannot be read.
+        FileRefusedError: `root` is a special file (a FIFO, a device) or a CSV over `MAX_CSV_BYTES`.
+    """
     if not root.exists():
         raise DataError(f"{root}: no such file or folder. Give a folder with one sub-folder per class, or a CSV of path,label.")
-    if root.is_file():
+    if root.suffix.lower() in IMAGE_EXTENSIONS | HEIC_EXTENSIONS and not root.is_dir():
+        raise DataError(f"{display(root)} is an image; give the folder that holds one sub-folder per class, or a CSV of path,label.")
+    if not root.is_dir():
         records, skipped = read_csv(root)
         return records, None, skipped
     val_dir = next((root / n for n in VAL_FOLDER_NAMES if (root / n).is_dir()), None)
@@ -147,21 +198,38 @@ def scan_folder(root: Path) -> tuple[list[ImageRecord], list[Skipped]]:
 
 
 def read_csv(path: Path) -> tuple[list[ImageRecord], list[Skipped]]:
-    """Read `path,label` rows; relative paths are relative to the CSV's folder. A header row is optional."""
+    """Read `path,label` rows; relative paths are relative to the CSV's folder. A header row is optional.
+
+    The text is UTF-8 (a byte-order mark is ignored); other bytes are kept as
+    `surrogateescape` characters, as Python decodes file names, so a path in
+    any encoding names the file the operating system has under those bytes.
+
+    Raises:
+        DataError: a row is not `path,label`, or the file is not CSV text.
+        FileRefusedError: `path` is not a regular file, or is larger than `MAX_CSV_BYTES`.
+    """
+    text = read_regular(path, MAX_CSV_BYTES).decode("utf-8-sig", errors="surrogateescape")
+    if "\0" in text:
+        line = text.count("\n", 0, text.index("\0")) + 1
+        raise DataError(f"{display(path)}, line {line}: NUL bytes, so not a text CSV (UTF-16?). Save it as UTF-8 CSV of path,label.")
     records: list[ImageRecord] = []
     skipped: list[Skipped] = []
-    with path.open(newline="", encoding="utf-8") as f:
-        for i, row in enumerate(csv.reader(f), start=1):
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        for row in reader:
+            i = reader.line_num
             if not row or (i == 1 and [c.strip().lower() for c in row[:2]] == ["path", "label"]):
                 continue
             if len(row) < 2 or not row[0].strip() or not row[1].strip():
-                raise DataError(f"{path}, line {i}: expected 'path,label', got {','.join(row)!r}.")
+                raise DataError(f"{display(path)}, line {i}: expected 'path,label', got {display(','.join(row))!r}.")
             image = Path(row[0].strip()).expanduser()
             image = image if image.is_absolute() else path.parent / image
-            if image.is_file():
+            if image.exists():  # a special file is refused, with its reason, when it is read
                 records.append(ImageRecord(image, row[1].strip()))
             else:
                 skipped.append(Skipped(image, f"listed in {path.name} line {i} but not found"))
+    except csv.Error as e:
+        raise DataError(f"{display(path)}, line {reader.line_num}: {e}. Fix that row; the file must be a CSV of path,label.") from None
     return records, skipped
 
 
@@ -186,7 +254,10 @@ def _key(record: ImageRecord) -> tuple[str, str]:
 
 
 def list_images(inputs: list[str | os.PathLike[str]]) -> tuple[list[Path], list[Skipped]]:
-    """Expand files and folders (recursively) into image paths, in the given order."""
+    """Expand files and folders (recursively) into image paths, in the given order.
+
+    A special file given by name (a FIFO, a device) is kept and refused, with its reason, when decoded.
+    """
     paths: list[Path] = []
     skipped: list[Skipped] = []
     for item in inputs:
@@ -198,7 +269,7 @@ def list_images(inputs: list[str | os.PathLike[str]]) -> tuple[list[Path], list[
                     path = Path(dirpath) / name
                     if not name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS:
                         paths.append(path)
-        elif p.is_file():
+        elif p.exists():
             paths.append(p)
         else:
             skipped.append(Skipped(p, "no such file or folder"))
@@ -214,28 +285,51 @@ def load_image(path: Path, min_size: int | None = None) -> Image.Image:
     1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, several times faster), keeping
     at least `min_size` pixels on the short side; this changes pixels slightly.
 
+    Only a regular file of at most `MAX_FILE_BYTES` is opened (never a FIFO or
+    device), and its header is checked against `MAX_PIXELS`, `MIN_SIDE` and
+    `MAX_ASPECT_RATIO` before any pixel is decoded.
+
     Raises:
         UnreadableImageError: the file is not a decodable image (the reason says why).
     """
+    return decode_image(path, lambda image: image, min_size)
+
+
+_T = TypeVar("_T")
+
+
+def decode_image(path: Path, convert: Callable[[Image.Image], _T], min_size: int | None = None) -> _T:
+    """`convert(load_image(path, min_size))`, with `convert` (e.g. a resize) under the same time limit and error handling.
+
+    Raises:
+        UnreadableImageError: the file is not a decodable image, or decoding or
+            converting it ran out of time or memory (the reason says why).
+    """
     try:
-        with _time_limit(DECODE_SECONDS), Image.open(path) as opened:
+        with _time_limit(DECODE_SECONDS), open_regular(path, MAX_FILE_BYTES) as file, Image.open(file) as opened:
             width, height = opened.size
             if width * height > MAX_PIXELS:
                 raise UnreadableImageError(path, f"decompression bomb: {width}x{height} pixels, more than the {MAX_PIXELS:,} allowed")
             if min(width, height) < MIN_SIDE:
                 raise UnreadableImageError(path, f"too small: {width}x{height} pixels, less than {MIN_SIDE} on a side")
+            if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+                raise UnreadableImageError(path, f"extreme aspect ratio: {width}x{height} pixels, more elongated than {MAX_ASPECT_RATIO}:1")
             if min_size:
                 opened.draft(None, (min_size, min_size))
             opened.load()
-            return _to_rgb(ImageOps.exif_transpose(opened))
+            return convert(_to_rgb(ImageOps.exif_transpose(opened)))
     except UnreadableImageError:
         raise
+    except FileRefusedError as e:
+        raise UnreadableImageError(path, e.reason) from None
     except TimeoutError:
         raise UnreadableImageError(path, f"decoding took longer than {DECODE_SECONDS:g} s") from None
+    except MemoryError:
+        raise UnreadableImageError(path, "not enough memory to decode and resize it") from None
     except Image.DecompressionBombError:
         raise UnreadableImageError(path, f"decompression bomb: more than {MAX_PIXELS:,} pixels") from None
     except Exception as e:  # Pillow raises many types for broken files
-        reason = str(e).split(" '")[0] if "cannot identify image file" in str(e) else str(e)
+        reason = "cannot identify image file" if isinstance(e, UnidentifiedImageError) else str(e)
         raise UnreadableImageError(path, reason or type(e).__name__) from None
 
 

@@ -5,10 +5,13 @@ feature extractor is exported to ONNX under `<cache>/onnx/`, run on a fixed
 input through both ONNX Runtime and PyTorch, and kept only if the two agree
 (`PARITY_TOLERANCE`). The verdict is recorded beside the file, so later runs
 start at once; a backbone that fails to export or to match runs in PyTorch.
+A failure that may pass (a full disk, too little memory) is not recorded: that
+run uses PyTorch, and the next one tries the export again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import queue
@@ -150,7 +153,8 @@ def exported_model(backbone: Backbone, cache_root: Path) -> Path:
     """The path of `backbone`'s verified ONNX feature extractor, exporting and verifying it on first use.
 
     Raises:
-        ExportError: export failed or its features differ from PyTorch's (now or on an earlier run).
+        ExportError: export failed or its features differ from PyTorch's (now or on an earlier run),
+            or it failed for want of disk space or memory this time (then it is tried again on the next call).
     """
     path = cache_root / "onnx" / f"{engine_key(backbone)}.onnx"
     record_path = path.with_suffix(".json")
@@ -162,14 +166,27 @@ def exported_model(backbone: Backbone, cache_root: Path) -> Path:
     try:
         data = _export(backbone)
         error = _parity_error(backbone, data)
+    except (OSError, MemoryError) as e:  # may pass (a full disk, a busy machine): not recorded
+        raise ExportError(
+            f"Backbone '{backbone.name}' could not be exported to ONNX this time ({_describe(e)}); it will be tried again on the next run"
+        ) from e
     except Exception as e:  # exporters fail in many ways on arbitrary timm models
-        return _refuse(backbone, record_path, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return _refuse(backbone, record_path, _describe(e))
     if not error <= PARITY_TOLERANCE:
         return _refuse(backbone, record_path, f"ONNX features differ from PyTorch's (max relative error {error:.2e})")
-    atomic_write_bytes(path, data)
-    digest = hashlib.sha256(data).hexdigest()
-    atomic_write_json(record_path, {"verified": True, "sha256": digest, "max_relative_error": error, "backbone": backbone.name})
+    try:
+        atomic_write_bytes(path, data)
+        digest = hashlib.sha256(data).hexdigest()
+        atomic_write_json(record_path, {"verified": True, "sha256": digest, "max_relative_error": error, "backbone": backbone.name})
+    except OSError as e:
+        raise ExportError(
+            f"Backbone '{backbone.name}': its ONNX file could not be saved ({_describe(e)}); it will be tried again on the next run"
+        ) from e
     return path
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:
@@ -181,7 +198,8 @@ def _read_record(path: Path) -> dict[str, Any] | None:
 
 
 def _refuse(backbone: Backbone, record_path: Path, reason: str) -> Path:
-    atomic_write_json(record_path, {"verified": False, "reason": reason, "backbone": backbone.name})
+    with contextlib.suppress(OSError):  # unrecorded, the export is simply tried again next time
+        atomic_write_json(record_path, {"verified": False, "reason": reason, "backbone": backbone.name})
     raise ExportError(f"Backbone '{backbone.name}' did not export to ONNX: {reason}")
 
 

@@ -13,6 +13,7 @@ import itertools
 import math
 import multiprocessing
 import os
+import signal
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -23,7 +24,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from headstart.config import DataConfig
-from headstart.data import Skipped, load_image
+from headstart.data import Skipped, decode_image
 from headstart.errors import UnreadableImageError
 from headstart.transforms import crop_pixels, normalize
 
@@ -65,6 +66,17 @@ def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
         return None
 
 
+def ignore_sigint() -> None:
+    """Initializer of worker processes: Ctrl-C is the main process's to handle (workers would each print a traceback)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def process_pool(workers: int) -> ProcessPoolExecutor:
+    """A pool of `workers` processes (forked where possible) that ignore Ctrl-C."""
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=ignore_sigint)
+
+
 def decode_workers(cpus: int | None = None) -> int:
     """Decoding processes to run beside the inference engine: a quarter of the CPUs, at least one.
 
@@ -81,8 +93,12 @@ def decode_input(path: Path, cfg: DataConfig, reduced_decode: bool = True) -> ND
     short side are decoded at reduced scale (see `load_image`), keeping at least
     twice the resize size, before the same bicubic resize and crop. Pixels then
     differ slightly from a full decode; bench/decode.py measures by how much.
+    The resize runs under the decoding's time limit and error handling.
+
+    Raises:
+        UnreadableImageError: the file cannot be decoded, or decoding or resizing it ran out of time or memory.
     """
-    return crop_pixels(load_image(path, min_size=2 * cfg.resize_size if reduced_decode else None), cfg)
+    return decode_image(path, lambda image: crop_pixels(image, cfg), min_size=2 * cfg.resize_size if reduced_decode else None)
 
 
 def _decode_chunk(paths: Sequence[Path], cfg: DataConfig, reduced_decode: bool) -> _Chunk:
@@ -122,8 +138,7 @@ def decode_batches(
     workers = workers or decode_workers()
     limit = max_in_flight or PREFETCH_PER_WORKER * workers
     chunks = ((start, paths[start : start + batch_size]) for start in starts)
-    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    with process_pool(workers) as pool:
         pending: deque[tuple[int, Future[_Chunk]]] = deque()
 
         def submit_next() -> None:

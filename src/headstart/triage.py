@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import csv
-import io
-import multiprocessing
 import os
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -18,6 +14,8 @@ from PIL import ExifTags, Image
 from headstart.cache import file_digest
 from headstart.config import Progress
 from headstart.data import (
+    MAX_ASPECT_RATIO,
+    MAX_FILE_BYTES,
     MAX_PIXELS,
     MIN_SIDE,
     VAL_FOLDER_NAMES,
@@ -30,8 +28,8 @@ from headstart.data import (
     split_records,
 )
 from headstart.errors import DataError, UnreadableImageError
-from headstart.files import atomic_write_bytes
-from headstart.pipeline import available_cpus
+from headstart.files import atomic_write_bytes, csv_bytes, open_regular
+from headstart.pipeline import available_cpus, process_pool
 
 Action = Literal["blocks training", "skipped", "warning", "used as is", "ignored"]
 IMBALANCE_RATIO = 5.0  # largest class / smallest class beyond which class weights are suggested
@@ -50,10 +48,13 @@ PROBLEMS: dict[str, Problem] = {
     "single class": Problem("blocks training", "Add a folder for at least one more class."),
     "no images": Problem("blocks training", "Put each class's images in its own sub-folder, e.g. DATA/cats/*.jpg."),
     "empty file": Problem("skipped", "Copy or download the file again; it has zero bytes."),
+    "special file": Problem("skipped", "Replace it with a regular image file, or remove it; FIFOs, devices and sockets are never read."),
+    "file too large": Problem("skipped", f"Resize or re-compress the image below {MAX_FILE_BYTES:,} bytes, or remove it."),
     "not an image": Problem("skipped", "Remove the file, or convert it to JPEG or PNG if it is a photo."),
     "unreadable image": Problem("skipped", "Re-save or download the image again; it is truncated or corrupt."),
     "decompression bomb": Problem("skipped", f"Resize the image below {MAX_PIXELS:,} pixels, or remove it."),
     "too small": Problem("skipped", f"Use images at least {MIN_SIDE} px on each side, or remove it."),
+    "extreme aspect ratio": Problem("skipped", f"Crop the image to a ratio under {MAX_ASPECT_RATIO}:1, or remove it."),
     "broken link": Problem("skipped", "Point the symbolic link at an existing file (or break the loop), or remove it."),
     "missing file": Problem("skipped", "Fix the path in the CSV, or remove the row."),
     "HEIC photo": Problem("skipped", "Convert it to JPEG (macOS: sips -s format jpeg; Linux: heif-convert), or remove it."),
@@ -115,13 +116,12 @@ class Triage:
         return [(p, PROBLEMS[p].action, counter[p]) for p in sorted(counter, key=order.index)]
 
     def write_csv(self, path: Path) -> Path:
-        """Write one row per finding: path, problem, action, detail, fix (atomically)."""
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(["path", "problem", "action", "detail", "fix"])
-        for f in self.findings:
-            writer.writerow([str(f.path), f.problem, f.action, f.detail, f.fix])
-        return atomic_write_bytes(path, buffer.getvalue().encode())
+        """Write one row per finding: path, problem, action, detail, fix (atomically).
+
+        Paths that are not UTF-8 are written as their original bytes, so each names its file.
+        """
+        rows = ([str(f.path), f.problem, f.action, f.detail, f.fix] for f in self.findings)
+        return atomic_write_bytes(path, csv_bytes(["path", "problem", "action", "detail", "fix"], rows))
 
 
 def triage(source: str | os.PathLike[str], val_split: float = 0.2, seed: int = 0, progress: Progress | None = None) -> Triage:
@@ -148,14 +148,14 @@ def triage(source: str | os.PathLike[str], val_split: float = 0.2, seed: int = 0
         train, val = usable_records, [r for r in presplit_val if r.path not in unusable]
     findings += _duplicates(train, val)
     usable = dict(sorted(Counter(r.label for r in train + val).items()))
-    findings += _class_findings(root, train, val, usable, min_val=1 if val_split > 0 or presplit_val else 0)
+    findings += _class_findings(root, train, val, usable, min_val=1 if val_split > 0 else 0)  # as `data.split_dataset`
     return Triage(root, len(all_records), usable, sorted(findings, key=lambda f: (list(PROBLEMS).index(f.problem), str(f.path))))
 
 
 def dataset_warnings(source: str | os.PathLike[str], dataset: Dataset) -> list[Finding]:
     """The problems of an already loaded dataset that training goes on with: duplicates, leaks, imbalance, empty class folders.
 
-    What would block training has raised in `load_dataset`; unreadable files are skipped during extraction.
+    What would block training has raised in `data.split_dataset`, after the unreadable files were dropped.
     """
     root = Path(source).expanduser()
     usable = dict(sorted(Counter(r.label for r in dataset.train + dataset.val).items()))
@@ -189,7 +189,7 @@ def _empty_class_folders(root: Path) -> list[Finding]:
         for entry in sorted(top.iterdir())
         if not entry.name.startswith(".")
         and entry.is_dir()
-        and not any(p.is_file() or p.is_symlink() for p in entry.rglob("*") if not p.name.startswith("."))
+        and not any(p.is_symlink() or not p.is_dir() for p in entry.rglob("*") if not p.name.startswith("."))
     ]
 
 
@@ -205,14 +205,17 @@ def _hidden_files(root: Path) -> list[Finding]:
 
 
 def inspect_file(path: Path) -> list[tuple[str, str]]:
-    """The (problem, detail) pairs for one image file, decoded in full; empty when it is a plain RGB image."""
+    """The (problem, detail) pairs for one image file, decoded in full; empty when it is a plain RGB image.
+
+    Special files (FIFOs, devices) and files over `MAX_FILE_BYTES` are reported unread.
+    """
     if not path.exists():
         return [("broken link", "symbolic link to a missing file, or a loop")] if path.is_symlink() else [("missing file", "no such file")]
-    if path.stat().st_size == 0:
+    if path.is_file() and path.stat().st_size == 0:
         return [("empty file", "0 bytes")]
     try:
         load_image(path)
-        with Image.open(path) as image:
+        with open_regular(path, MAX_FILE_BYTES) as file, Image.open(file) as image:
             notes = []
             frames = getattr(image, "n_frames", 1)
             if frames > 1:
@@ -229,17 +232,23 @@ def inspect_file(path: Path) -> list[tuple[str, str]]:
         return [(_problem_of(str(e)), str(e) or type(e).__name__)]
 
 
+_PROBLEM_OF_REASON = (
+    ("not a regular file", "special file"),
+    ("too large", "file too large"),
+    ("decompression bomb", "decompression bomb"),
+    ("too small", "too small"),
+    ("extreme aspect ratio", "extreme aspect ratio"),
+    ("cannot identify", "not an image"),
+)
+
+
 def _problem_of(reason: str) -> str:
-    for key, problem in (("decompression bomb", "decompression bomb"), ("too small", "too small"), ("cannot identify", "not an image")):
-        if key in reason:
-            return problem
-    return "unreadable image"
+    return next((problem for key, problem in _PROBLEM_OF_REASON if reason.startswith(key)), "unreadable image")
 
 
 def _inspect_all(paths: Sequence[Path], progress: Progress | None) -> list[Finding]:
     findings: list[Finding] = []
-    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    with ProcessPoolExecutor(max_workers=available_cpus(), mp_context=context) as pool:
+    with process_pool(available_cpus()) as pool:
         for done, (path, notes) in enumerate(zip(paths, pool.map(inspect_file, paths, chunksize=16)), start=1):
             findings += [Finding(path, problem, detail) for problem, detail in notes]
             if progress:
