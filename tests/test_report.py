@@ -102,8 +102,8 @@ def test_explain_works_for_frozen_finetuned_and_other_backbones(trained: Path, t
     tuned = headstart.train(FLOWERS_TINY, strategy="finetune", epochs=1, unfreeze=1, cache_dir=tmp_path / "c")
     layered = headstart.train(FLOWERS_TINY, layer=-2, cache_dir=tmp_path / "c")
     for name, model in (("tuned", tuned), ("layer", layered)):
-        written = explain(model, [images[0]], tmp_path / name)
-        assert Image.open(written[0]).size[0] > 300
+        result = explain(model, [images[0]], tmp_path / name)
+        assert not result.skipped and Image.open(result.written[0]).size[0] > 300
     bad = runner.invoke(app, ["explain", str(trained), str(images[0]), "--class", "horses"])
     assert bad.exit_code == 1 and "Unknown class 'horses'" in bad.output
 

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,18 +18,30 @@ from PIL import ImageOps
 from headstart.augment import AugmentConfig
 from headstart.augment import augment as augment_image
 from headstart.backbones import Backbone, BackboneInfo, at_layer, create_backbone, imagenet_class_names, list_backbones
-from headstart.bundle import describe_bundle
+from headstart.bundle import CHECKPOINT_DIR, REPORT_NAME, check_output_folder, describe_bundle
 from headstart.cache import CachedExtraction, FeatureCache, extract_with_cache
 from headstart.classifier import HeadClassifier
 from headstart.config import Progress, default_cache_dir
-from headstart.data import Dataset, ImageRecord, check_class_counts, list_images, load_dataset, load_image
+from headstart.data import (
+    Dataset,
+    ImageRecord,
+    Skipped,
+    check_class_counts,
+    check_layout,
+    check_val_split,
+    list_images,
+    load_dataset,
+    load_image,
+    read_source,
+    split_dataset,
+)
 from headstart.datasets import fetch_flowers
 from headstart.engine import TorchEngine, create_engine
-from headstart.errors import ConfigError
-from headstart.explain import grad_cam, overlay, stage_activations
+from headstart.errors import ConfigError, DataError, FileRefusedError, UnreadableImageError
+from headstart.explain import Explanations, grad_cam, output_name, overlay, stage_activations
 from headstart.features import extract_features
-from headstart.files import atomic_write_bytes
-from headstart.finetune import FinetuneConfig, FinetuneResult, finetune
+from headstart.files import atomic_write_bytes, csv_bytes, display
+from headstart.finetune import FinetuneConfig, FinetuneResult, finetune, remove_checkpoint
 from headstart.metrics import Evaluation, evaluate_probabilities
 from headstart.model import EvaluationResult, Model, PathLike, Prediction, Predictions, load
 from headstart.report import build_report, feature_map_grid, image_grid, save_figure
@@ -59,8 +68,6 @@ __all__ = [
 
 Strategy = Literal["linear", "mlp", "finetune", "auto"]
 STRATEGIES = ("linear", "mlp", "finetune", "auto")
-CHECKPOINT_DIR = ".checkpoint"
-REPORT_NAME = "report.html"
 
 
 def train(
@@ -79,6 +86,7 @@ def train(
     augment: str | AugmentConfig = "strong",
     out: PathLike | None = None,
     resume: bool = False,
+    force: bool = False,
     write_report: bool = True,
     cache_dir: PathLike | None = None,
     use_cache: bool = True,
@@ -111,6 +119,8 @@ def train(
         out: save the model in this folder (and, for "finetune", the best-so-far
             model after each improving epoch and a checkpoint to resume from).
         resume: continue an interrupted "finetune" run from its checkpoint in `out`.
+        force: let `out` be a folder of other files (they are kept); by default it
+            must be new, empty or a headstart model.
         write_report: with `out`, also write `out/report.html` (curves, confusion matrix,
             prediction grids, top losses, Grad-CAM on validation images).
         cache_dir: where features are cached (default: `default_cache_dir()`).
@@ -134,27 +144,39 @@ def train(
         raise ConfigError(f"Strategy '{strategy}' trains a {strategy} head; drop --head {head} or use --strategy finetune.")
     if resume and out is None:
         raise ConfigError("resume needs the output folder of the interrupted run (--out).")
+    if out is not None:
+        check_output_folder(Path(out), force)
     clf = HeadClassifier(head="mlp" if strategy == "mlp" else head or "linear", class_weight=class_weight, seed=seed).check_params()
     augment_config = augment if isinstance(augment, AugmentConfig) else AugmentConfig.preset(augment)
     tune = FinetuneConfig(unfreeze=unfreeze, epochs=epochs, augment=augment_config, seed=seed, batch_size=batch_size)
-    dataset = load_dataset(data, val_split=val_split, seed=seed)
-    warnings = dataset_warnings(data, dataset)
-    if strategy in ("finetune", "auto") and not dataset.val:
+    check_val_split(val_split)
+    root = Path(data).expanduser()
+    records, presplit_val, skipped = read_source(root)
+    check_layout(root, records)  # fails fast only where no file being skipped could matter, so never where `check` says it can train
+    if strategy in ("finetune", "auto") and presplit_val is None and val_split == 0:
         raise ConfigError(f"Strategy '{strategy}' needs validation images; use a val_split above 0.")
     net = create_backbone(backbone, weights, layer)
     cache = partial(_cached_features, cache_root=Path(cache_dir) if cache_dir else default_cache_dir(), use_cache=use_cache)
-    frozen = _fit_frozen(net, dataset, clf, cache(net, dataset, batch_size, progress))
+    found = records + (presplit_val or [])
+    extraction = cache(net, found, batch_size, progress)
+    # Unreadable files leave before the split, as in `check`, so both count the same usable images per class.
+    dataset = split_dataset(root, records, presplit_val, skipped, val_split, seed, unusable=extraction.skipped)
+    warnings = dataset_warnings(data, dataset)
+    if strategy in ("finetune", "auto") and not dataset.val:
+        raise ConfigError(f"Strategy '{strategy}' needs validation images; use a val_split above 0.")
+    frozen = _fit_frozen(net, dataset, clf, found, extraction)
 
     choice = None
     if strategy == "auto":
         final = frozen.features
-        early = _split(frozen.dataset, cache(at_layer(net, EARLIER_LAYER), frozen.dataset, batch_size, progress))
+        used = frozen.dataset.train + frozen.dataset.val
+        early = _split(frozen.dataset, used, cache(at_layer(net, EARLIER_LAYER), used, batch_size, progress))
         confidence = imagenet_confidence(net, final.X_train) if net.has_imagenet_head and net.layer is None else None
         n_train, n_classes = len(frozen.dataset.train), len(frozen.dataset.classes)
         choice = choose(n_train, n_classes, confidence, probe_loss(final, seed), probe_loss(early, seed))
         if choice.layer is not None:
             net = at_layer(net, choice.layer)
-            frozen = _fit_frozen(net, frozen.dataset, clf, cache(net, frozen.dataset, batch_size, progress))
+            frozen = _fit_frozen(net, frozen.dataset, clf, used, cache(net, used, batch_size, progress))
         tune = dataclasses.replace(tune, unfreeze=choice.unfreeze)
 
     dataset, clf = frozen.dataset, frozen.clf
@@ -184,12 +206,12 @@ def train(
         summary["validation"] = frozen.validation.to_dict()
 
     if strategy == "finetune" or (choice is not None and choice.strategy == "finetune"):
-        net, clf = _finetune(net, clf, dataset, tune, summary, Path(out) if out is not None else None, resume, progress)
+        net, clf = _finetune(net, clf, dataset, tune, summary, Path(out) if out is not None else None, resume, force, progress)
     summary["seconds"] = round(time.perf_counter() - started, 2)
     model = Model(net, clf, summary)
     if out is not None:
-        model.save(out)
-        shutil.rmtree(Path(out) / CHECKPOINT_DIR, ignore_errors=True)
+        model.save(out, force=force)
+        remove_checkpoint(Path(out) / CHECKPOINT_DIR)
         if write_report and dataset.val:
             finetuned = net.finetuned_from is not None
             scores = model.score(dataset.val, progress, features=None if finetuned else frozen.features.X_val)
@@ -210,27 +232,29 @@ class _Frozen:
 
 
 def _cached_features(
-    net: Backbone, dataset: Dataset, batch_size: int, progress: Progress | None, cache_root: Path, use_cache: bool
+    net: Backbone, records: list[ImageRecord], batch_size: int, progress: Progress | None, cache_root: Path, use_cache: bool
 ) -> CachedExtraction:
     cache = FeatureCache(cache_root, net) if use_cache else None
     make_engine = partial(create_engine, cache_root=cache_root)
-    return extract_with_cache(net, [r.path for r in dataset.train + dataset.val], cache, batch_size, progress, make_engine)
+    return extract_with_cache(net, [r.path for r in records], cache, batch_size, progress, make_engine)
 
 
-def _split(dataset: Dataset, extraction: CachedExtraction) -> ProbeData:
-    """The extracted features and labels of `dataset.train + dataset.val`, split back into train and val."""
-    records = dataset.train + dataset.val
-    labels = np.asarray([records[i].label for i in extraction.kept])
-    is_train = extraction.kept < len(dataset.train)
-    features = extraction.features
-    return ProbeData(features[is_train], labels[is_train], features[~is_train], labels[~is_train])
+def _split(dataset: Dataset, records: list[ImageRecord], extraction: CachedExtraction) -> ProbeData:
+    """The features and labels of `dataset`'s train and val images, looked up by path in an extraction over `records`."""
+    row = {records[i].path: k for k, i in enumerate(extraction.kept.tolist())}
+
+    def part(split: list[ImageRecord]) -> tuple[NDArray[np.float32], NDArray[np.str_]]:
+        kept = [r for r in split if r.path in row]
+        return extraction.features[[row[r.path] for r in kept]], np.asarray([r.label for r in kept], dtype=str)
+
+    return ProbeData(*part(dataset.train), *part(dataset.val))
 
 
-def _fit_frozen(net: Backbone, dataset: Dataset, clf: HeadClassifier, extraction: CachedExtraction) -> _Frozen:
-    """Fit a copy of `clf` on frozen features; files the extraction could not read leave the dataset."""
-    data = _split(dataset, extraction)
+def _fit_frozen(net: Backbone, dataset: Dataset, clf: HeadClassifier, records: list[ImageRecord], extraction: CachedExtraction) -> _Frozen:
+    """Fit a copy of `clf` on the frozen features of `dataset` (from an extraction over `records`); files it could not read leave the dataset."""
     dataset = dataset.drop(extraction.skipped)
     check_class_counts(dataset.train, dataset.val, dataset.classes, min_val=1 if dataset.val else 0)
+    data = _split(dataset, records, extraction)
     fitted = HeadClassifier(**clf.get_params()).fit(data.X_train, data.y_train, data.X_val, data.y_val)
     validation = None
     if len(data.y_val):
@@ -247,6 +271,7 @@ def _finetune(
     summary: dict[str, Any],
     out: Path | None,
     resume: bool,
+    force: bool,
     progress: Progress | None,
 ) -> tuple[Backbone, HeadClassifier]:
     """Phase two; updates `summary` with its history and the tuned model's validation scores."""
@@ -263,7 +288,7 @@ def _finetune(
 
     def save_best(result: FinetuneResult) -> None:
         if out is not None:
-            Model(result.backbone, result.head, record(result)).save(out)
+            Model(result.backbone, result.head, record(result)).save(out, force=force)
 
     checkpoint = out / CHECKPOINT_DIR if out is not None else None
     result = finetune(net, clf, dataset.train, dataset.val, config, checkpoint, resume, progress, on_best=save_best)
@@ -282,17 +307,32 @@ def info(model: PathLike) -> dict[str, Any]:
 
 
 def predict(model: PathLike | Model, images: Sequence[PathLike], top_k: int = 3, progress: Progress | None = None) -> Predictions:
-    """Top-k predictions for image files and folders (searched recursively); unreadable files are skipped."""
+    """Top-k predictions for image files and folders (searched recursively); unreadable files are skipped.
+
+    Raises:
+        DataError: none of the images could be read (the message gives the first reason).
+    """
     model = model if isinstance(model, Model) else load(model)
     paths, missing = list_images(list(images))
+    if not paths:
+        raise _no_readable_images(images, missing)
     result = model.predict_files(paths, top_k, progress)
+    if not result.predictions:
+        raise _no_readable_images(images, missing + result.skipped)
     return Predictions(result.predictions, missing + result.skipped)
 
 
 def evaluate(model: PathLike | Model, data: PathLike, progress: Progress | None = None) -> EvaluationResult:
-    """Accuracy, per-class precision/recall/F1 and confusion matrix on labelled images."""
+    """Accuracy, per-class precision/recall/F1 and confusion matrix on labelled images.
+
+    Raises:
+        DataError: none of the images could be read (the message names `data` and gives the first reason).
+    """
     model = model if isinstance(model, Model) else load(model)
-    return model.evaluate(data, progress)
+    result = model.evaluate(data, progress)
+    if result.evaluation.n_images == 0:
+        raise _no_readable_images([data], result.skipped, f"`headstart check {data}` lists each problem with its fix.")
+    return result
 
 
 def imagenet(
@@ -302,7 +342,14 @@ def imagenet(
     top_k: int = 5,
     progress: Progress | None = None,
 ) -> Predictions:
-    """The backbone's own ImageNet-1k top-k classes for each image (its pretrained classifier kept on)."""
+    """The backbone's own ImageNet-1k top-k classes for each image (its pretrained classifier kept on).
+
+    Raises:
+        ConfigError: `top_k` is below 1.
+        DataError: none of the images could be read (the message gives the first reason).
+    """
+    if top_k < 1:
+        raise ConfigError(f"top_k must be at least 1, got {top_k}.")
     net = create_backbone(backbone, weights)
     paths, missing = list_images(list(images))
     # Full-resolution decoding: reduced JPEG decoding flips the ImageNet top-1 of a few large photos (bench/decode.py).
@@ -310,19 +357,20 @@ def imagenet(
     names = imagenet_class_names()
     proba = _softmax(extraction.features)
     predictions = [Prediction.from_probabilities(paths[i], row, names, top_k) for i, row in zip(extraction.kept, proba)]
+    if not predictions:
+        raise _no_readable_images(images, missing + extraction.skipped)
     return Predictions(predictions, missing + extraction.skipped)
 
 
 def save_predictions_csv(predictions: Sequence[Prediction], path: PathLike) -> Path:
-    """Write one row per image: path, label, probability, then label_2, probability_2, ... (atomically)."""
+    """Write one row per image: path, label, probability, then label_2, probability_2, ... (atomically).
+
+    Paths are written as their bytes on disk, so non-UTF-8 file names read back as the same files.
+    """
     k = max((len(p.top_k) for p in predictions), default=1)
     header = ["path", "label", "probability"] + [f"{c}_{i}" for i in range(2, k + 1) for c in ("label", "probability")]
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(header)
-    for p in predictions:
-        writer.writerow([str(p.path), *(f"{v:.6f}" if isinstance(v, float) else v for pair in p.top_k for v in pair)])
-    return atomic_write_bytes(Path(path), buffer.getvalue().encode())
+    rows = [[str(p.path), *(f"{v:.6f}" if isinstance(v, float) else v for pair in p.top_k for v in pair)] for p in predictions]
+    return atomic_write_bytes(Path(path), csv_bytes(header, rows))
 
 
 def augment_preview(
@@ -337,7 +385,12 @@ def augment_preview(
     """Save a PNG grid: a few training images as the model sees them in evaluation, then augmented.
 
     Returns the path written.
+
+    Raises:
+        ConfigError: `n_images` or `n_variants` is below 1.
     """
+    if n_images < 1 or n_variants < 1:
+        raise ConfigError(f"n_images and n_variants must be at least 1, got {n_images} and {n_variants}.")
     config = augment if isinstance(augment, AugmentConfig) else AugmentConfig.preset(augment)
     dataset = load_dataset(data, val_split=0.0)
     data_config = create_backbone(backbone).data_config
@@ -348,7 +401,7 @@ def augment_preview(
         record = dataset.train[index]
         image = load_image(record.path)
         rows.append([resize_and_crop(image, data_config)] + [augment_image(image, config, data_config, rng) for _ in range(n_variants)])
-        titles.append([f"{record.label}: original"] + [f"augmented {k + 1}" for k in range(n_variants)])
+        titles.append([f"{display(record.label)}: original"] + [f"augmented {k + 1}" for k in range(n_variants)])
     return save_figure(image_grid(rows, titles), Path(out))
 
 
@@ -371,28 +424,42 @@ def report(model: PathLike, data: PathLike | None = None, out: PathLike | None =
 
 def explain(
     model: PathLike | Model, images: Sequence[PathLike], out: PathLike, class_name: str | None = None, progress: Progress | None = None
-) -> list[Path]:
-    """Grad-CAM overlays for the predicted class (or `class_name`) of each image, one PNG each in `out`."""
+) -> Explanations:
+    """Grad-CAM overlays for the predicted class (or `class_name`) of each image, one PNG each in `out`.
+
+    Each PNG is named `{stem}_gradcam.png` (`{stem}_2_gradcam.png`, ... when stems repeat; long stems shortened).
+    Unreadable images are skipped and listed.
+
+    Raises:
+        ConfigError: `class_name` is not one of the model's classes.
+        DataError: none of the images could be read (the message gives the first reason).
+    """
     model = model if isinstance(model, Model) else load(model)
     if class_name is not None and class_name not in model.classes:
         raise ConfigError(f"Unknown class '{class_name}'. This model's classes: {', '.join(model.classes)}.")
-    paths, _ = list_images(list(images))
-    written = []
+    paths, skipped = list_images(list(images))
+    written: list[Path] = []
+    taken: set[str] = set()
     cfg = model.backbone.data_config
     for done, path in enumerate(paths, start=1):
-        image = load_image(path)
-        batch = torch.from_numpy(preprocess(image, cfg))[None]
-        proba = model.head.predict_proba(model.backbone.features(batch).numpy())[0]
-        index = model.classes.index(class_name) if class_name else int(proba.argmax())
-        view = resize_and_crop(image, cfg)
-        title = f"{path.name}: Grad-CAM for '{model.classes[index]}' (p={proba[index]:.2f})"
-        figure = image_grid(
-            [[view, overlay(view, grad_cam(model.backbone, batch, index, model.head.head_))]], [[path.name, title]], cell_inches=3
-        )
-        written.append(save_figure(figure, Path(out) / f"{path.stem}_gradcam.png"))
+        try:
+            image = load_image(path)
+        except (UnreadableImageError, FileRefusedError) as e:
+            skipped.append(Skipped(path, e.reason))
+        else:
+            batch = torch.from_numpy(preprocess(image, cfg))[None]
+            proba = model.head.predict_proba(model.backbone.features(batch).numpy())[0]
+            index = model.classes.index(class_name) if class_name else int(proba.argmax())
+            view = resize_and_crop(image, cfg)
+            title = f"{display(path.name)}: Grad-CAM for '{display(model.classes[index])}' (p={proba[index]:.2f})"
+            cam = overlay(view, grad_cam(model.backbone, batch, index, model.head.head_))
+            figure = image_grid([[view, cam]], [[display(path.name), title]], cell_inches=3)
+            written.append(save_figure(figure, Path(out) / output_name(path.stem, "_gradcam.png", taken)))
         if progress:
             progress("Explaining", done, len(paths))
-    return written
+    if not written:
+        raise _no_readable_images(images, skipped)
+    return Explanations(written, skipped)
 
 
 def activations(model_or_backbone: str | PathLike, image: PathLike, out: PathLike, n_channels: int = 8) -> Path:
@@ -403,7 +470,7 @@ def activations(model_or_backbone: str | PathLike, image: PathLike, out: PathLik
     batch = torch.from_numpy(preprocess(load_image(path), net.data_config))[None]
     names = [f"{name} ({channels} ch)" for name, channels in net.stages()]
     figure = feature_map_grid(stage_activations(net, batch, n_channels), names)
-    return save_figure(figure, Path(out) / f"{path.stem}_activations.png")
+    return save_figure(figure, Path(out) / output_name(path.stem, "_activations.png", set()))
 
 
 def imagenet_grid(result: Predictions, out: PathLike, n_cols: int = 4) -> Path:
@@ -411,9 +478,20 @@ def imagenet_grid(result: Predictions, out: PathLike, n_cols: int = 4) -> Path:
     if not result.predictions:
         raise ConfigError("No readable images to draw.")
     views = [ImageOps.fit(load_image(p.path), (256, 256)) for p in result.predictions]
-    titles = [f"{p.label.split(',')[0]} ({p.probability:.2f})" for p in result.predictions]
+    titles = [f"{display(p.label.split(',')[0])} ({p.probability:.2f})" for p in result.predictions]
     rows = [views[k : k + n_cols] for k in range(0, len(views), n_cols)]
     return save_figure(image_grid(rows, [titles[k : k + n_cols] for k in range(0, len(titles), n_cols)]), Path(out))
+
+
+def _no_readable_images(
+    inputs: Sequence[PathLike], skipped: list[Skipped], fix: str = "Give image files (JPEG, PNG, ...) or folders holding them."
+) -> DataError:
+    """The error for inputs among which no image could be read: what was skipped, and why the first one was."""
+    where = ", ".join(map(str, inputs[:3])) + (f" and {len(inputs) - 3} more" if len(inputs) > 3 else "")
+    if not skipped:
+        return DataError(f"{where}: no images found. {fix}")
+    first = skipped[0]
+    return DataError(f"{where}: no readable images; {len(skipped)} skipped (first: {first.path}: {first.reason}). {fix}")
 
 
 def backbones() -> list[BackboneInfo]:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import torch
 from numpy.typing import NDArray
@@ -9,7 +13,35 @@ from PIL import Image
 from torch import nn
 
 from headstart.backbones import Backbone
+from headstart.data import Skipped
 from headstart.errors import BackboneWeightsError
+
+MAX_NAME_BYTES = 200  # under the usual NAME_MAX of 255 bytes, leaving room for the temporary name of an atomic write
+
+
+@dataclass(frozen=True)
+class Explanations:
+    """The heatmap PNGs written, one per readable image, and the images skipped with the reason."""
+
+    written: list[Path]
+    skipped: list[Skipped]
+
+
+def output_name(stem: str, suffix: str, taken: set[str]) -> str:
+    """`{stem}{suffix}`, or `{stem}_2{suffix}`, `_3`, ... when that name is `taken` (compared case-insensitively; it joins `taken`).
+
+    The stem is shortened, a whole character at a time, to keep the name within MAX_NAME_BYTES.
+    """
+    n = 1
+    while True:
+        tail = suffix if n == 1 else f"_{n}{suffix}"
+        short = stem
+        while short and len(os.fsencode(short + tail)) > MAX_NAME_BYTES:
+            short = short[:-1]
+        if (short + tail).casefold() not in taken:
+            taken.add((short + tail).casefold())
+            return short + tail
+        n += 1
 
 
 def grad_cam(backbone: Backbone, batch: torch.Tensor, class_index: int, head: nn.Module | None = None) -> NDArray[np.float32]:

@@ -2,6 +2,8 @@
 
 Everything here is a function of values (histories, evaluations, images) that
 returns a Figure or a string; only `save_figure` and `write_report` touch the disk.
+Names are data: figures draw text with mathtext off (`$` stays a dollar sign), and
+file and class names pass through `files.display` (and `html.escape` on the page).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from headstart.data import load_image
-from headstart.files import atomic_write_bytes
+from headstart.files import atomic_write_bytes, display
 from headstart.metrics import Evaluation
 from headstart.model import Model, Scores
 
@@ -45,7 +47,7 @@ def image_grid(
     colours: Sequence[Sequence[str]] | None = None,
     cell_inches: float = 1.9,
 ) -> Figure:
-    """A grid of images, one row per sequence, each titled (in the given colour)."""
+    """A grid of images, one row per sequence, each titled (in the given colour) as plain text: no mathtext."""
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
     figure = _figure(cell_inches * n_cols, cell_inches * n_rows + 0.3)
     axes = figure.subplots(n_rows, n_cols, squeeze=False)
@@ -56,7 +58,7 @@ def image_grid(
             if c < len(rows[r]):
                 ax.imshow(rows[r][c])
                 colour = colours[r][c] if colours else "black"
-                ax.set_title(titles[r][c], fontsize=8, color=colour)
+                ax.set_title(titles[r][c], fontsize=8, color=colour, parse_math=False)
                 if colours:  # a frame in the same colour, so correct and wrong differ by more than text
                     ax.set_axis_on()
                     ax.set_xticks([])
@@ -99,8 +101,9 @@ def confusion(evaluation: Evaluation) -> Figure:
         figure.subplots(1, 2), (counts, normalised), ("counts", "normalised by true class"), ("d", ".2f"), strict=True
     ):
         ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
-        ax.set_xticks(range(n), evaluation.classes, rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(n), evaluation.classes, fontsize=8)
+        names = [display(c) for c in evaluation.classes]
+        ax.set_xticks(range(n), names, rotation=45, ha="right", fontsize=8, parse_math=False)
+        ax.set_yticks(range(n), names, fontsize=8, parse_math=False)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(f"Confusion matrix ({title})")
@@ -129,7 +132,7 @@ def feature_map_grid(rows: Sequence[Sequence[NDArray[np.float32]]], stage_names:
             ax.set_axis_off()
             if c < len(maps):
                 ax.imshow(maps[c], cmap="viridis")
-                ax.set_title(f"{name} ch {c}" if c == 0 else f"ch {c}", fontsize=7)
+                ax.set_title(f"{display(name)} ch {c}" if c == 0 else f"ch {c}", fontsize=7, parse_math=False)
     return figure
 
 
@@ -152,20 +155,24 @@ class Section:
     body: str
 
 
+def _html(text: object) -> str:
+    return html.escape(display(str(text)))
+
+
 def paragraph(text: str) -> str:
-    return f"<p>{html.escape(text)}</p>"
+    return f"<p>{_html(text)}</p>"
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in rows)
+    head = "".join(f"<th>{_html(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_html(v)}</td>" for v in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def figure_html(figure: Figure, caption: str, name: str) -> str:
     """The figure inlined as a base64 PNG, with alt text and a caption."""
     data = base64.b64encode(png_bytes(figure)).decode()
-    alt = html.escape(caption)
+    alt = _html(caption)
     return f'<figure id="{name}"><img src="data:image/png;base64,{data}" alt="{alt}"><figcaption>{alt}</figcaption></figure>'
 
 
@@ -180,13 +187,10 @@ figcaption{color:#57606a;font-size:.9rem}.key{display:inline-block;padding:0 .4r
 
 def render_html(title: str, sections: Sequence[Section]) -> str:
     """A self-contained page: styles inline, images as data URLs."""
-    parts = [
-        f'<section id="{html.escape(s.title.lower().replace(" ", "-"))}"><h2>{html.escape(s.title)}</h2>{s.body}</section>'
-        for s in sections
-    ]
+    parts = [f'<section id="{_html(s.title.lower().replace(" ", "-"))}"><h2>{_html(s.title)}</h2>{s.body}</section>' for s in sections]
     return (
-        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-        f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{''.join(parts)}</body></html>\n"
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{_html(title)}</title>'
+        f"<style>{_STYLE}</style></head><body><h1>{_html(title)}</h1>{''.join(parts)}</body></html>\n"
     )
 
 
@@ -214,7 +218,8 @@ def build_report(model: Model, scores: Scores, out: Path, n_grid: int = 16, n_to
     def tile_title(i: int) -> tuple[str, str]:
         ok = y_pred[i] == y_true[i]
         mark = "✓" if ok else "✗"
-        return f"{mark} true {kept[i].label}\npred {model.classes[y_pred[i]]} ({proba[i, y_pred[i]]:.2f})", CORRECT if ok else WRONG
+        true, pred = display(kept[i].label), display(model.classes[y_pred[i]])
+        return f"{mark} true {true}\npred {pred} ({proba[i, y_pred[i]]:.2f})", CORRECT if ok else WRONG
 
     sections = [Section("Summary", _summary_html(model, evaluation, len(kept)))]
     if s.get("history"):
@@ -260,7 +265,7 @@ def build_report(model: Model, scores: Scores, out: Path, n_grid: int = 16, n_to
             cam = grad_cam(model.backbone, batch, int(y_pred[i]), model.head.head_)
             title, colour = tile_title(i)
             rows.append([view(i), overlay(view(i), cam)])
-            titles.append([title, f"Grad-CAM for '{model.classes[y_pred[i]]}'"])
+            titles.append([title, f"Grad-CAM for '{display(model.classes[y_pred[i]])}'"])
             colours.append([colour, colour])
         cams = figure_html(
             image_grid(rows, titles, colours, cell_inches=2.4),

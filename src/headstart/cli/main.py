@@ -109,6 +109,9 @@ def train(
     contrast: Annotated[float | None, typer.Option(help="Max contrast change, fraction.", show_default=False)] = None,
     saturation: Annotated[float | None, typer.Option(help="Max saturation change, fraction.", show_default=False)] = None,
     resume: Annotated[bool, typer.Option(help="finetune: continue the interrupted run saved in --out.")] = False,
+    force: Annotated[
+        bool, typer.Option(help="Write into --out even if it holds other files (kept; only the model's own files are replaced).")
+    ] = False,
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache folder [default: ~/.cache/headstart].")] = None,
     cache: Annotated[bool, typer.Option(help="Read and write the feature cache.")] = True,
     batch_size: Annotated[int, typer.Option(help="Images per backbone forward pass or training step.")] = 32,
@@ -146,6 +149,7 @@ def train(
             ),
             out=out,
             resume=resume,
+            force=force,
             cache_dir=cache_dir,
             use_cache=cache,
             write_report=report,
@@ -162,8 +166,8 @@ def augment_preview(
     out: Annotated[Path, typer.Option(help="PNG file to write.")] = Path("augment-preview.png"),
     augment: Annotated[Augment, typer.Option(help="Augmentation preset.")] = Augment.light,
     backbone: Backbone = "efficientnet_lite0",
-    n_images: Annotated[int, typer.Option(help="How many training images (rows).")] = 4,
-    n_variants: Annotated[int, typer.Option(help="How many augmented versions of each (columns after the original).")] = 5,
+    n_images: Annotated[int, typer.Option(min=1, help="How many training images (rows).")] = 4,
+    n_variants: Annotated[int, typer.Option(min=1, help="How many augmented versions of each (columns after the original).")] = 5,
     seed: Annotated[int, typer.Option(help="Seed of the image choice and the augmentations.")] = 0,
 ) -> None:
     """Save a grid of augmented training images: what the model sees while fine-tuning."""
@@ -198,9 +202,7 @@ def _augment(preset: Augment, min_crop: float | None, **overrides: Any) -> Any:
 def check(
     ctx: typer.Context,
     data: Annotated[Path, typer.Argument(help="Folder with one sub-folder per class (or train/ and val/), or a CSV of path,label.")],
-    out: Annotated[Path, typer.Option(help="CSV file listing each problem: path, problem, action, detail, fix.")] = Path(
-        "headstart-check.csv"
-    ),
+    csv: Annotated[Path | None, typer.Option(help="Also write every problem to this CSV: path, problem, action, detail, fix.")] = None,
     val_split: Annotated[float, typer.Option(help="The validation fraction `train` would use.")] = 0.2,
     seed: Annotated[int, typer.Option(help="The split seed `train` would use.")] = 0,
 ) -> None:
@@ -210,8 +212,11 @@ def check(
 
     with handled(ctx), render.progress_bar() as progress:
         result = api.check(data, val_split=val_split, seed=seed, progress=progress)
-        result.write_csv(out)
-    render.triage(result, out)
+    render.triage(result)
+    if csv is not None:
+        with handled(ctx):
+            result.write_csv(csv)
+    render.triage_verdict(result, csv)
     raise typer.Exit(0 if result.can_train else 1)
 
 
@@ -234,7 +239,7 @@ def predict(
     ctx: typer.Context,
     model: Annotated[Path, typer.Argument(help="A model folder from `headstart train`.")],
     images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
-    top_k: Annotated[int, typer.Option(help="How many classes to show per image.")] = 3,
+    top_k: Annotated[int, typer.Option(min=1, help="How many classes to show per image.")] = 3,
     csv: Annotated[Path | None, typer.Option(help="Also write the predictions to this CSV file.")] = None,
 ) -> None:
     """Predict the classes of new images."""
@@ -272,7 +277,7 @@ def imagenet(
     images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
     backbone: Backbone = "efficientnet_lite0",
     weights: Weights = None,
-    top_k: Annotated[int, typer.Option(help="How many ImageNet classes to show.")] = 5,
+    top_k: Annotated[int, typer.Option(min=1, help="How many ImageNet classes to show.")] = 5,
     grid: Annotated[Path | None, typer.Option(help="Also save a PNG grid of the images titled with their top-1 class.")] = None,
 ) -> None:
     """The pretrained backbone's own ImageNet-1000 predictions."""
@@ -317,8 +322,8 @@ def explain(
     from headstart.cli import render
 
     with handled(ctx), render.progress_bar() as progress:
-        paths = api.explain(model, images, out, class_name, progress=progress)
-    render.message(f"Wrote {len(paths)} heatmap(s) to {out}.")
+        result = api.explain(model, images, out, class_name, progress=progress)
+    render.explanations(result, out)
 
 
 @app.command()
@@ -360,11 +365,14 @@ def demo(
     render.training(model, out)
     data = Path(model.summary["data"])
     example = next(iter(sorted((data / model.classes[0]).iterdir())), data)
-    render.message(
-        f"\nThe data came from {data}.\nPredict with it:\n"
-        f"  headstart predict {out} {example}\n"
-        f"  python -c \"import headstart; print(headstart.load('{out}').predict(['{example}']))\""
-    )
+    for line in (
+        "",
+        f"The data came from {data}.",
+        "Predict with it:",
+        f"  headstart predict {out} {example}",
+        f"  python -c \"import headstart; print(headstart.load('{out}').predict(['{example}']))\"",
+    ):
+        render.message(line)
 
 
 def run() -> None:

@@ -1,4 +1,8 @@
-"""Terminal output: the only module that imports rich."""
+"""Terminal output: the only module that imports rich.
+
+File names, class names and messages are data: each is shown through `files.display` as plain
+`Text` (never parsed as Rich markup or emoji codes), so a name prints as itself on one line.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +16,25 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from headstart.backbones import BackboneInfo
 from headstart.config import Progress as ProgressCallback
 from headstart.data import Skipped
+from headstart.explain import Explanations
+from headstart.files import display
 from headstart.metrics import Evaluation
 from headstart.model import Model, Predictions
 from headstart.triage import PROBLEMS, Triage
 
 console = Console()
 err_console = Console(stderr=True)
+N_FINDINGS_SHOWN = 20
+
+
+def _text(*parts: str | tuple[str, str]) -> Text:
+    """One line from plain pieces and (piece, style) pairs; every piece is shown as is (display-safe, no markup)."""
+    return Text.assemble(*(display(p) if isinstance(p, str) else (display(p[0]), p[1]) for p in parts))
 
 
 @contextmanager
@@ -29,11 +42,11 @@ def progress_bar(out: Console | None = None) -> Iterator[ProgressCallback]:
     """A progress callback drawing one bar per description, on stderr when it is a terminal."""
     out = out or err_console
     with Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
-        TextColumn("{task.fields[status]}"),
+        TextColumn("{task.fields[status]}", markup=False),
         console=out,
         transient=True,
         disable=not out.is_terminal,  # piped or logged: no bar, and no stray blank line
@@ -41,6 +54,7 @@ def progress_bar(out: Console | None = None) -> Iterator[ProgressCallback]:
         tasks: dict[str, Any] = {}
 
         def update(description: str, done: int, total: int, status: str = "", /) -> None:
+            description, status = display(description), display(status)
             if description not in tasks:
                 tasks[description] = bar.add_task(description, total=total, status=status)
             bar.update(tasks[description], completed=done, total=total, status=status)
@@ -49,41 +63,55 @@ def progress_bar(out: Console | None = None) -> Iterator[ProgressCallback]:
 
 
 def error(message: str, out: Console | None = None) -> None:
-    (out or err_console).print(f"[bold red]Error:[/] {message}", highlight=False, soft_wrap=True)
+    (out or err_console).print(_text(("Error:", "bold red"), " ", message), soft_wrap=True)
 
 
 def skipped(files: list[Skipped], out: Console | None = None, limit: int = 20) -> None:
     if not files:
         return
     out = out or console
-    out.print(f"[yellow]Skipped {len(files)} file(s):[/]")
+    out.print(_text((f"Skipped {len(files)} file(s):", "yellow")))
     for s in files[:limit]:
-        out.print(f"  {s.path}: {s.reason}", highlight=False, soft_wrap=True)
+        out.print(_text(f"  {s.path}: {s.reason}"), soft_wrap=True)
     if len(files) > limit:
         out.print(f"  … and {len(files) - limit} more")
 
 
-def triage(result: Triage, listing: Path, out: Console | None = None) -> None:
+def triage(result: Triage, out: Console | None = None) -> None:
+    """The counts per problem, the first findings and the usable images per class."""
     out = out or console
-    table = Table(title=f"{result.n_images} images in {result.source}")
-    for name in ("problem", "what headstart does", "files", "fix"):
-        table.add_column(name, justify="right" if name == "files" else "left", overflow="fold")
-    for problem, action, count in result.counts():
-        colour = {"blocks training": "red", "skipped": "yellow", "warning": "yellow"}.get(action, "default")
-        table.add_row(problem, f"[{colour}]{action}[/]", str(count), PROBLEMS[problem].fix)
-    if result.findings:
-        out.print(table)
+    if not result.findings:
+        out.print(_text(f"No problems in {result.n_images} images in {result.source}."), soft_wrap=True)
     else:
-        out.print(f"No problems in {result.n_images} images.")
+        table = Table(title=_text(f"{result.n_images} images in {result.source}"))
+        for name in ("problem", "what headstart does", "files", "fix"):
+            table.add_column(name, justify="right" if name == "files" else "left", overflow="fold")
+        for problem, action, count in result.counts():
+            colour = {"blocks training": "red", "skipped": "yellow", "warning": "yellow"}.get(action, "default")
+            table.add_row(_text(problem), _text((action, colour)), str(count), _text(PROBLEMS[problem].fix))
+        out.print(table)
+        shown = Table(title=f"First {min(len(result.findings), N_FINDINGS_SHOWN)} of {len(result.findings)} problem(s)")
+        for name in ("file", "problem", "detail"):
+            shown.add_column(name, overflow="fold")
+        for f in result.findings[:N_FINDINGS_SHOWN]:
+            shown.add_row(_text(str(f.path)), _text(f.problem), _text(f.detail))
+        out.print(shown)
     usable = ", ".join(f"{name} {n}" for name, n in result.usable.items())
-    out.print(f"Usable images per class: {usable or 'none'}.", highlight=False)
-    if result.findings:
-        out.print(f"Each problem with its file and fix: {listing}", highlight=False)
+    out.print(_text(f"Usable images per class: {usable or 'none'}."), soft_wrap=True)
+
+
+def triage_verdict(result: Triage, listing: Path | None, out: Console | None = None) -> None:
+    """Where the full list went (or how to get it), and whether training can proceed."""
+    out = out or console
+    if listing is not None:
+        out.print(_text(f"Wrote {len(result.findings)} problem(s), each with its file and fix, to {listing}."), soft_wrap=True)
+    elif result.findings:
+        out.print("`--csv FILE` writes every problem with its file, detail and fix.", markup=False, highlight=False)
     if result.can_train:
-        out.print("[green]Training can proceed[/] (unusable files are skipped).")
+        out.print(_text(("Training can proceed", "green"), " (unusable files are skipped)."))
     else:
         blocking = next(f for f in result.findings if f.action == "blocks training")
-        out.print(f"[red]Training cannot proceed:[/] {blocking.problem}: {blocking.detail}", highlight=False)
+        out.print(_text(("Training cannot proceed:", "red"), f" {blocking.problem}: {blocking.detail}"), soft_wrap=True)
 
 
 def info(directory: Path, description: dict[str, Any], out: Console | None = None) -> None:
@@ -95,32 +123,45 @@ def info(directory: Path, description: dict[str, Any], out: Console | None = Non
     head = config["head"]
     n_parameters = sum(math.prod(shape) for shape in description["tensors"].values())
     lines = [
-        f"[bold]{directory}[/]: headstart model, format {config['format_version']}, saved by headstart {config.get('headstart_version', '?')}",
-        f"backbone: {backbone['name']}{layer}{tuned}, weights sha256 {backbone['weights_sha256'][:12]}…",
-        f"classes ({len(config['classes'])}): {', '.join(config['classes'])}",
-        f"head: {head.get('head')}"
-        + (f", hidden {head.get('hidden')}, dropout {head.get('dropout')}" if head.get("head") == "mlp" else ""),
-        f"input: {config['data_config']['input_size']} px (resize {config['data_config']['resize_size']}, {config['data_config']['interpolation']})",
-        f"tensors: {len(description['tensors'])}, {n_parameters:,} values",
+        _text(
+            (str(directory), "bold"),
+            f": headstart model, format {config['format_version']}, saved by headstart {config.get('headstart_version', '?')}",
+        ),
+        _text(f"backbone: {backbone['name']}{layer}{tuned}, weights sha256 {backbone['weights_sha256'][:12]}…"),
+        _text(f"classes ({len(config['classes'])}): {', '.join(map(str, config['classes']))}"),
+        _text(
+            f"head: {head.get('head')}"
+            + (f", hidden {head.get('hidden')}, dropout {head.get('dropout')}" if head.get("head") == "mlp" else "")
+        ),
+        _text(
+            f"input: {config['data_config']['input_size']} px "
+            f"(resize {config['data_config']['resize_size']}, {config['data_config']['interpolation']})"
+        ),
+        _text(f"tensors: {len(description['tensors'])}, {n_parameters:,} values"),
     ]
     if "accuracy" in metrics:
-        lines.append(f"validation accuracy {metrics['accuracy']:.3f} on {metrics.get('n_images', '?')} images")
-    lines.append("files: " + ", ".join(f"{name} ({size:,} B)" for name, size in description["files"].items()))
+        lines.append(_text(f"validation accuracy {metrics['accuracy']:.3f} on {metrics.get('n_images', '?')} images"))
+    lines.append(_text("files: " + ", ".join(f"{name} ({size:,} B)" for name, size in description["files"].items())))
     for line in lines:
-        out.print(line, highlight=False)
+        out.print(line, soft_wrap=True)
 
 
 def training(model: Model, saved_to: Path, out: Console | None = None) -> None:
     out = out or console
     s = model.summary
     if "auto" in s:
-        out.print(f"Strategy auto: {s['auto']['reason']}.", highlight=False)
+        out.print(_text(f"Strategy auto: {s['auto']['reason']}."), soft_wrap=True)
     layer = f" (stage {s['layer']})" if s.get("layer") is not None else ""
     out.print(
-        f"Trained a [bold]{s['head']}[/] head on [bold]{s['backbone']}[/] features{layer}: "
-        f"{sum(s['n_train'].values())} training and {sum(s['n_val'].values())} validation images, "
-        f"{len(model.classes)} classes; {s['n_extracted']} images run through the backbone, "
-        f"{s['n_cached']} from the cache; best epoch {s['best_epoch']}."
+        _text(
+            "Trained a ",
+            (str(s["head"]), "bold"),
+            " head on ",
+            (str(s["backbone"]), "bold"),
+            f" features{layer}: {sum(s['n_train'].values())} training and {sum(s['n_val'].values())} validation images, "
+            f"{len(model.classes)} classes; {s['n_extracted']} images run through the backbone, "
+            f"{s['n_cached']} from the cache; best epoch {s['best_epoch']}.",
+        )
     )
     if "finetune" in s:
         tune = s["finetune"]
@@ -137,35 +178,35 @@ def training(model: Model, saved_to: Path, out: Console | None = None) -> None:
     if s.get("warnings"):
         counts = Counter(w["problem"] for w in s["warnings"])
         listed = ", ".join(f"{problem} ({n})" for problem, n in counts.items())
-        out.print(f"[yellow]Warnings:[/] {listed}. `headstart check {s['data']}` lists each with its fix.", highlight=False)
+        out.print(_text(("Warnings:", "yellow"), f" {listed}. `headstart check {s['data']}` lists each with its fix."), soft_wrap=True)
     if "validation" in s:
         v = s["validation"]
-        out.print(f"Validation accuracy [bold]{v['accuracy']:.3f}[/] on {v['n_images']} images.")
+        out.print(_text("Validation accuracy ", (f"{v['accuracy']:.3f}", "bold"), f" on {v['n_images']} images."))
         table = Table()
         table.add_column("class")
         table.add_column("accuracy", justify="right")
         table.add_column("images", justify="right")
         for name, row in v["per_class"].items():
-            table.add_row(name, f"{row['recall']:.3f}", str(row["support"]))
+            table.add_row(_text(name), f"{row['recall']:.3f}", str(row["support"]))
         out.print(table)
-    out.print(f"Model saved to [bold]{saved_to}[/] (metrics in {saved_to / 'metrics.json'}).", highlight=False)
+    out.print(_text("Model saved to ", (str(saved_to), "bold"), f" (metrics in {saved_to / 'metrics.json'})."), soft_wrap=True)
 
 
 def evaluation(result: Evaluation, out: Console | None = None) -> None:
     out = out or console
-    out.print(f"Accuracy [bold]{result.accuracy:.3f}[/] on {result.n_images} images (log loss {result.log_loss:.3f}).")
+    out.print(_text("Accuracy ", (f"{result.accuracy:.3f}", "bold"), f" on {result.n_images} images (log loss {result.log_loss:.3f})."))
     table = Table()
     for col in ("class", "precision", "recall", "f1", "support"):
         table.add_column(col, justify="left" if col == "class" else "right")
     for name, p, r, f, n in zip(result.classes, result.precision, result.recall, result.f1, result.support):
-        table.add_row(name, f"{p:.3f}", f"{r:.3f}", f"{f:.3f}", str(n))
+        table.add_row(_text(name), f"{p:.3f}", f"{r:.3f}", f"{f:.3f}", str(n))
     out.print(table)
     confusion = Table(title="Confusion matrix (rows: true, columns: predicted)")
     confusion.add_column("")
     for name in result.classes:
-        confusion.add_column(name, justify="right")
+        confusion.add_column(_text(name), justify="right")
     for name, row in zip(result.classes, result.confusion):
-        confusion.add_row(name, *(str(v) for v in row))
+        confusion.add_row(_text(name), *(str(v) for v in row))
     out.print(confusion)
 
 
@@ -176,8 +217,16 @@ def predictions(result: Predictions, out: Console | None = None) -> None:
     table.add_column("prediction")
     table.add_column("next")
     for p in result.predictions:
-        table.add_row(str(p.path), f"{p.label} ({p.probability:.3f})", ", ".join(f"{c} {v:.3f}" for c, v in p.top_k[1:]))
+        table.add_row(
+            _text(str(p.path)), _text(f"{p.label} ({p.probability:.3f})"), _text(", ".join(f"{c} {v:.3f}" for c, v in p.top_k[1:]))
+        )
     out.print(table)
+    skipped(result.skipped, out)
+
+
+def explanations(result: Explanations, folder: Path, out: Console | None = None) -> None:
+    out = out or console
+    out.print(_text(f"Wrote {len(result.written)} heatmap(s) to {folder}."), soft_wrap=True)
     skipped(result.skipped, out)
 
 
@@ -187,9 +236,10 @@ def backbones(infos: list[BackboneInfo], out: Console | None = None) -> None:
     table.add_column("offline")
     table.add_column("description")
     for b in infos:
-        table.add_row(b.name, "yes" if b.offline else "no", b.description)
+        table.add_row(_text(b.name), "yes" if b.offline else "no", _text(b.description))
     (out or console).print(table)
 
 
 def message(text: str, out: Console | None = None) -> None:
-    (out or console).print(text, highlight=False, soft_wrap=True)
+    """One line of plain text (names in it are shown safely)."""
+    (out or console).print(_text(text), soft_wrap=True)
