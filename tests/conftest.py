@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,15 @@ ODD_FILES = FIXTURES / "odd_files"
 
 if not SHARED.is_dir():
     raise RuntimeError(f"The tests read real photos from {SHARED}; clone the repo beside the shared/ folder.")
+
+
+def copy_flowers(root: Path, per_class: int) -> Path:
+    """The first `per_class` photos of each class of ../shared/datasets/flowers, copied into `root`."""
+    for folder in sorted((SHARED / "datasets" / "flowers").iterdir()):
+        (root / folder.name).mkdir(parents=True)
+        for path in sorted(folder.iterdir())[:per_class]:
+            shutil.copy(path, root / folder.name / path.name)
+    return root
 
 
 def write_image(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (64, 48), mode: str = "RGB") -> Path:

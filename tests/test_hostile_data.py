@@ -9,7 +9,6 @@ import csv
 import errno
 import json
 import os
-import shutil
 import signal
 import struct
 import subprocess
@@ -24,7 +23,7 @@ import pytest
 from typer.testing import CliRunner
 
 import headstart
-from conftest import FLOWERS_TINY, PHOTOS, SHARED, write_image
+from conftest import FLOWERS_TINY, PHOTOS, copy_flowers, write_image
 from headstart import engine
 from headstart.backbones import create_backbone
 from headstart.cache import FeatureCache, extract_with_cache, file_digest
@@ -270,12 +269,7 @@ def _state(pid: int) -> str:
 @pytest.fixture(scope="module")
 def flowers(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """300 flower photos, 60 per class: extraction lasts a few seconds."""
-    root = tmp_path_factory.mktemp("ctrl-c") / "flowers"
-    for folder in sorted((SHARED / "datasets" / "flowers").iterdir()):
-        (root / folder.name).mkdir(parents=True)
-        for path in sorted(folder.iterdir())[:60]:
-            shutil.copy(path, root / folder.name / path.name)
-    return root
+    return copy_flowers(tmp_path_factory.mktemp("ctrl-c") / "flowers", per_class=60)
 
 
 def _interrupt_extraction(command: list[str], stderr_path: Path) -> tuple[int, str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import pytest
 from safetensors import safe_open
 
 import headstart
-from conftest import FLOWERS_TINY, SHARED
+from conftest import FLOWERS_TINY, copy_flowers
 
 # Training in a child process, with small cache shards so that kills land between shard writes too.
 TRAIN = """
@@ -32,12 +31,7 @@ headstart.train(sys.argv[1], cache_dir=sys.argv[2], out=sys.argv[3], write_repor
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """320 flower photos, 64 per class."""
-    root = tmp_path_factory.mktemp("kill") / "flowers"
-    for folder in sorted((SHARED / "datasets" / "flowers").iterdir()):
-        (root / folder.name).mkdir(parents=True)
-        for path in sorted(folder.iterdir())[:64]:
-            shutil.copy(path, root / folder.name / path.name)
-    return root
+    return copy_flowers(tmp_path_factory.mktemp("kill") / "flowers", per_class=64)
 
 
 def _kill_when(command: list[str], ready: Callable[[], bool], jitter: float) -> bool:
