@@ -38,9 +38,9 @@ from headstart.data import (
 from headstart.datasets import fetch_flowers
 from headstart.engine import TorchEngine, create_engine
 from headstart.errors import ConfigError, DataError, FileRefusedError, UnreadableImageError
-from headstart.explain import Explanations, grad_cam, output_name, overlay, stage_activations
+from headstart.explain import Explanations, existing_names, grad_cam, output_name, overlay, stage_activations
 from headstart.features import extract_features
-from headstart.files import atomic_write_bytes, csv_bytes, display
+from headstart.files import atomic_write_bytes, csv_bytes, display, output_file
 from headstart.finetune import FinetuneConfig, FinetuneResult, finetune, remove_checkpoint
 from headstart.metrics import Evaluation, evaluate_probabilities
 from headstart.model import EvaluationResult, Model, PathLike, Prediction, Predictions, load
@@ -370,7 +370,7 @@ def save_predictions_csv(predictions: Sequence[Prediction], path: PathLike) -> P
     k = max((len(p.top_k) for p in predictions), default=1)
     header = ["path", "label", "probability"] + [f"{c}_{i}" for i in range(2, k + 1) for c in ("label", "probability")]
     rows = [[str(p.path), *(f"{v:.6f}" if isinstance(v, float) else v for pair in p.top_k for v in pair)] for p in predictions]
-    return atomic_write_bytes(Path(path), csv_bytes(header, rows))
+    return atomic_write_bytes(output_file(Path(path), ".csv"), csv_bytes(header, rows))
 
 
 def augment_preview(
@@ -402,7 +402,7 @@ def augment_preview(
         image = load_image(record.path)
         rows.append([resize_and_crop(image, data_config)] + [augment_image(image, config, data_config, rng) for _ in range(n_variants)])
         titles.append([f"{display(record.label)}: original"] + [f"augmented {k + 1}" for k in range(n_variants)])
-    return save_figure(image_grid(rows, titles), Path(out))
+    return save_figure(image_grid(rows, titles), output_file(Path(out), ".png"))
 
 
 def report(model: PathLike, data: PathLike | None = None, out: PathLike | None = None) -> Path:
@@ -419,7 +419,14 @@ def report(model: PathLike, data: PathLike | None = None, out: PathLike | None =
         if not records:
             raise ConfigError(f"{model}: no validation images are recorded; give labelled images: headstart report {model} DATA.")
     scores = loaded.score([r for r in records if r.label in loaded.classes])
-    return build_report(loaded, scores, Path(out) if out is not None else Path(model) / REPORT_NAME)
+    if not scores.records:
+        first = scores.skipped[0] if scores.skipped else None
+        raise DataError(
+            f"{display(Path(model))}: none of the {len(records)} labelled images can be read"
+            + (f" (first: {display(first.path)}: {first.reason})" if first else "")
+            + f". Give labelled images: headstart report {display(Path(model))} DATA."
+        )
+    return build_report(loaded, scores, output_file(Path(out), ".html") if out is not None else Path(model) / REPORT_NAME)
 
 
 def explain(
@@ -439,7 +446,7 @@ def explain(
         raise ConfigError(f"Unknown class '{class_name}'. This model's classes: {', '.join(model.classes)}.")
     paths, skipped = list_images(list(images))
     written: list[Path] = []
-    taken: set[str] = set()
+    taken = existing_names(Path(out))
     cfg = model.backbone.data_config
     for done, path in enumerate(paths, start=1):
         try:
@@ -470,7 +477,7 @@ def activations(model_or_backbone: str | PathLike, image: PathLike, out: PathLik
     batch = torch.from_numpy(preprocess(load_image(path), net.data_config))[None]
     names = [f"{name} ({channels} ch)" for name, channels in net.stages()]
     figure = feature_map_grid(stage_activations(net, batch, n_channels), names)
-    return save_figure(figure, Path(out) / output_name(path.stem, "_activations.png", set()))
+    return save_figure(figure, Path(out) / output_name(path.stem, "_activations.png", existing_names(Path(out))))
 
 
 def imagenet_grid(result: Predictions, out: PathLike, n_cols: int = 4) -> Path:
@@ -480,7 +487,7 @@ def imagenet_grid(result: Predictions, out: PathLike, n_cols: int = 4) -> Path:
     views = [ImageOps.fit(load_image(p.path), (256, 256)) for p in result.predictions]
     titles = [f"{display(p.label.split(',')[0])} ({p.probability:.2f})" for p in result.predictions]
     rows = [views[k : k + n_cols] for k in range(0, len(views), n_cols)]
-    return save_figure(image_grid(rows, [titles[k : k + n_cols] for k in range(0, len(titles), n_cols)]), Path(out))
+    return save_figure(image_grid(rows, [titles[k : k + n_cols] for k in range(0, len(titles), n_cols)]), output_file(Path(out), ".png"))
 
 
 def _no_readable_images(

@@ -70,6 +70,10 @@ class BundleContents:
 
 def check_output_folder(directory: Path, force: bool = False) -> None:
     """Raise BundleError unless `directory` is new, empty or a headstart model (or `force`): never mix a model into a user's own files."""
+    try:
+        directory.resolve(strict=False)
+    except (RuntimeError, OSError):
+        raise BundleError(f"{directory}: a symbolic link loop. Choose another --out.") from None
     if directory.exists() and not directory.is_dir():
         raise BundleError(f"{directory}: exists and is not a folder. Choose another --out.")
     if force or not directory.exists() or is_model_folder(directory):

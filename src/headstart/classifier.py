@@ -187,11 +187,11 @@ class HeadClassifier:
             ("batch_size", 1 << 20),
             ("max_epochs", 1 << 20),
             ("patience", 1 << 20),
-            ("seed", 1 << 63),
+            ("seed", (1 << 32) - 1),
         ):
             value = getattr(self, name)
-            if not isinstance(value, int | np.integer) or isinstance(value, bool) or not (name == "seed" or 1 <= value <= high):
-                raise ConfigError(f"{name} must be an integer" + ("" if name == "seed" else f" from 1 to {high}") + f", got {value!r}.")
+            if not isinstance(value, int | np.integer) or isinstance(value, bool) or not int(name != "seed") <= value <= high:
+                raise ConfigError(f"{name} must be an integer from {int(name != 'seed')} to {high}, got {value!r}.")
         for name in ("dropout", "lr", "weight_decay"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value < 0:

@@ -27,6 +27,11 @@ class Explanations:
     skipped: list[Skipped]
 
 
+def existing_names(folder: Path) -> set[str]:
+    """The names in `folder`, case-folded, for `output_name` to avoid: a user's file is never written over."""
+    return {name.casefold() for name in os.listdir(folder)} if folder.is_dir() else set()
+
+
 def output_name(stem: str, suffix: str, taken: set[str]) -> str:
     """`{stem}{suffix}`, or `{stem}_2{suffix}`, `_3`, ... when that name is `taken` (compared case-insensitively; it joins `taken`).
 

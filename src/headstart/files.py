@@ -16,7 +16,7 @@ from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from headstart.errors import FileRefusedError
+from headstart.errors import ConfigError, FileRefusedError
 
 _FILE_KINDS = (
     (stat.S_ISDIR, "a folder"),
@@ -47,6 +47,26 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
             e.filename, e.filename2 = str(path), None
         raise
     return path
+
+
+def output_file(path: Path, suffix: str, inputs: Iterable[Path] = ()) -> Path:
+    """`path` checked as a file to write, symbolic links followed: its name ends in `suffix`, and it is not a
+    special file, a link loop or one of `inputs`, so an output option never replaces a photo, a device or the data.
+
+    Raises:
+        ConfigError: naming what is wrong and what to give instead.
+    """
+    if path.suffix.lower() != suffix:
+        raise ConfigError(f"{display(path)}: give a file name ending in {suffix}; headstart writes this output only to such a file.")
+    try:
+        resolved = path.resolve()
+    except (RuntimeError, OSError):
+        raise ConfigError(f"{display(path)}: a symbolic link loop; give another file name.") from None
+    if resolved.exists() and not resolved.is_file():
+        raise ConfigError(f"{display(path)}: exists and is not a regular file; give another file name.")
+    if resolved.exists() and any(i.exists() and os.path.samefile(resolved, i) for i in inputs):
+        raise ConfigError(f"{display(path)}: is also an input of this command; give another file name.")
+    return resolved
 
 
 def json_bytes(obj: Any) -> bytes:

@@ -23,6 +23,7 @@ from headstart.data import (
     ImageRecord,
     Skipped,
     check_class_counts,
+    check_val_split,
     load_image,
     read_source,
     split_records,
@@ -134,6 +135,7 @@ def triage(source: str | os.PathLike[str], val_split: float = 0.2, seed: int = 0
     Raises:
         DataError: the source does not exist.
     """
+    check_val_split(val_split)
     root = Path(source).expanduser()
     records, presplit_val, skipped = read_source(root)
     findings = [_from_skipped(s) for s in skipped]

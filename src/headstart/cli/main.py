@@ -91,7 +91,7 @@ def train(
     layer: Annotated[int | None, typer.Option(help="Pool an earlier stage's output instead of the final features, e.g. -2.")] = None,
     weights: Weights = None,
     val_split: Annotated[float, typer.Option(help="Fraction of each class held out for validation.")] = 0.2,
-    seed: Annotated[int, typer.Option(help="Seed of the split, training and augmentation.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the split, training and augmentation.", min=0, max=2**32 - 1)] = 0,
     balanced: Annotated[bool, typer.Option(help="Weight classes inversely to their frequency.")] = False,
     unfreeze: Annotated[str, typer.Option(help="finetune: how many top blocks to train, or 'all'.")] = "2",
     epochs: Annotated[int, typer.Option(help="finetune: most epochs of the second phase.")] = 8,
@@ -168,7 +168,7 @@ def augment_preview(
     backbone: Backbone = "efficientnet_lite0",
     n_images: Annotated[int, typer.Option(min=1, help="How many training images (rows).")] = 4,
     n_variants: Annotated[int, typer.Option(min=1, help="How many augmented versions of each (columns after the original).")] = 5,
-    seed: Annotated[int, typer.Option(help="Seed of the image choice and the augmentations.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the image choice and the augmentations.", min=0, max=2**32 - 1)] = 0,
 ) -> None:
     """Save a grid of augmented training images: what the model sees while fine-tuning."""
     from headstart import api
@@ -204,18 +204,20 @@ def check(
     data: Annotated[Path, typer.Argument(help="Folder with one sub-folder per class (or train/ and val/), or a CSV of path,label.")],
     csv: Annotated[Path | None, typer.Option(help="Also write every problem to this CSV: path, problem, action, detail, fix.")] = None,
     val_split: Annotated[float, typer.Option(help="The validation fraction `train` would use.")] = 0.2,
-    seed: Annotated[int, typer.Option(help="The split seed `train` would use.")] = 0,
+    seed: Annotated[int, typer.Option(help="The split seed `train` would use.", min=0, max=2**32 - 1)] = 0,
 ) -> None:
     """Find every problem in a dataset before training; exit code 1 when training cannot proceed."""
     from headstart import api
     from headstart.cli import render
+    from headstart.files import output_file
 
     with handled(ctx), render.progress_bar() as progress:
+        listing = output_file(csv, ".csv", [data]) if csv is not None else None  # checked before the long work
         result = api.check(data, val_split=val_split, seed=seed, progress=progress)
     render.triage(result)
-    if csv is not None:
+    if listing is not None:
         with handled(ctx):
-            result.write_csv(csv)
+            result.write_csv(listing)
     render.triage_verdict(result, csv)
     raise typer.Exit(0 if result.can_train else 1)
 

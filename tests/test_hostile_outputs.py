@@ -1,0 +1,107 @@
+"""Output options never replace the user's files, devices or inputs; bad seeds and splits are one-line errors (from a second hostile run)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import CATS_DOGS_TINY
+from headstart.cli.main import app
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, list(args))
+    assert "Traceback" not in result.output, result.output
+    return result.exit_code, " ".join(result.output.split())
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def photo(tmp_path: Path) -> Path:
+    return Path(shutil.copy(next(CATS_DOGS_TINY.rglob("*.jpg")), tmp_path / "X.jpg"))
+
+
+def test_check_never_writes_its_csv_over_the_dataset_csv(tmp_path: Path) -> None:
+    data = tmp_path / "mine.csv"
+    data.write_text("".join(f"{p},{p.parent.name}\n" for p in sorted((CATS_DOGS_TINY / "train").rglob("*.jpg"))))
+    before = digest(data)
+    code, output = run("check", str(data), "--csv", str(data))
+    assert code == 1 and "is also an input of this command" in output
+    assert digest(data) == before
+
+
+def test_output_options_never_replace_a_photo_a_device_or_a_model_file(photo: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    before = digest(photo)
+    os.mkfifo(tmp_path / "out.fifo.csv")
+    (tmp_path / "null.csv").symlink_to("/dev/null")
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    weights = digest(model / "model.safetensors")
+    attempts = [
+        (["predict", str(model), str(photo), "--csv", str(photo)], "give a file name ending in .csv"),
+        (["predict", str(model), str(photo), "--csv", str(tmp_path / "out.fifo.csv")], "exists and is not a regular file"),
+        (["predict", str(model), str(photo), "--csv", str(tmp_path / "null.csv")], "exists and is not a regular file"),
+        (["imagenet", str(photo), "--grid", str(photo)], "give a file name ending in .png"),
+        (["augment-preview", str(CATS_DOGS_TINY), "--out", str(tmp_path / "loop.png")], "a symbolic link loop"),
+        (["report", str(model), "--out", str(model / "model.safetensors")], "give a file name ending in .html"),
+    ]
+    for args, message in attempts:
+        code, output = run(*args)
+        assert code == 1 and message in output, (args, output)
+    assert digest(photo) == before and digest(model / "model.safetensors") == weights
+    assert (tmp_path / "out.fifo.csv").is_fifo() and os.readlink(tmp_path / "null.csv") == "/dev/null"
+
+
+def test_explain_and_activations_never_write_over_files_already_there(photo: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = [out / "X_gradcam.png", out / "X_activations.png"]
+    for path in mine:
+        path.write_text("my own file")
+    assert run("explain", str(tiny_model_dir), str(photo), "--out", str(out))[0] == 0
+    assert run("activations", "efficientnet_lite0", str(photo), "--out", str(out))[0] == 0
+    assert all(path.read_text() == "my own file" for path in mine)
+    assert sorted(p.name for p in out.iterdir()) == ["X_2_activations.png", "X_2_gradcam.png", "X_activations.png", "X_gradcam.png"]
+
+
+def test_train_into_a_symlink_loop_is_refused_before_training(tmp_path: Path) -> None:
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    code, output = run("train", str(CATS_DOGS_TINY), "--out", str(tmp_path / "a"), "--cache-dir", str(tmp_path / "cache"))
+    assert code == 1 and "a symbolic link loop" in output
+    assert not (tmp_path / "cache").exists()  # refused before any feature was computed
+
+
+@pytest.mark.parametrize(
+    "command", [["train", str(CATS_DOGS_TINY), "--out", "x"], ["check", str(CATS_DOGS_TINY)], ["augment-preview", str(CATS_DOGS_TINY)]]
+)
+@pytest.mark.parametrize("seed", ["-1", str(2**64)])
+def test_seeds_out_of_range_are_usage_errors(command: list[str], seed: str) -> None:
+    code, output = run(*command, "--seed", seed)
+    assert code == 2 and "--seed" in output
+
+
+@pytest.mark.parametrize("val_split", ["1", "-3"])
+def test_check_refuses_the_validation_fractions_train_refuses(val_split: str) -> None:
+    code, output = run("check", str(CATS_DOGS_TINY), "--val-split", val_split)
+    assert code == 1 and "val_split must be in [0, 1)" in output
+
+
+def test_report_without_any_readable_validation_image_says_so(tiny_model_dir: Path, tmp_path: Path) -> None:
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    config = json.loads((model / "bundle.json").read_text())
+    assert config["summary"]["val_images"]
+    config["summary"]["val_images"] = [[str(tmp_path / "gone" / f"{i}.jpg"), "cats"] for i in range(3)]
+    (model / "bundle.json").write_text(json.dumps(config))
+    code, output = run("report", str(model))
+    assert code == 1 and "none of the 3 labelled images can be read" in output and "headstart report" in output
+    assert not (model / "report.html").exists()
