@@ -103,5 +103,5 @@ def test_report_without_any_readable_validation_image_says_so(tiny_model_dir: Pa
     config["summary"]["val_images"] = [[str(tmp_path / "gone" / f"{i}.jpg"), "cats"] for i in range(3)]
     (model / "bundle.json").write_text(json.dumps(config))
     code, output = run("report", str(model))
-    assert code == 1 and "none of the 3 labelled images can be read" in output and "headstart report" in output
+    assert code == 1 and "no readable images; 3 skipped" in output and "Give labelled images: headstart report" in output
     assert not (model / "report.html").exists()

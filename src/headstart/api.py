@@ -420,12 +420,7 @@ def report(model: PathLike, data: PathLike | None = None, out: PathLike | None =
             raise ConfigError(f"{model}: no validation images are recorded; give labelled images: headstart report {model} DATA.")
     scores = loaded.score([r for r in records if r.label in loaded.classes])
     if not scores.records:
-        first = scores.skipped[0] if scores.skipped else None
-        raise DataError(
-            f"{display(Path(model))}: none of the {len(records)} labelled images can be read"
-            + (f" (first: {display(first.path)}: {first.reason})" if first else "")
-            + f". Give labelled images: headstart report {display(Path(model))} DATA."
-        )
+        raise _no_readable_images([model], scores.skipped, f"Give labelled images: headstart report {model} DATA.")
     return build_report(loaded, scores, output_file(Path(out), ".html") if out is not None else Path(model) / REPORT_NAME)
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import struct
@@ -28,7 +27,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from headstart.config import DataConfig
+from headstart.config import DataConfig, is_finite_number, is_int
 from headstart.errors import BundleError, FileRefusedError
 from headstart.files import atomic_write_folder, json_bytes, open_regular, read_regular
 
@@ -177,7 +176,7 @@ def _read(directory: Path, fd: int, load_weights: bool) -> BundleContents:
     metrics = _json_file(contents.get(METRICS_NAME), directory / METRICS_NAME, dict)
     history = _json_file(contents.get(HISTORY_NAME), directory / HISTORY_NAME, list)
     _need(all(isinstance(row, dict) for row in history), directory / HISTORY_NAME, "(rows)", "a list of objects")
-    _need(_is_number(metrics.get("accuracy", 0.0)), directory / METRICS_NAME, "accuracy", "a number")
+    _need(is_finite_number(metrics.get("accuracy", 0.0)), directory / METRICS_NAME, "accuracy", "a number")
     files = {CONFIG_NAME: len(raw), **{name: len(data) for name, data in contents.items() if data is not None}}
     return BundleContents(config, shapes, tensors, metrics, history, files)
 
@@ -271,16 +270,8 @@ def _need(ok: bool, where: Path, field: str, expected: str) -> None:
         raise BundleError(f"{where}: field '{field}' must be {expected}. The file is damaged or was edited; re-save or retrain the model.")
 
 
-def _is_int(value: Any, low: int = 0, high: int = 1 << 62) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _ints(value: Any) -> bool:
-    return isinstance(value, list) and all(_is_int(v) for v in value)
+    return isinstance(value, list) and all(is_int(v) for v in value)
 
 
 def validate_config(config: Any, directory: Path) -> None:
@@ -292,7 +283,7 @@ def validate_config(config: Any, directory: Path) -> None:
 
     need(isinstance(config, dict), "(top level)", "a JSON object")
     version = config.get("format_version")
-    need(_is_int(version), "format_version", "an integer")
+    need(is_int(version), "format_version", "an integer")
     if version > FORMAT_VERSION:
         raise BundleError(f"{where}: format {version} is newer than this headstart reads ({FORMAT_VERSION}). Upgrade headstart.")
     backbone = config.get("backbone")
@@ -301,8 +292,8 @@ def validate_config(config: Any, directory: Path) -> None:
     need(isinstance(backbone.get("weights_sha256"), str) and _HEX64.fullmatch(backbone["weights_sha256"]) is not None,
          "backbone.weights_sha256", "64 hex digits")  # fmt: skip
     need(backbone.get("weights_file") is None or isinstance(backbone["weights_file"], str), "backbone.weights_file", "a string or null")
-    need(backbone.get("n_features") is None or _is_int(backbone["n_features"], 1, 1 << 20), "backbone.n_features", "a positive integer")
-    need(backbone.get("layer") is None or _is_int(backbone["layer"], -64, 64), "backbone.layer", "an integer from -64 to 64, or null")
+    need(backbone.get("n_features") is None or is_int(backbone["n_features"], 1, 1 << 20), "backbone.n_features", "a positive integer")
+    need(backbone.get("layer") is None or is_int(backbone["layer"], -64, 64), "backbone.layer", "an integer from -64 to 64, or null")
     tuned = backbone.get("finetuned_from")
     need(
         tuned is None or (isinstance(tuned, str) and _HEX64.fullmatch(tuned) is not None),
@@ -336,7 +327,7 @@ def validate_config(config: Any, directory: Path) -> None:
         )
         for name, record in files.items():
             need(name in MODEL_FILES and name != CONFIG_NAME, f"files.{name}", "one of " + ", ".join(MODEL_FILES[1:]))
-            ok = isinstance(record, dict) and _is_int(record.get("size")) and _HEX64.fullmatch(str(record.get("sha256"))) is not None
+            ok = isinstance(record, dict) and is_int(record.get("size")) and _HEX64.fullmatch(str(record.get("sha256"))) is not None
             need(ok, f"files.{name}", "an object with size and sha256")
 
 
@@ -349,11 +340,11 @@ def _list_of(ok: Any) -> Any:
 
 
 def _counts(v: Any) -> bool:
-    return isinstance(v, dict) and all(_is_int(n) for n in v.values())
+    return isinstance(v, dict) and all(is_int(n) for n in v.values())
 
 
 def _accuracy(v: Any) -> bool:
-    return v is None or (isinstance(v, dict) and _is_number(v.get("accuracy", 0.0)))
+    return v is None or (isinstance(v, dict) and is_finite_number(v.get("accuracy", 0.0)))
 
 
 _SUMMARY_FIELDS: dict[str, tuple[Any, str]] = {  # the fields that reports and renderers read from a loaded model
@@ -364,7 +355,7 @@ _SUMMARY_FIELDS: dict[str, tuple[Any, str]] = {  # the fields that reports and r
     "val_images": (_list_of(_strings(2)), "a list of [path, label] pairs"),
     "skipped": (_list_of(lambda d: isinstance(d, dict) and _strings(2)([d.get("path"), d.get("reason")])), "a list of {path, reason}"),
     "validation": (lambda v: isinstance(v, dict) and _accuracy(v), "an object with a numeric accuracy"),
-    "seconds": (_is_number, "a number"),
+    "seconds": (is_finite_number, "a number"),
     "auto": (lambda v: isinstance(v, dict) and isinstance(v.get("reason"), str), "an object with a reason"),
     "finetune": (lambda v: isinstance(v, dict) and _accuracy(v.get("frozen_validation")), "an object"),
 }

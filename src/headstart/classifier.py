@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
 from typing import Any, Literal
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch
 from numpy.typing import ArrayLike, NDArray
 from torch import nn
 
+from headstart.config import is_finite_number, is_int
 from headstart.errors import ConfigError, NotFittedError
 from headstart.heads import HEAD_KINDS, build_head, standardizer
 
@@ -190,11 +190,11 @@ class HeadClassifier:
             ("seed", (1 << 32) - 1),
         ):
             value = getattr(self, name)
-            if not isinstance(value, int | np.integer) or isinstance(value, bool) or not int(name != "seed") <= value <= high:
+            if not is_int(value, int(name != "seed"), high):
                 raise ConfigError(f"{name} must be an integer from {int(name != 'seed')} to {high}, got {value!r}.")
         for name in ("dropout", "lr", "weight_decay"):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+            if not is_finite_number(value) or value < 0:
                 raise ConfigError(f"{name} must be a finite number of at least 0, got {value!r}.")
         if not self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}.")

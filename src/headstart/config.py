@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +18,16 @@ def default_cache_dir() -> Path:
         return Path(os.environ["HEADSTART_CACHE_DIR"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "headstart"
+
+
+def is_int(value: Any, low: int = 0, high: int = 1 << 62) -> bool:
+    """Whether `value` is an integer (not a bool) from `low` to `high`: for values read from files or given by users."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and low <= int(value) <= high
+
+
+def is_finite_number(value: Any) -> bool:
+    """Whether `value` is an int or float (not a bool), neither NaN nor infinite."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class Progress(Protocol):
@@ -65,23 +76,17 @@ class DataConfig:
     def from_dict(cls, d: dict[str, Any]) -> DataConfig:
         """The inverse of `to_dict`; ValueError for a field out of type or range (e.g. from an edited file)."""
 
-        def number(v: Any) -> bool:
-            return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-        def size(v: Any, low: int, high: int) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
-
         mean, std = d["mean"], d["std"]
         if not (
-            size(d["input_size"], 16, 2048)
-            and size(d["resize_size"], d["input_size"], 4096)
+            is_int(d["input_size"], 16, 2048)
+            and is_int(d["resize_size"], d["input_size"], 4096)
             and d["interpolation"] in ("bicubic", "bilinear", "nearest")
             and isinstance(mean, list | tuple)
             and len(mean) == 3
-            and all(number(v) for v in mean)
+            and all(is_finite_number(v) for v in mean)
             and isinstance(std, list | tuple)
             and len(std) == 3
-            and all(number(v) and v > 0 for v in std)
+            and all(is_finite_number(v) and v > 0 for v in std)
         ):
             raise ValueError(f"not a valid data config: {d!r:.200}")
         return cls(d["input_size"], d["resize_size"], d["interpolation"], tuple(float(v) for v in mean), tuple(float(v) for v in std))  # type: ignore[arg-type]
