@@ -23,7 +23,7 @@ from headstart.cli.main import app
 from headstart.errors import BundleError, ConfigError
 from test_bundle import rewrite
 
-FIXTURE_V1 = Path(__file__).parent / "fixtures" / "model_v1"
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(scope="module")
@@ -283,9 +283,11 @@ def test_malformed_history_and_metrics_are_refused(bundle: Path, name: str, data
 # Models saved by earlier versions
 
 
-def test_a_model_saved_in_format_1_still_loads_and_predicts_the_same() -> None:
-    expected = json.loads((FIXTURE_V1.parent / "model_v1_expected.json").read_text())
-    model = headstart.load(FIXTURE_V1)
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_model_saved_by_an_earlier_format_still_loads_and_predicts_the_same(version: int) -> None:
+    folder = FIXTURES / f"model_v{version}"
+    expected = json.loads((FIXTURES / f"model_v{version}_expected.json").read_text())
+    model = headstart.load(folder)
     proba = model.predict_proba([SHARED / p for p in expected["images"]])
     np.testing.assert_allclose(proba, expected["proba"], atol=1e-5)
     assert model.classes == ["cats", "dogs"] and model.summary["history"]
