@@ -40,7 +40,7 @@ def main() -> None:
             started = time.perf_counter()
             model = headstart.train(args.data, cache_dir=cache)
             seconds.append(time.perf_counter() - started)
-        assert model.summary["n_extracted"] == 0
+        assert model.summary.n_extracted == 0
         rows.append(("`headstart.train` in one process", f"{seconds[0]:.1f}", f"{seconds[1]:.2f}", f"{seconds[1] / seconds[0]:.1%}"))
 
         env = {**os.environ, "HEADSTART_CACHE_DIR": str(Path(tmp) / "cli")}

@@ -41,15 +41,15 @@ def main() -> None:
         )  # fmt: skip
         tuned_seconds = time.perf_counter() - started
 
-    history = [row for row in tuned.summary["history"] if row["phase"] == "finetune"]
-    lin_acc = linear.summary["validation"]["accuracy"]
-    ft_acc = tuned.summary["validation"]["accuracy"]
+    history = [row for row in tuned.summary.history if row["phase"] == "finetune"]
+    lin_acc = linear.summary.validation.accuracy
+    ft_acc = tuned.summary.validation.accuracy
     rows = [
         ("linear head, frozen features", f"{lin_acc:.4f}", "-", f"{linear_seconds:.0f}"),
         (
             f"finetune top {args.unfreeze} blocks, {args.augment} augmentation",
             f"{ft_acc:.4f}",
-            f"{len(history)} run, best {tuned.summary['finetune']['best_epoch']}",
+            f"{len(history)} run, best {tuned.summary.finetune.best_epoch}",
             f"{tuned_seconds:.0f}",
         ),
     ]

@@ -96,7 +96,7 @@ def test_missing_weights_and_missing_folder(bundle: Path, tmp_path: Path) -> Non
 
 def test_bundle_json_is_plain_data(tiny_model_dir: Path) -> None:
     config = json.loads((tiny_model_dir / "bundle.json").read_text())
-    assert config["format_version"] == 2
+    assert config["format_version"] == 3
     assert set(config["files"]) == {"model.safetensors", "metrics.json", "history.json", "history.csv"}
     assert config["backbone"]["name"] == "efficientnet_lite0"
     assert len(config["backbone"]["weights_sha256"]) == 64
@@ -116,7 +116,7 @@ def test_wrong_tensor_shapes_are_refused(bundle: Path) -> None:
     with pytest.raises(BundleError, match="differs from the file bundle.json records"):
         headstart.load(bundle)  # caught by the manifest first...
     rewrite(bundle, "model.safetensors", (bundle / "model.safetensors").read_bytes())
-    with pytest.raises(BundleError, match=r"1.weight: \[2, 100\] instead of \[2, 1280\]"):
+    with pytest.raises(BundleError, match=r"1.weight: \(2, 100\) instead of \(2, 1280\)"):
         headstart.load(bundle)  # ...and by the shape check when the manifest was edited to match
 
 
@@ -148,9 +148,9 @@ def test_info_reads_a_bundle_without_loading_weights(bundle: Path, monkeypatch: 
 
     monkeypatch.setattr("headstart.bundle.load_safetensors", forbidden)
     monkeypatch.setattr("headstart.model.create_backbone", forbidden)
-    description = headstart.info(bundle)
-    assert description["config"]["classes"] == ["cats", "dogs"]
-    assert description["tensors"] and all(isinstance(shape, list) for shape in description["tensors"].values())  # from the header
+    contents = headstart.info(bundle)
+    assert contents.config.classes == ("cats", "dogs") and contents.config.summary.validation is not None
+    assert contents.shapes and all(isinstance(shape, list) for shape in contents.shapes.values())  # from the header
     result = CliRunner().invoke(app, ["info", str(bundle)])
     assert result.exit_code == 0, result.output
     assert "efficientnet_lite0" in result.output and "cats, dogs" in result.output and "validation accuracy" in result.output

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from headstart import cache
-from headstart.cache import file_digest
+from headstart import files
+from headstart.files import file_digest
 
 
 @pytest.fixture
@@ -18,12 +18,12 @@ def hashed(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """The files actually read and hashed."""
     seen: list[Path] = []
 
-    def counting(path: Path, original=cache._sha256) -> str:  # type: ignore[no-untyped-def]
+    def counting(path: Path, max_bytes: int, original=files._sha256) -> str:  # type: ignore[no-untyped-def]
         seen.append(path)
-        return original(path)
+        return original(path, max_bytes)
 
-    monkeypatch.setattr(cache, "_sha256", counting)
-    cache._remembered_sha256.cache_clear()
+    monkeypatch.setattr(files, "_sha256", counting)
+    files._remembered_sha256.cache_clear()
     return seen
 
 

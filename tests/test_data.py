@@ -47,11 +47,11 @@ def test_training_skips_and_lists_bad_files(tmp_path: Path) -> None:
     (data / "blue" / "notes.txt").write_text("notes")
     (data / "red" / ".hidden.png").write_bytes(b"junk")
     model = headstart.train(data, cache_dir=tmp_path / "cache", val_split=0.34)
-    reasons = {Path(s["path"]).name: s["reason"] for s in model.summary["skipped"]}
+    reasons = {s.path.name: s.reason for s in model.summary.skipped}
     assert set(reasons) == {"half.jpg", "empty.png", "text.jpg", "notes.txt"}
     assert "truncated" in reasons["half.jpg"]
     assert "not an image file" in reasons["notes.txt"]
-    assert model.summary["validation"]["accuracy"] == 1.0  # three plain colours
+    assert model.summary.validation.accuracy == 1.0  # three plain colours
 
 
 def test_exif_orientation_is_applied(tmp_path: Path) -> None:

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from conftest import PHOTOS, SHARED
-from headstart.backbones import at_layer, create_backbone, with_static_padding
+from headstart.backbones import at_layer, create_backbone
 from headstart.classifier import HeadClassifier
 from headstart.data import load_dataset
 from headstart.engine import ExportError, OnnxEngine, TorchEngine, create_engine, exported_model
 from headstart.features import extract_features
+from headstart.onnx_export import Exported, with_static_padding
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def test_onnx_features_match_pytorch_on_real_photos(lite0, tmp_path: Path) -> No
 def test_a_batch_cut_into_slices_gives_each_image_its_own_features(lite0, tmp_path: Path, n: int) -> None:  # type: ignore[no-untyped-def]
     engine = OnnxEngine(lite0, exported_model(lite0, tmp_path), threads=2)
     batch = np.random.default_rng(n).standard_normal((n, 3, 224, 224), dtype=np.float32)
-    alone = np.concatenate([engine.sessions[0].run(None, {"pixels": image[None]})[0] for image in batch])
+    alone = np.concatenate([engine.sessions[0].run(["features"], {"pixels": image[None]})[0] for image in batch])
     np.testing.assert_allclose(engine(batch), alone, rtol=1e-5, atol=1e-6)
 
 
@@ -60,8 +61,8 @@ def test_earlier_layer_features_match_pytorch(lite0, tmp_path: Path, layer: int)
 def test_export_is_recorded_and_reused(lite0, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     path = exported_model(lite0, tmp_path)
     record = json.loads(path.with_suffix(".json").read_text())
-    assert record["verified"] is True and record["max_relative_error"] <= 1e-4
-    monkeypatch.setattr("headstart.engine._export", lambda backbone: pytest.fail("exported twice"))
+    assert record["verified"] is True and record["max_relative_error"] <= 1e-4 and record["mean_pooled"] is True
+    monkeypatch.setattr("headstart.onnx_export.export_features", lambda backbone, threads: pytest.fail("exported twice"))
     assert exported_model(lite0, tmp_path) == path
 
 
@@ -79,21 +80,21 @@ def test_an_export_that_disagrees_falls_back_to_pytorch_and_is_not_retried(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("headstart.engine._parity_error", lambda backbone, data: 0.2)
+    monkeypatch.setattr("headstart.onnx_export.export_features", lambda backbone, threads: Exported(b"onnx", 0.2, True))
     with pytest.warns(UserWarning, match="max relative error 2.00e-01.*PyTorch instead"):
         engine = create_engine(lite0, "auto", tmp_path)
     assert isinstance(engine, TorchEngine)
-    monkeypatch.setattr("headstart.engine._export", lambda backbone: pytest.fail("export retried"))
+    monkeypatch.setattr("headstart.onnx_export.export_features", lambda backbone, threads: pytest.fail("export retried"))
     with pytest.raises(ExportError, match="did not export to ONNX"):
         create_engine(lite0, "onnx", tmp_path)
     assert not list(tmp_path.rglob("*.onnx"))  # a model that disagrees is never kept
 
 
 def test_an_export_that_fails_falls_back_to_pytorch(lite0, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    def failing(backbone):  # type: ignore[no-untyped-def]
+    def failing(backbone, threads):  # type: ignore[no-untyped-def]
         raise RuntimeError("Unsupported: ONNX export of operator foo")
 
-    monkeypatch.setattr("headstart.engine._export", failing)
+    monkeypatch.setattr("headstart.onnx_export.export_features", failing)
     with pytest.warns(UserWarning, match="operator foo"):
         assert isinstance(create_engine(lite0, "auto", tmp_path), TorchEngine)
 

@@ -14,14 +14,14 @@ import headstart
 from conftest import CATS_DOGS_TINY, FLOWERS_TINY
 from headstart import finetune as finetune_module
 from headstart.augment import AugmentConfig
-from headstart.backbones import create_backbone, parameter_groups
+from headstart.backbones import create_backbone
 from headstart.classifier import HeadClassifier
 from headstart.cli.main import app
 from headstart.data import load_dataset
 from headstart.engine import TorchEngine
 from headstart.errors import ConfigError
 from headstart.features import extract_features
-from headstart.finetune import FinetuneConfig, finetune
+from headstart.finetune import FinetuneConfig, finetune, parameter_groups
 
 
 def test_frozen_layers_and_batchnorm_statistics_stay_bit_identical() -> None:
@@ -65,8 +65,8 @@ def test_finetuned_model_saves_backbone_and_predicts_identically_after_load(tmp_
     model = headstart.train(
         CATS_DOGS_TINY, strategy="finetune", epochs=2, unfreeze=None, augment="none", cache_dir=tmp_path / "c", out=tmp_path / "m"
     )
-    assert model.summary["finetune"]["config"]["unfreeze"] is None
-    assert [r["phase"] for r in model.summary["history"]].count("finetune") == 2
+    assert model.summary.finetune.config["unfreeze"] is None
+    assert [r["phase"] for r in model.summary.history].count("finetune") == 2
     assert (tmp_path / "m" / "history.csv").read_text().startswith("phase,epoch,loss")
     assert not (tmp_path / "m" / ".checkpoint").exists()  # removed once the run completed
     images = sorted((CATS_DOGS_TINY / "val" / "dogs").iterdir())[:4]
@@ -90,11 +90,9 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path: Path) -> None:
     assert best_so_far.classes == reference.classes
 
     resumed = headstart.train(FLOWERS_TINY, out=tmp_path / "m", resume=True, **options)
-    phases = [r["phase"] for r in resumed.summary["history"]]
-    assert phases == [r["phase"] for r in reference.summary["history"]]
-    assert [r["val_loss"] for r in resumed.summary["history"]] == pytest.approx(
-        [r["val_loss"] for r in reference.summary["history"]], rel=1e-4
-    )
+    phases = [r["phase"] for r in resumed.summary.history]
+    assert phases == [r["phase"] for r in reference.summary.history]
+    assert [r["val_loss"] for r in resumed.summary.history] == pytest.approx([r["val_loss"] for r in reference.summary.history], rel=1e-4)
     images = sorted(FLOWERS_TINY.glob("*/*"))[:5]
     assert np.allclose(headstart.load(tmp_path / "m").predict_proba(images), reference.predict_proba(images), atol=1e-4)
 
@@ -131,16 +129,16 @@ def shapes_dataset(root: Path, n_per_class: int = 12) -> Path:
 def test_auto_chooses_by_similarity_to_imagenet(tmp_path: Path) -> None:
     photos = headstart.train(CATS_DOGS_TINY, strategy="auto", cache_dir=tmp_path)
     drawings = headstart.train(shapes_dataset(tmp_path / "shapes"), strategy="auto", cache_dir=tmp_path)
-    assert photos.backbone.layer is None and "similar to ImageNet" in photos.summary["auto"]["reason"]
-    assert drawings.backbone.layer is not None and "unlike ImageNet" in drawings.summary["auto"]["reason"]
-    assert drawings.summary["auto"]["imagenet_confidence"] < photos.summary["auto"]["imagenet_confidence"]
+    assert photos.backbone.layer is None and "similar to ImageNet" in photos.summary.auto.reason
+    assert drawings.backbone.layer is not None and "unlike ImageNet" in drawings.summary.auto.reason
+    assert drawings.summary.auto.measurements["imagenet_confidence"] < photos.summary.auto.measurements["imagenet_confidence"]
 
 
 def test_earlier_layer_features_are_cached_and_saved(tmp_path: Path) -> None:
     model = headstart.train(FLOWERS_TINY, layer=-2, cache_dir=tmp_path, out=tmp_path / "m")
     assert model.backbone.n_features == 112 and model.backbone.layer == 3
     again = headstart.train(FLOWERS_TINY, layer=-2, cache_dir=tmp_path)
-    assert again.summary["n_extracted"] == 0
+    assert again.summary.n_extracted == 0
     images = sorted(FLOWERS_TINY.glob("roses/*"))[:3]
     assert np.array_equal(headstart.load(tmp_path / "m").predict_proba(images), model.predict_proba(images))
     with pytest.raises(ConfigError, match="layer must be in"):
@@ -197,5 +195,5 @@ def test_run_killed_with_sigkill_resumes(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, [*command[3:], "--resume"])
     assert result.exit_code == 0, result.output
     model = headstart.load(out)
-    assert [r["phase"] for r in model.summary["history"]].count("finetune") == 3
+    assert [r["phase"] for r in model.summary.history].count("finetune") == 3
     assert not checkpoint.exists()

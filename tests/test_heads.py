@@ -1,17 +1,18 @@
-"""Every head honours the estimator contract: fit, predict, clone, save and load."""
+"""Every head honours the estimator contract (fit, predict, clone, save and load) and matches its torch module."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.torch import load_file, save_file
+from safetensors.numpy import load_file, save_file
 from sklearn.base import clone
 
 from headstart.classifier import HeadClassifier
 from headstart.errors import ConfigError, NotFittedError
-from headstart.heads import HEAD_KINDS
+from headstart.heads import HEAD_KINDS, STD_FLOOR, compute_logits, fit_standardization, head_shapes
 
 
 def blobs(n_per_class: int = 10, n_features: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -24,28 +25,39 @@ def blobs(n_per_class: int = 10, n_features: int = 32, seed: int = 0) -> tuple[n
 @pytest.mark.parametrize("kind", HEAD_KINDS)
 def test_fit_save_load_gives_same_predictions(kind: str, tmp_path: Path) -> None:
     X, y = blobs()
-    head = HeadClassifier(head=kind).fit(X, y)
+    head = HeadClassifier(head=kind, hidden=16).fit(X, y)
     assert head.classes_.tolist() == ["ant", "bee"]
+    assert head.n_features_in_ == 32
     assert (head.predict(X) == y).mean() == 1.0
-    save_file(head.head_.state_dict(), tmp_path / "h.safetensors")
-    restored = HeadClassifier.from_state(head.get_params(), ["ant", "bee"], load_file(tmp_path / "h.safetensors"))
+    assert {k: v.shape for k, v in head.weights_.items()} == head_shapes(kind, 32, 2, 16)
+    assert all(v.dtype == np.float32 for v in head.weights_.values())
+    save_file(head.weights_, str(tmp_path / "h.safetensors"))
+    restored = HeadClassifier.from_state(head.get_params(), ["ant", "bee"], load_file(str(tmp_path / "h.safetensors")))
     assert np.array_equal(restored.predict_proba(X), head.predict_proba(X))
+    proba = head.predict_proba(X)
+    assert proba.dtype == np.float32 and proba.shape == (20, 2)
+    np.testing.assert_allclose(proba.sum(1), 1, rtol=1e-6)
+    np.testing.assert_allclose(head.decision_function(X), compute_logits(head.weights_, X))
 
 
 @pytest.mark.parametrize("kind", HEAD_KINDS)
 def test_clone_and_params(kind: str) -> None:
-    head = HeadClassifier(head=kind, lr=0.01, seed=7)
+    head = HeadClassifier(head=kind, lr=0.01, seed=7, validation_fraction=0.2)
     copy = clone(head)
     assert copy.get_params() == head.get_params()
-    assert not hasattr(copy, "head_")
+    assert copy.validation_fraction == 0.2
+    assert not hasattr(copy, "weights_")
     assert head.set_params(patience=3).patience == 3
     with pytest.raises(ConfigError, match="no parameter 'learning_rate'"):
         head.set_params(learning_rate=1)
 
 
 def test_predict_before_fit_raises() -> None:
+    for call in (HeadClassifier().predict, HeadClassifier().predict_proba, HeadClassifier().decision_function):
+        with pytest.raises(NotFittedError, match="Call fit"):
+            call(np.zeros((1, 4), np.float32))
     with pytest.raises(NotFittedError, match="Call fit"):
-        HeadClassifier().predict(np.zeros((1, 4), np.float32))
+        HeadClassifier().to_torch()
 
 
 def test_early_stopping_keeps_best_validation_epoch() -> None:
@@ -56,6 +68,7 @@ def test_early_stopping_keeps_best_validation_epoch() -> None:
     assert len(head.history_) < 200
     assert losses[head.best_epoch_ - 1] == min(losses)
     assert len(head.history_) == head.best_epoch_ + 5
+    assert set(head.history_[0]) == {"epoch", "loss", "accuracy", "val_loss", "val_accuracy"}
 
 
 def test_balanced_class_weight_favours_the_rare_class() -> None:
@@ -73,3 +86,107 @@ def test_invalid_parameters_are_refused_at_fit() -> None:
         HeadClassifier(head="svm").fit(X, y)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="at least two classes"):
         HeadClassifier().fit(X, ["ant"] * len(X))
+    with pytest.raises(ConfigError, match=r"validation_fraction must be in \[0, 1\)"):
+        HeadClassifier(validation_fraction=1.0).fit(X, y)
+    with pytest.raises(ConfigError, match="validation_fraction must be a finite number"):
+        HeadClassifier(validation_fraction=float("nan")).fit(X, y)
+    with pytest.raises(ConfigError, match="both X_val and y_val"):
+        HeadClassifier().fit(X, y, X_val=X)
+    with pytest.raises(ConfigError, match="do not occur in the training labels"):
+        HeadClassifier().fit(X, y, X, ["wasp"] * len(X))
+    with pytest.raises(ConfigError, match="NaN"):
+        HeadClassifier().fit(np.full_like(X, np.nan), y)
+    fitted = HeadClassifier(max_epochs=2).fit(X, y)
+    with pytest.raises(ConfigError, match="has 3 features, but the head was fitted on 32"):
+        fitted.predict(X[:, :3])
+
+
+def test_fit_standardization_has_a_floor_and_uses_the_sample_std() -> None:
+    rng = np.random.default_rng(0)
+    X = np.c_[rng.normal(5, 2, (50, 3)), np.zeros((50, 1))].astype(np.float32)
+    mean, scale = fit_standardization(X)
+    std = X.astype(np.float64).std(0, ddof=1)
+    assert mean.dtype == scale.dtype == np.float32
+    np.testing.assert_allclose(mean, X.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(scale, std + STD_FLOOR * std.mean() + 1e-8, rtol=1e-6)
+    assert scale[3] == pytest.approx(STD_FLOOR * std.mean())  # a constant feature is not blown up
+
+
+@pytest.mark.parametrize("kind", HEAD_KINDS)
+def test_numpy_forward_and_gradient_match_the_torch_module(kind: str) -> None:
+    import torch
+
+    X, y = blobs(n_features=12)
+    X = np.concatenate([X, X + 1]).astype(np.float32)
+    head = HeadClassifier(head=kind, hidden=24, max_epochs=5).fit(X, np.r_[y, y])
+    module = head.to_torch()
+    assert not module.training
+    assert list(module.state_dict()) == list(head.weights_)
+    inputs = torch.from_numpy(X).requires_grad_(True)
+    logits = module(inputs)
+    np.testing.assert_allclose(head.decision_function(X), logits.detach().numpy(), atol=1e-5)
+    (gradient,) = torch.autograd.grad(logits[:, 1].sum(), inputs)
+    np.testing.assert_allclose(head.logit_gradient(X, 1), gradient.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", HEAD_KINDS)
+def test_weights_from_a_torch_module_after_fine_tuning(kind: str) -> None:
+    import torch
+
+    X, y = blobs()
+    head = HeadClassifier(head=kind, hidden=8, max_epochs=3).fit(X, y)
+    module = head.to_torch()
+    with torch.no_grad():
+        module[1].bias.add_(1.0)
+    tuned = head.with_weights_from(module)
+    assert tuned.get_params() == head.get_params() and tuned.classes_.tolist() == ["ant", "bee"]
+    np.testing.assert_allclose(tuned.weights_["1.bias"], head.weights_["1.bias"] + 1, rtol=1e-6)
+    np.testing.assert_allclose(tuned.decision_function(X), module(torch.from_numpy(X)).detach().numpy(), atol=1e-5)
+    other = HeadClassifier(head=kind, hidden=8, max_epochs=3).fit(X[:, :5], y).to_torch()
+    with pytest.raises(ConfigError, match=r"0.mean: \(5,\) instead of \(32,\)"):
+        head.with_weights_from(other)
+
+
+def test_from_state_accepts_torch_tensors_and_old_parameters() -> None:
+    import torch
+
+    X, y = blobs()
+    head = HeadClassifier(head="mlp", hidden=8, max_epochs=3).fit(X, y)
+    old_params = {k: v for k, v in head.get_params().items() if k != "validation_fraction"}  # saved before it existed
+    state = {k: torch.from_numpy(v.copy()) for k, v in head.weights_.items()}
+    restored = HeadClassifier.from_state(old_params, ["ant", "bee"], state)
+    assert restored.validation_fraction == 0.1
+    assert np.array_equal(restored.predict_proba(X), head.predict_proba(X))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda s: s.pop("1.bias"), r"1.bias: missing instead of \(8,\)"),
+        (lambda s: s.update({"2.weight": np.zeros(3, np.float32)}), "unexpected 2.weight"),
+        (lambda s: s.update({"4.weight": np.zeros((3, 8), np.float32)}), r"4.weight: \(3, 8\) instead of \(2, 8\)"),
+        (lambda s: s.update({"1.weight": np.zeros((8, 31), np.float32)}), r"1.weight: \(8, 31\) instead of \(8, 32\)"),
+        (lambda s: s.update({"0.mean": np.zeros((1, 32), np.float32)}), r"0.mean: \(1, 32\) instead of \(0,\)"),
+        (lambda s: s.update({"4.bias": np.array([np.nan, 0], np.float32)}), "'4.bias' contains NaN"),
+    ],
+)
+def test_from_state_refuses_a_state_that_does_not_match(change: Callable[[dict[str, np.ndarray]], object], message: str) -> None:
+    X, y = blobs()
+    head = HeadClassifier(head="mlp", hidden=8, max_epochs=2).fit(X, y)
+    state = dict(head.weights_)
+    change(state)
+    with pytest.raises(ConfigError, match=message):
+        HeadClassifier.from_state(head.get_params(), ["ant", "bee"], state)
+
+
+def test_from_state_refuses_other_parameters_before_allocating() -> None:
+    X, y = blobs()
+    head = HeadClassifier(head="linear", max_epochs=2).fit(X, y)
+    with pytest.raises(ConfigError, match=r"mlp head of width 65536 for 2 classes: 1.weight: \(2, 32\) instead of \(65536, 32\)"):
+        HeadClassifier.from_state({**head.get_params(), "head": "mlp", "hidden": 1 << 16}, ["ant", "bee"], head.weights_)
+    with pytest.raises(ConfigError, match=r"for 3 classes: 1.weight: \(2, 32\) instead of \(3, 32\)"):
+        HeadClassifier.from_state(head.get_params(), ["ant", "bee", "cow"], head.weights_)
+    with pytest.raises(ConfigError, match=r"Unknown head parameters \['momentum'\]"):
+        HeadClassifier.from_state({**head.get_params(), "momentum": 0.9}, ["ant", "bee"], head.weights_)
+    with pytest.raises(ConfigError, match="hidden must be an integer"):
+        HeadClassifier.from_state({**head.get_params(), "hidden": 1 << 40}, ["ant", "bee"], head.weights_)

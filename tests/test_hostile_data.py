@@ -24,14 +24,15 @@ from typer.testing import CliRunner
 
 import headstart
 from conftest import FLOWERS_TINY, PHOTOS, copy_flowers, write_image
-from headstart import engine
+from headstart import onnx_export
 from headstart.backbones import create_backbone
-from headstart.cache import FeatureCache, extract_with_cache, file_digest
+from headstart.cache import FeatureCache, extract_with_cache
 from headstart.cli.main import app
 from headstart.config import DataConfig
 from headstart.data import MAX_CSV_BYTES, MAX_FILE_BYTES, load_dataset, load_image, read_source, split_records
 from headstart.engine import OnnxEngine, TorchEngine, create_engine
 from headstart.errors import DataError, FileRefusedError, UnreadableImageError
+from headstart.files import file_digest
 from headstart.pipeline import decode_input
 from headstart.triage import PROBLEMS, inspect_file, triage
 
@@ -65,7 +66,7 @@ SPECIAL_FILES = """
 import json, sys
 from pathlib import Path
 import headstart
-from headstart.cache import file_digest
+from headstart.files import file_digest
 from headstart.data import load_image
 from headstart.errors import FileRefusedError, UnreadableImageError
 from headstart.triage import triage
@@ -78,12 +79,12 @@ for call in (file_digest, load_image):
     except (FileRefusedError, UnreadableImageError) as e:
         low_level.append(e.reason)
 report = triage(root)
-model = headstart.train(root, cache_dir=cache, write_report=False)
+model = headstart.train(root, cache_dir=cache, report=False)
 print(json.dumps({
     "low_level": low_level,
     "check": sorted([f.path.name, f.problem, f.detail] for f in report.findings),
     "can_train": report.can_train,
-    "skipped": {Path(s["path"]).name: s["reason"] for s in model.summary["skipped"]},
+    "skipped": {s.path.name: s.reason for s in model.summary.skipped},
 }))
 """
 
@@ -300,7 +301,7 @@ def _interrupt_extraction(command: list[str], stderr_path: Path) -> tuple[int, s
     return returncode, stderr_path.read_text(errors="replace")
 
 
-TRAIN = "import sys, headstart; headstart.train(sys.argv[1], cache_dir=sys.argv[2], write_report=False)"
+TRAIN = "import sys, headstart; headstart.train(sys.argv[1], cache_dir=sys.argv[2], report=False)"
 
 
 def test_ctrl_c_during_extraction_leaves_no_worker_traceback(flowers: Path, tmp_path: Path) -> None:
@@ -346,10 +347,10 @@ def test_check_and_train_agree_when_unreadable_files_would_fall_into_validation(
     # A seed whose split of all files puts an empty file in cats' validation share: splitting before dropping left cats none.
     seed = next(s for s in range(100) if any(r.label == "cats" and "empty" in r.path.name for r in split_records(records, 0.2, s)[1]))
     assert triage(root, seed=seed).can_train
-    model = headstart.train(root, seed=seed, cache_dir=cache_dir, write_report=False)
-    assert model.summary["n_train"]["cats"] + model.summary["n_val"]["cats"] == 4
-    assert model.summary["n_val"]["cats"] >= 1
-    assert sum("empty" in s["path"] for s in model.summary["skipped"]) == 3
+    model = headstart.train(root, seed=seed, cache_dir=cache_dir, report=False)
+    assert model.summary.n_train["cats"] + model.summary.n_val["cats"] == 4
+    assert model.summary.n_val["cats"] >= 1
+    assert sum("empty" in str(s.path) for s in model.summary.skipped) == 3
 
 
 @pytest.mark.parametrize(
@@ -368,12 +369,12 @@ def test_check_and_train_give_the_same_verdict(
     report = triage(root)
     assert report.can_train is can_train
     if can_train:
-        model = headstart.train(root, cache_dir=cache_dir, write_report=False)
+        model = headstart.train(root, cache_dir=cache_dir, report=False)
         assert sorted(model.classes) == sorted(report.usable)
     else:
         blocking = next(f for f in report.findings if f.action == "blocks training")
         with pytest.raises(DataError) as raised:
-            headstart.train(root, cache_dir=cache_dir, write_report=False)
+            headstart.train(root, cache_dir=cache_dir, report=False)
         assert str(raised.value) == blocking.detail
 
 
@@ -387,16 +388,16 @@ def test_a_transient_export_failure_is_tried_again_next_time(
     monkeypatch: pytest.MonkeyPatch,
     failure: BaseException,
 ) -> None:
-    real_export = engine._export
+    real_export = onnx_export.export_features
     calls = []
 
-    def flaky(backbone):  # type: ignore[no-untyped-def]
+    def flaky(backbone, threads):  # type: ignore[no-untyped-def]
         calls.append(backbone)
         if len(calls) == 1:
             raise failure
-        return real_export(backbone)
+        return real_export(backbone, threads)
 
-    monkeypatch.setattr("headstart.engine._export", flaky)
+    monkeypatch.setattr("headstart.onnx_export.export_features", flaky)
     with pytest.warns(UserWarning, match=f"{type(failure).__name__}.*PyTorch instead"):
         assert isinstance(create_engine(lite0, "auto", tmp_path), TorchEngine)
     assert not list(tmp_path.rglob("*.json"))  # nothing recorded

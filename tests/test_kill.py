@@ -24,7 +24,7 @@ TRAIN = """
 import sys
 import headstart, headstart.cache
 headstart.cache.SHARD_SIZE = 32
-headstart.train(sys.argv[1], cache_dir=sys.argv[2], out=sys.argv[3], write_report=False)
+headstart.train(sys.argv[1], cache_dir=sys.argv[2], out=sys.argv[3], report=False)
 """
 
 
@@ -87,8 +87,8 @@ def test_extraction_killed_at_random_points_resumes_to_the_same_model(photos: Pa
         _assert_every_file_complete(cache, out)
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         model = headstart.load(out)
-        assert model.summary["n_cached"] >= shards * 32
-        assert model.summary["n_extracted"] + model.summary["n_cached"] == 320
+        assert model.summary.n_cached >= shards * 32
+        assert model.summary.n_extracted + model.summary.n_cached == 320
         np.testing.assert_allclose(model.predict_proba(paths), reference.predict_proba(paths), atol=1e-4)
 
 
@@ -117,6 +117,6 @@ def test_finetuning_killed_at_random_points_resumes_to_the_same_model(tmp_path: 
         resume = ["--resume"] if (out / ".checkpoint" / "checkpoint.json").exists() else []
         subprocess.run([*command(out, cache), *resume], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         model = headstart.load(out)
-        assert [r["phase"] for r in model.summary["history"]].count("finetune") == 2
+        assert [r["phase"] for r in model.summary.history].count("finetune") == 2
         assert not (out / ".checkpoint").exists()
         np.testing.assert_allclose(model.predict_proba(paths), reference.predict_proba(paths), atol=1e-4)

@@ -89,7 +89,7 @@ def test_saving_over_a_model_keeps_the_users_files_and_drops_leftovers(bundle: P
 
 
 def test_a_finished_finetune_removes_only_its_checkpoint_files(tmp_path: Path) -> None:
-    from headstart.finetune import remove_checkpoint
+    from headstart.checkpoints import remove_checkpoint
 
     folder = tmp_path / ".checkpoint"
     folder.mkdir()
@@ -147,7 +147,7 @@ def test_a_save_killed_at_any_point_leaves_the_old_model_or_the_new_one(
         def read_in_a_loop(stop: threading.Event = stop, seen: set[str] = seen, errors: list[Exception] = errors) -> None:
             while not stop.is_set():
                 try:
-                    seen.add(",".join(read_bundle(target, load_weights=False).config["classes"]))
+                    seen.add(",".join(read_bundle(target, load_weights=False).config.classes))
                 except Exception as e:
                     errors.append(e)
 
@@ -204,22 +204,22 @@ def test_a_huge_sparse_weights_file_is_refused_without_reading_it(bundle: Path) 
 
 @pytest.mark.parametrize("tensors", ["/etc/passwd", "../model.safetensors", "checkpoint-1.safetensors/../../x"])
 def test_resume_reads_only_checkpoint_files_inside_the_checkpoint_folder(tensors: str, tmp_path: Path) -> None:
-    from headstart.finetune import _load_checkpoint
+    from headstart.checkpoints import load_checkpoint
 
     (tmp_path / "checkpoint.json").write_text(
         json.dumps({"fingerprint": "f", "tensors": tensors, "history": [], "best_loss": 1.0, "best_epoch": 0, "optimizer_groups": []})
     )
     with pytest.raises(ConfigError, match="checkpoint .* is damaged"):
-        _load_checkpoint(tmp_path, "f")
+        load_checkpoint(tmp_path, "f")
 
 
 @pytest.mark.parametrize("text", ["{not json", "[]", '{"tensors": 5}', "[" * 100_000 + "]" * 100_000])
 def test_a_damaged_checkpoint_json_is_one_clear_error(text: str, tmp_path: Path) -> None:
-    from headstart.finetune import _load_checkpoint
+    from headstart.checkpoints import load_checkpoint
 
     (tmp_path / "checkpoint.json").write_text(text)
     with pytest.raises(ConfigError, match="damaged; run without --resume"):
-        _load_checkpoint(tmp_path, "f")
+        load_checkpoint(tmp_path, "f")
 
 
 # 9. tampered bundles: validated before anything is allocated
@@ -239,7 +239,7 @@ def edit_config(bundle: Path, text: str) -> None:
         ("head.hidden", '"abc"', "hidden must be an integer"),
         ("head.hidden", "1e12", "hidden must be an integer"),
         ("head.hidden", "500000", "hidden must be an integer from 1 to 65536"),
-        ("head.hidden", "4096", r"1.weight: \[2, 1280\] instead of \[4096, 1280\]"),  # mlp shapes checked before allocation
+        ("head.hidden", "4096", r"1.weight: \(2, 1280\) instead of \(4096, 1280\)"),  # mlp shapes checked before allocation
         ("summary", "[1, 2]", "field 'summary' must be an object"),
         ("summary.val_images", '[["a.jpg"]]', "field 'summary.val_images'"),
         ("files", '{"model.safetensors": {"size": 1, "sha256": "00"}}', "field 'files'"),
@@ -290,4 +290,4 @@ def test_a_model_saved_by_an_earlier_format_still_loads_and_predicts_the_same(ve
     model = headstart.load(folder)
     proba = model.predict_proba([SHARED / p for p in expected["images"]])
     np.testing.assert_allclose(proba, expected["proba"], atol=1e-5)
-    assert model.classes == ["cats", "dogs"] and model.summary["history"]
+    assert model.classes == ["cats", "dogs"] and model.summary.history

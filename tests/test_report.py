@@ -7,6 +7,7 @@ import io
 import re
 import shutil
 import subprocess
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +17,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import headstart
-from conftest import CATS_DOGS_TINY, FLOWERS_TINY, PHOTOS
+from conftest import CATS_DOGS_TINY, FLOWERS_TINY, PHOTOS, write_image
 from headstart.api import explain
 from headstart.backbones import create_backbone
 from headstart.cli.main import app
 from headstart.data import load_image
 from headstart.explain import grad_cam, upsampled
-from headstart.report import CORRECT, TRAIN_COLOUR, WRONG
+from headstart.metrics import Evaluation
+from headstart.report import CORRECT, TRAIN_COLOUR, WRONG, confusion_table, image_tile
 from headstart.transforms import preprocess
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -36,6 +38,53 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+class _ConfusionCells(HTMLParser):
+    """The text of each cell of the table with id "confusion", row by row; a cell's text pieces joined by a space."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.rows: list[list[str]] = []
+        self.inside = False
+        self.cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "table":
+            self.inside = ("id", "confusion") in attrs
+        elif self.inside and tag == "tr":
+            self.rows.append([])
+        elif self.inside and tag in ("td", "th"):
+            self.cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "table":
+            self.inside = False
+        elif self.inside and tag in ("td", "th") and self.cell is not None:
+            self.rows[-1].append(" ".join(self.cell))
+            self.cell = None
+
+    def handle_data(self, data: str) -> None:
+        if self.cell is not None:
+            self.cell.append(data)
+
+
+def confusion_cells(page: str) -> list[list[str]]:
+    parser = _ConfusionCells()
+    parser.feed(page)
+    return parser.rows
+
+
+TILE = re.compile(
+    r'<figure class="tile (ok|wrong)?"><img src="data:image/jpeg;base64,([^"]+)" alt="([^"]*)"[^>]*><figcaption>(.*?)</figcaption>'
+)
+
+
+def tiles(page: str, figure_id: str) -> list[tuple[str, Image.Image, str, str]]:
+    """(kind, decoded thumbnail, alt, caption HTML) of each tile inside the figure with id `figure_id`."""
+    start = page.index(f'<figure id="{figure_id}">')
+    part = page[start : page.index("</section>", start)]
+    return [(kind, Image.open(io.BytesIO(base64.b64decode(data))), alt, caption) for kind, data, alt, caption in TILE.findall(part)]
+
+
 def test_report_is_self_contained_with_every_section(trained: Path) -> None:
     page = (trained / "report.html").read_text()
     for section in (
@@ -44,15 +93,98 @@ def test_report_is_self_contained_with_every_section(trained: Path) -> None:
         "confusion-matrix",
         "per-class-scores",
         "validation-predictions",
+        "top-losses",
         "class-activation-maps",
     ):
         assert f'<section id="{section}">' in page
-    images = re.findall(r'<img src="data:image/png;base64,([^"]+)" alt="([^"]+)"', page)
-    assert len(images) >= 4 and all(alt for _, alt in images)
-    for data, _ in images:
-        assert Image.open(io.BytesIO(base64.b64decode(data))).size[0] > 200
+    (curves,) = re.findall(r'<img src="data:image/png;base64,([^"]+)" alt="[^"]+"', page)  # the one matplotlib figure
+    assert Image.open(io.BytesIO(base64.b64decode(curves))).size[0] > 600
     assert 'src="http' not in page and "<script" not in page
     assert "cats" in page and "dogs" in page
+
+
+MARK = {
+    "ok": '<span class="mark" role="img" aria-label="correct">✓</span> ',
+    "wrong": '<span class="mark" role="img" aria-label="wrong">✗</span> ',
+}
+
+
+def test_report_tiles_are_jpeg_thumbnails_captioned_in_html(trained: Path) -> None:
+    page = (trained / "report.html").read_text()
+    validation = headstart.load(trained).summary.validation
+    assert validation is not None
+    n_wrong = validation.n_images - int(np.trace(validation.confusion))
+    shown = tiles(page, "predictions")
+    assert len(shown) == min(16, validation.n_images)
+    for kind, image, alt, caption in shown:
+        assert image.format == "JPEG" and image.size == (224, 224) and np.asarray(image).std() > 10  # a photo, not a blank
+        assert re.fullmatch(r"(cat|dog)\.\d+\.jpg: true (cats|dogs), predicted (cats|dogs)", alt), alt
+        match = re.fullmatch(
+            r"true (\w+)<br>pred (\w+) \((\d\.\d\d)\)<br><small title=\"([^\"]+)\">\4</small>", caption.removeprefix(MARK[kind])
+        )
+        assert match and caption.startswith(MARK[kind]), caption
+        assert (match[1] == match[2]) == (kind == "ok") and float(match[3]) >= 0.5
+    top = tiles(page, "top-losses") if n_wrong else []
+    assert len(top) == min(8, n_wrong) and all(kind == "wrong" for kind, *_ in top)
+    assert n_wrong or "No validation image was misclassified." in page
+    cams = tiles(page, "gradcam")
+    assert len(cams) == 2 * (min(3, validation.n_images - n_wrong) + min(3, n_wrong)) == 2 * page.count('<div class="pair">')
+    for (kind, photo, _, _), (cam_kind, heatmap, _, cam_caption) in zip(cams[::2], cams[1::2], strict=True):
+        assert kind == cam_kind and re.fullmatch(r"Grad-CAM for &#x27;(cats|dogs)&#x27;", cam_caption.removeprefix(MARK[kind]))
+        assert photo.size == heatmap.size == (224, 224)
+        assert np.abs(np.asarray(photo, dtype=float) - np.asarray(heatmap, dtype=float)).mean() > 10  # the heatmap is drawn over it
+
+
+def test_report_confusion_table_holds_the_validation_counts(trained: Path) -> None:
+    validation = headstart.load(trained).summary.validation
+    assert validation is not None
+    rows = confusion_cells((trained / "report.html").read_text())
+    assert rows[0] == ["", "predicted"] and rows[1] == ["true", *validation.classes]
+    totals = validation.confusion.sum(1)
+    for i, row in enumerate(rows[2:]):
+        assert row[0] == validation.classes[i]
+        assert row[1:] == [f"{n} {n / totals[i]:.2f}" for n in validation.confusion[i]]
+
+
+def test_confusion_table_escapes_names_and_shades_by_row_fraction() -> None:
+    names = ["<script>$x$", 'a&b"q', "empty"]
+    evaluation = Evaluation(names, np.array([[3, 1, 0], [0, 4, 0], [0, 0, 0]]), 0.1)
+    page = confusion_table(evaluation)
+    assert "<script" not in page and "&lt;script&gt;$x$" in page and "a&amp;b&quot;q" in page
+    rows = confusion_cells(page)
+    assert rows[1] == ["true", *names]
+    assert rows[2:] == [
+        ["<script>$x$", "3 0.75", "1 0.25", "0 0.00"],
+        ['a&b"q', "0 0.00", "4 1.00", "0 0.00"],
+        ["empty", "0 0.00", "0 0.00", "0 0.00"],  # a class without images: no division by zero
+    ]
+    backgrounds = re.findall(r'<td(?: class="hit")? style="background:(#[0-9a-f]{6});color:(#[0-9a-f]{6})"', page)
+    assert len(backgrounds) == 9
+    assert backgrounds[0] != backgrounds[1] and backgrounds[4][1] == "#ffffff" and backgrounds[8] == ("#f7fbff", "#1f2328")
+
+
+def test_image_tile_escapes_its_text_and_encodes_a_jpeg() -> None:
+    image = Image.new("RGB", (50, 40), (200, 30, 30))
+    tile = image_tile(image, ["true <script>$x$", "pred a&b"], alt='"><img src=x>', correct=False, note="new\nline.jpg")
+    assert "<script" not in tile and "<img src=x" not in tile and "&lt;script&gt;$x$" in tile and "new\\x0aline.jpg" in tile
+    assert tile.startswith('<figure class="tile wrong">') and 'aria-label="wrong">✗</span>' in tile
+    ((_, decoded, alt, _),) = [(k, i, a, c) for k, i, a, c in tiles(f'<figure id="t">{tile}</figure></section>', "t")]
+    assert decoded.size == (50, 40) and alt == "&quot;&gt;&lt;img src=x&gt;"
+
+
+def test_report_with_hostile_class_names(tmp_path: Path) -> None:
+    names = ["<script>$x$", "a&b'q"]
+    for k, name in enumerate(names):
+        for j in range(6):
+            write_image(tmp_path / "data" / name / f"<i>{j}$.png", (200 - 150 * k, 60 + 20 * j, 50 + 150 * k))
+    model = headstart.train(tmp_path / "data", val_split=0.5, out=tmp_path / "model", cache_dir=tmp_path / "cache")
+    page = (tmp_path / "model" / "report.html").read_text()
+    assert "<script" not in page and "<i>" not in page
+    assert "&lt;script&gt;$x$" in page and "a&amp;b&#x27;q" in page and "&lt;i&gt;" in page
+    rows = confusion_cells(page)
+    assert rows[1] == ["true", *model.classes] and [row[0] for row in rows[2:]] == model.classes
+    captions = [caption for *_, caption in tiles(page, "predictions")]
+    assert captions and all("&lt;script&gt;$x$" in c or "a&amp;b&#x27;q" in c for c in captions)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make test installs it)")
@@ -131,14 +263,18 @@ def test_gradcam_for_a_timm_backbone_with_a_headstart_head(tmp_path: Path) -> No
     import timm
     from safetensors.torch import save_file
 
-    from headstart.heads import build_head
+    from headstart.heads import create_torch_head
 
     torch.manual_seed(0)
     save_file(timm.create_model("test_resnet").state_dict(), tmp_path / "w.safetensors")
-    backbone = create_backbone("timm:test_resnet", tmp_path / "w.safetensors")
+    backbone = create_backbone("timm:test_resnet", tmp_path / "w.safetensors", cache_root=tmp_path)
     batch = torch.from_numpy(preprocess(load_image(PHOTOS / "dog.jpg"), backbone.data_config))[None]
-    head = build_head("linear", backbone.n_features, 2).eval()
-    with torch.no_grad():  # class 0 scores the mean feature, so its evidence is all positive
-        head[1].weight.copy_(torch.stack([torch.ones(backbone.n_features), -torch.ones(backbone.n_features)]) / backbone.n_features)
-    cam = grad_cam(backbone, batch, 0, head)
+    n, ones = backbone.n_features, np.ones(backbone.n_features, np.float32)
+    state = {  # class 0 scores the mean feature, so its evidence is all positive
+        "0.mean": np.zeros(n, np.float32),
+        "0.scale": ones,
+        "1.weight": np.stack([ones, -ones]) / n,
+        "1.bias": np.zeros(2, np.float32),
+    }
+    cam = grad_cam(backbone, batch, 0, create_torch_head(state).eval())
     assert cam.ndim == 2 and cam.shape[0] > 1 and cam.min() >= 0.0 and cam.max() == pytest.approx(1.0)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import headstart
 import headstart.cache
@@ -40,7 +41,7 @@ def test_trained_model_predicts_unseen_images_above_chance(tiny_model: headstart
     accuracy = np.mean([p.label == t for p, t in zip(predictions, truth)])
     assert len(predictions) == 20
     assert accuracy >= 0.8  # chance is 0.5
-    assert tiny_model.summary["validation"]["accuracy"] == pytest.approx(accuracy)
+    assert tiny_model.summary.validation.accuracy == pytest.approx(accuracy)
     assert all(len(p.top_k) == 2 and p.top_k[0][1] >= p.top_k[1][1] for p in predictions)
     assert tiny_model.classes == ["cats", "dogs"]
 
@@ -61,17 +62,17 @@ def test_save_then_load_gives_identical_probabilities(tiny_model: headstart.Mode
 
 def test_second_run_on_same_data_does_no_backbone_forward_pass(tmp_path: Path, forward_counter: list[int]) -> None:
     first = headstart.train(FLOWERS_TINY, cache_dir=tmp_path, head="mlp")
-    assert forward_counter[0] == 40 == first.summary["n_extracted"]
+    assert forward_counter[0] == 40 == first.summary.n_extracted
     forward_counter[0] = 0
     second = headstart.train(FLOWERS_TINY, cache_dir=tmp_path, head="linear")
     assert forward_counter[0] == 0
-    assert second.summary["n_extracted"] == 0 and second.summary["n_cached"] == 40
+    assert second.summary.n_extracted == 0 and second.summary.n_cached == 40
 
 
 def test_the_report_reuses_the_validation_features(tmp_path: Path, forward_counter: list[int]) -> None:
     model = headstart.train(FLOWERS_TINY, cache_dir=tmp_path / "cache", out=tmp_path / "model")
     assert (tmp_path / "model" / "report.html").is_file()
-    assert forward_counter[0] == 40 == model.summary["n_extracted"]  # each image once, none again for the report
+    assert forward_counter[0] == 40 == model.summary.n_extracted  # each image once, none again for the report
 
 
 def test_only_new_files_are_extracted(tmp_path: Path, forward_counter: list[int]) -> None:
@@ -84,7 +85,7 @@ def test_only_new_files_are_extracted(tmp_path: Path, forward_counter: list[int]
     shutil.copy(CATS_DOGS_TINY / "train" / "cats" / "cat.1.jpg", data / "roses" / "extra.jpg")
     model = headstart.train(data, cache_dir=tmp_path / "cache")
     assert forward_counter[0] == 1  # the two copies of one rose share a content hash; the cat is new
-    assert model.summary["n_cached"] == 42
+    assert model.summary.n_cached == 42
 
 
 def test_a_damaged_cache_shard_is_discarded_and_only_its_images_re_extracted(
@@ -97,7 +98,7 @@ def test_a_damaged_cache_shard_is_discarded_and_only_its_images_re_extracted(
     shards[2].write_bytes(shards[2].read_bytes()[:100])  # as if cut off mid-write by something other than headstart
     forward_counter[0] = 0
     second = headstart.train(FLOWERS_TINY, cache_dir=tmp_path)
-    assert forward_counter[0] == 8 == second.summary["n_extracted"]
+    assert forward_counter[0] == 8 == second.summary.n_extracted
     assert not shards[2].exists()
     paths, _ = val_images()
     np.testing.assert_allclose(second.predict_proba(paths), first.predict_proba(paths), atol=1e-5)
@@ -106,8 +107,8 @@ def test_a_damaged_cache_shard_is_discarded_and_only_its_images_re_extracted(
 def test_training_is_reproducible(tmp_path: Path) -> None:
     a = headstart.train(FLOWERS_TINY, cache_dir=tmp_path, head="mlp", seed=3)
     b = headstart.train(FLOWERS_TINY, cache_dir=tmp_path, head="mlp", seed=3)
-    assert a.summary["history"] == b.summary["history"]
-    assert np.array_equal(a.head.head_[1].weight.detach().numpy(), b.head.head_[1].weight.detach().numpy())
+    assert a.summary.history == b.summary.history
+    assert np.array_equal(a.head.weights_["1.weight"], b.head.weights_["1.weight"])
 
 
 def test_evaluate_reports_per_class_scores(tiny_model_dir: Path) -> None:
@@ -126,4 +127,22 @@ def test_predict_skips_unreadable_files_and_lists_them(tiny_model_dir: Path, tmp
     assert len(result.predictions) == 10
     assert {s.path.name for s in result.skipped} == {"broken.jpg", "missing.png"}
     with pytest.raises(headstart.HeadstartError, match="broken.jpg"):
-        headstart.load(tiny_model_dir).predict([tmp_path / "broken.jpg"])
+        headstart.predict(tiny_model_dir, [tmp_path / "broken.jpg"])
+    with pytest.raises(headstart.HeadstartError, match="broken.jpg"):
+        headstart.load(tiny_model_dir).predict_proba([tmp_path / "broken.jpg"])
+
+
+def test_model_predict_takes_files_pil_images_and_arrays_alike_and_lists_unreadable_files(
+    tiny_model: headstart.Model, tmp_path: Path
+) -> None:
+    photo = sorted((CATS_DOGS_TINY / "val" / "dogs").glob("*.jpg"))[0]
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    image = Image.open(photo).convert("RGB")
+    result = tiny_model.predict([photo, image, np.asarray(image), tmp_path / "broken.jpg"], top_k=2)
+    assert isinstance(result, headstart.Predictions)
+    assert [p.path for p in result.predictions] == [photo, None, None]
+    by_file, by_image, by_array = (p.top_k for p in result.predictions)
+    assert by_image == by_array and by_file[0][0] == by_image[0][0] == "dogs"
+    assert [s.path.name for s in result.skipped] == ["broken.jpg"]
+    with pytest.raises(headstart.HeadstartError, match="uint8"):
+        tiny_model.predict([np.zeros((8, 8), np.float32)])

@@ -95,13 +95,13 @@ def test_check_reports_every_bad_input_with_its_reason(corpus: tuple[Path, dict[
 def test_train_proceeds_on_the_good_files(corpus: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
     root, expected = corpus
     model = headstart.train(root, cache_dir=tmp_path)
-    skipped = {os.path.relpath(s["path"], root) for s in model.summary["skipped"]}
+    skipped = {os.path.relpath(s.path, root) for s in model.summary.skipped}
     unusable = {p for p, problem in expected.items() if PROBLEMS[problem].action == "skipped"}
     assert unusable <= skipped
     used = {p for p, problem in expected.items() if PROBLEMS[problem].action == "used as is"}
     assert not used & skipped  # converted, rotated and animated images are trained on
-    assert model.summary["n_train"]["cats"] >= 15
-    warnings = {w["problem"] for w in model.summary["warnings"]}
+    assert model.summary.n_train["cats"] >= 15
+    warnings = {w.problem for w in model.summary.warnings}
     assert {"duplicate", "train/val leak", "class imbalance", "empty class folder"} <= warnings
 
 

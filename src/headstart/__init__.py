@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from headstart.errors import HeadstartError as HeadstartError
     from headstart.model import Model as Model
     from headstart.model import Prediction as Prediction
+    from headstart.model import Predictions as Predictions
     from headstart.model import load as load
     from headstart.triage import Triage as Triage
 
@@ -48,6 +49,7 @@ _EXPORTS = {
     "load": "headstart.model",
     "Model": "headstart.model",
     "Prediction": "headstart.model",
+    "Predictions": "headstart.model",
     "HeadClassifier": "headstart.classifier",
     "Triage": "headstart.triage",
     "HeadstartError": "headstart.errors",

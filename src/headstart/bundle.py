@@ -14,24 +14,27 @@ and validates every field before anything is allocated.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
+import numpy as np
+from numpy.typing import NDArray
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save as save_safetensors
 
 from headstart.config import DataConfig, is_finite_number, is_int
 from headstart.errors import BundleError, FileRefusedError
 from headstart.files import atomic_write_folder, json_bytes, open_regular, read_regular
+from headstart.summary import TrainingSummary
 
-FORMAT_VERSION = 2  # 2: `files` lists the size and sha256 of every file of the model
+FORMAT_VERSION = 3  # 2: `files` lists the size and sha256 of every file of the model; 3: every summary field present
 CONFIG_NAME = "bundle.json"
 WEIGHTS_NAME = "model.safetensors"
 METRICS_NAME = "metrics.json"
@@ -47,11 +50,85 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
+class BackboneRecord:
+    """The backbone a model was trained on: enough to rebuild it and check it is the same one."""
+
+    name: str
+    weights_sha256: str
+    n_features: int | None = None
+    layer: int | None = None
+    weights_file: str | None = None
+    finetuned_from: str | None = None
+
+
+@dataclass(frozen=True)
+class BundleConfig:
+    """`bundle.json`: what a model is.
+
+    Attributes:
+        backbone: the backbone (its fine-tuned weights, if any, are in `model.safetensors`).
+        data_config: the preprocessing.
+        head: the `HeadClassifier` parameters.
+        classes: the class names, in output order.
+        summary: what training did.
+        files: each further model file's size and sha256 (empty for format 1).
+    """
+
+    backbone: BackboneRecord
+    data_config: DataConfig
+    head: dict[str, Any]
+    classes: tuple[str, ...]
+    summary: TrainingSummary
+    headstart_version: str = ""
+    format_version: int = FORMAT_VERSION
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "headstart_version": self.headstart_version,
+            "backbone": dataclasses.asdict(self.backbone),
+            "data_config": self.data_config.to_dict(),
+            "head": self.head,
+            "classes": list(self.classes),
+            "summary": self.summary.to_dict(),
+            "files": self.files,
+        }
+
+    @classmethod
+    def from_dict(cls, config: Any, directory: Path) -> BundleConfig:
+        """Validate every field of a parsed `bundle.json` (formats 1 to `FORMAT_VERSION`).
+
+        Raises:
+            BundleError: names the first field of the wrong type or out of range.
+        """
+        validate_config(config, directory)
+        backbone = config["backbone"]
+        try:
+            summary = TrainingSummary.from_dict(config.get("summary", {}))
+        except ValueError as e:
+            field_name = str(e).replace("field '", "field 'summary.", 1)
+            raise BundleError(
+                f"{directory / CONFIG_NAME}: {field_name}. The file is damaged or was edited; re-save or retrain the model."
+            ) from None
+        return cls(
+            backbone=BackboneRecord(**{f.name: backbone.get(f.name) for f in dataclasses.fields(BackboneRecord)}),
+            data_config=DataConfig.from_dict(config["data_config"]),
+            head=config["head"],
+            classes=tuple(config["classes"]),
+            summary=summary,
+            headstart_version=str(config.get("headstart_version", "")),
+            format_version=config["format_version"],
+            files=config.get("files") or {},
+        )
+
+
+@dataclass(frozen=True)
 class BundleContents:
     """What a model folder holds, read and validated.
 
     Attributes:
-        config: `bundle.json`.
+        config: `bundle.json`, its summary's history filled in from `history.json`.
         shapes: each tensor's shape, from the safetensors header.
         tensors: the tensors themselves (empty when read without weights).
         metrics: `metrics.json` (validation scores).
@@ -59,9 +136,9 @@ class BundleContents:
         files: the model's files and their sizes in bytes.
     """
 
-    config: dict[str, Any]
+    config: BundleConfig
     shapes: dict[str, list[int]]
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, NDArray[np.float32]]
     metrics: dict[str, Any]
     history: list[dict[str, Any]]
     files: dict[str, int]
@@ -97,8 +174,8 @@ def is_model_folder(directory: Path) -> bool:
 
 def save_bundle(
     directory: Path,
-    config: dict[str, Any],
-    tensors: dict[str, torch.Tensor],
+    config: BundleConfig,
+    tensors: dict[str, NDArray[np.float32]],
     metrics: dict[str, Any],
     extras: dict[str, bytes] | None = None,
     force: bool = False,
@@ -113,14 +190,14 @@ def save_bundle(
     if directory.is_symlink():
         directory = directory.resolve()
     check_output_folder(directory, force)
-    files = {WEIGHTS_NAME: save_safetensors({k: v.contiguous() for k, v in tensors.items()}), METRICS_NAME: json_bytes(metrics)}
+    files = {WEIGHTS_NAME: save_safetensors({k: np.ascontiguousarray(v) for k, v in tensors.items()}), METRICS_NAME: json_bytes(metrics)}
     files.update(extras or {})
     if not set(files) < set(MODEL_FILES):
         raise ValueError(f"Not a model file: {sorted(set(files) - set(MODEL_FILES))}")
     manifest = {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in files.items()}
-    config = {"format_version": FORMAT_VERSION, **config, "files": manifest}
-    validate_config(config, directory)
-    return atomic_write_folder(directory, {**files, CONFIG_NAME: json_bytes(config)}, replaced=MODEL_FILES)
+    record = dataclasses.replace(config, format_version=FORMAT_VERSION, files=manifest).to_dict()
+    validate_config(record, directory)
+    return atomic_write_folder(directory, {**files, CONFIG_NAME: json_bytes(record)}, replaced=MODEL_FILES)
 
 
 def read_bundle(directory: Path, load_weights: bool = True) -> BundleContents:
@@ -165,9 +242,10 @@ def _read(directory: Path, fd: int, load_weights: bool) -> BundleContents:
         raise BundleError(
             f"{directory}: not a headstart model (no {CONFIG_NAME} in it). Train one with `headstart train DATA --out {directory}`."
         ) from None
-    config = _parse_json(raw, directory / CONFIG_NAME)
-    validate_config(config, directory)
-    listed = config.get("files") or {WEIGHTS_NAME: None, METRICS_NAME: None, HISTORY_NAME: None}  # format 1: no sizes or hashes
+    config = BundleConfig.from_dict(_parse_json(raw, directory / CONFIG_NAME), directory)
+    listed: dict[str, Any] = dict(config.files)
+    if not listed:  # format 1: no sizes or hashes
+        listed = {WEIGHTS_NAME: None, METRICS_NAME: None, HISTORY_NAME: None}
     contents = {name: _read_listed(directory, fd, name, record, required=name == WEIGHTS_NAME) for name, record in listed.items()}
     weights = contents[WEIGHTS_NAME]
     assert weights is not None  # required above
@@ -178,6 +256,7 @@ def _read(directory: Path, fd: int, load_weights: bool) -> BundleContents:
     _need(all(isinstance(row, dict) for row in history), directory / HISTORY_NAME, "(rows)", "a list of objects")
     _need(is_finite_number(metrics.get("accuracy", 0.0)), directory / METRICS_NAME, "accuracy", "a number")
     files = {CONFIG_NAME: len(raw), **{name: len(data) for name, data in contents.items() if data is not None}}
+    config = dataclasses.replace(config, summary=config.summary.replace(history=tuple(history)))
     return BundleContents(config, shapes, tensors, metrics, history, files)
 
 
@@ -232,16 +311,6 @@ def _safetensors_shapes(data: bytes, path: Path) -> dict[str, list[int]]:
     if 8 + n + end != len(data):
         raise refused
     return shapes
-
-
-def describe_bundle(directory: Path) -> dict[str, Any]:
-    """A bundle's validated config, metrics, files and tensor shapes, read without loading any tensor.
-
-    Raises:
-        BundleError: as `read_bundle`.
-    """
-    contents = read_bundle(directory, load_weights=False)
-    return {"config": contents.config, "metrics": contents.metrics, "tensors": contents.shapes, "files": contents.files}
 
 
 def _parse_json(data: bytes, path: Path) -> Any:
@@ -312,8 +381,9 @@ def validate_config(config: Any, directory: Path) -> None:
     need(isinstance(config.get("head"), dict), "head", "an object")
     summary = config.get("summary", {})
     need(isinstance(summary, dict), "summary", "an object")
-    for field, (ok, expected) in _SUMMARY_FIELDS.items():
-        need(field not in summary or ok(summary[field]), f"summary.{field}", expected)
+    if version >= 3:
+        missing = [f.name for f in dataclasses.fields(TrainingSummary) if f.name != "history" and f.name not in summary]
+        need(not missing, f"summary.{missing[0] if missing else ''}", "present")
     try:
         DataConfig.from_dict(config.get("data_config"))
     except (TypeError, KeyError, ValueError, AttributeError, OverflowError):
@@ -329,36 +399,6 @@ def validate_config(config: Any, directory: Path) -> None:
             need(name in MODEL_FILES and name != CONFIG_NAME, f"files.{name}", "one of " + ", ".join(MODEL_FILES[1:]))
             ok = isinstance(record, dict) and is_int(record.get("size")) and _HEX64.fullmatch(str(record.get("sha256"))) is not None
             need(ok, f"files.{name}", "an object with size and sha256")
-
-
-def _strings(n: int) -> Any:
-    return lambda v: isinstance(v, list) and len(v) == n and all(isinstance(x, str) for x in v)
-
-
-def _list_of(ok: Any) -> Any:
-    return lambda v: isinstance(v, list) and all(ok(x) for x in v)
-
-
-def _counts(v: Any) -> bool:
-    return isinstance(v, dict) and all(is_int(n) for n in v.values())
-
-
-def _accuracy(v: Any) -> bool:
-    return v is None or (isinstance(v, dict) and is_finite_number(v.get("accuracy", 0.0)))
-
-
-_SUMMARY_FIELDS: dict[str, tuple[Any, str]] = {  # the fields that reports and renderers read from a loaded model
-    "data": (lambda v: isinstance(v, str), "a string"),
-    "strategy": (lambda v: isinstance(v, str), "a string"),
-    "n_train": (_counts, "an object of counts"),
-    "n_val": (_counts, "an object of counts"),
-    "val_images": (_list_of(_strings(2)), "a list of [path, label] pairs"),
-    "skipped": (_list_of(lambda d: isinstance(d, dict) and _strings(2)([d.get("path"), d.get("reason")])), "a list of {path, reason}"),
-    "validation": (lambda v: isinstance(v, dict) and _accuracy(v), "an object with a numeric accuracy"),
-    "seconds": (is_finite_number, "a number"),
-    "auto": (lambda v: isinstance(v, dict) and isinstance(v.get("reason"), str), "an object with a reason"),
-    "finetune": (lambda v: isinstance(v, dict) and _accuracy(v.get("frozen_validation")), "an object"),
-}
 
 
 def _looks_pickled(head: bytes) -> bool:

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -23,49 +21,14 @@ from safetensors.numpy import save as save_safetensors
 
 from headstart.backbones import Backbone
 from headstart.config import Progress
-from headstart.data import MAX_FILE_BYTES, Skipped
+from headstart.data import Skipped
 from headstart.engine import Engine, create_engine
 from headstart.errors import FileRefusedError
 from headstart.features import Extraction, extract_features
-from headstart.files import atomic_write_bytes, open_regular
+from headstart.files import atomic_write_bytes, file_digest
 
 FEATURE_FORMAT = 2  # 2: large JPEGs decoded at reduced scale (see `pipeline.decode_input`)
 SHARD_SIZE = 1024
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes, hex.
-
-    Remembered in this process while the file's size, times and inode stay the
-    same (so the data checks and the cache hash each file once), except for
-    files changed in the last two seconds: a second change within the file
-    system's clock granularity could leave all of those as they were.
-
-    Raises:
-        FileRefusedError: `path` is not a regular file (a FIFO, a device) or is larger than `data.MAX_FILE_BYTES`.
-        OSError: it cannot be read.
-    """
-    stat = path.stat()
-    if time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) < 2_000_000_000:
-        return _sha256(path)
-    return _remembered_sha256(path, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
-
-
-@lru_cache(maxsize=1 << 16)
-def _remembered_sha256(path: Path, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> str:
-    return _sha256(path)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    n_bytes = 0
-    with open_regular(path, MAX_FILE_BYTES) as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            n_bytes += len(chunk)
-            if n_bytes > MAX_FILE_BYTES:  # grew while being read
-                raise FileRefusedError(path, f"too large: more than the {MAX_FILE_BYTES:,} bytes allowed")
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def backbone_key(backbone: Backbone) -> str:

@@ -1,44 +1,44 @@
 """How the frozen backbone runs: ONNX Runtime on the CPU, PyTorch as the fallback.
 
 The first time a backbone (name, weights, preprocessing, layer) is used, its
-feature extractor is exported to ONNX under `<cache>/onnx/`, run on a fixed
-input through both ONNX Runtime and PyTorch, and kept only if the two agree
+feature extractor is exported to ONNX under `<cache>/onnx/` (`onnx_export`,
+which imports PyTorch) and kept only if it agrees with PyTorch
 (`PARITY_TOLERANCE`). The verdict is recorded beside the file, so later runs
-start at once; a backbone that fails to export or to match runs in PyTorch.
-A failure that may pass (a full disk, too little memory) is not recorded: that
-run uses PyTorch, and the next one tries the export again.
+start at once, without PyTorch; a backbone that fails to export or to match
+runs in PyTorch. A failure that may pass (a full disk, too little memory) is
+not recorded: that run uses PyTorch, and the next one tries the export again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import json
 import queue
-import tempfile
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import onnx
-import onnxruntime
-import torch
 from numpy.typing import NDArray
-from torch import nn
 
-from headstart.backbones import Backbone, with_static_padding
+from headstart.backbones import Backbone
 from headstart.config import default_cache_dir
-from headstart.files import atomic_write_bytes, atomic_write_json
+from headstart.files import atomic_write_bytes, atomic_write_json, read_regular
 from headstart.pipeline import available_cpus
+
+if TYPE_CHECKING:
+    import onnxruntime
+    import torch
 
 EngineKind = Literal["auto", "onnx", "torch"]
 ENGINE_KINDS = ("auto", "onnx", "torch")
-EXPORT_FORMAT = 2  # 2: static "same" padding, folded into the convolutions
-OPSET = 17
+EXPORT_FORMAT = 3  # 2: static "same" padding, folded into the convolutions; 3: the feature map as a second output
 PARITY_TOLERANCE = 1e-4  # max |onnx - torch| / max |torch| over the check batch
+MAX_EXPORT_BYTES = 4 << 30
 
 
 class Engine:
@@ -70,6 +70,8 @@ class TorchEngine(Engine):
         self.forward = forward or backbone.features
 
     def __call__(self, inputs: NDArray[np.float32]) -> NDArray[np.float32]:
+        import torch
+
         return self.forward(torch.from_numpy(inputs)).numpy()
 
 
@@ -89,11 +91,12 @@ class OnnxEngine(Engine):
 
     name = "onnxruntime"
 
-    def __init__(self, backbone: Backbone, path: Path, threads: int | None = None) -> None:
+    def __init__(self, backbone: Backbone, path: Path, threads: int | None = None, mean_pooled: bool = False) -> None:
         super().__init__(backbone)
         self.path = path
         self.threads = threads or available_cpus()
-        data = path.read_bytes()
+        self.mean_pooled = mean_pooled
+        data = read_regular(path, MAX_EXPORT_BYTES)
         self.sessions = [_session(data, 1) for _ in range(self.threads)]
         self._idle: queue.SimpleQueue[onnxruntime.InferenceSession] = queue.SimpleQueue()
         for session in self.sessions:
@@ -106,6 +109,11 @@ class OnnxEngine(Engine):
         slices = [s for s in np.array_split(inputs, self.threads * SLICES_PER_SESSION) if len(s)]
         return np.concatenate(list(self._pool.map(self._run_on_idle, slices)))
 
+    def feature_maps(self, inputs: NDArray[np.float32]) -> NDArray[np.float32]:
+        """The unpooled maps the features come from, shape (n, channels, h, w)."""
+        maps: NDArray[np.float32] = self.sessions[0].run(["feature_map"], {"pixels": inputs})[0]
+        return maps
+
     def _run_on_idle(self, inputs: NDArray[np.float32]) -> NDArray[np.float32]:
         session = self._idle.get()
         try:
@@ -115,7 +123,7 @@ class OnnxEngine(Engine):
 
 
 def _run(session: onnxruntime.InferenceSession, inputs: NDArray[np.float32]) -> NDArray[np.float32]:
-    outputs: list[NDArray[np.float32]] = session.run(None, {"pixels": inputs})
+    outputs: list[NDArray[np.float32]] = session.run(["features"], {"pixels": inputs})
     return outputs[0]
 
 
@@ -126,7 +134,8 @@ def create_engine(backbone: Backbone, kind: EngineKind = "auto", cache_root: Pat
     if kind == "torch":
         return TorchEngine(backbone)
     try:
-        return OnnxEngine(backbone, exported_model(backbone, cache_root or default_cache_dir()))
+        path = exported_model(backbone, cache_root or default_cache_dir())
+        return OnnxEngine(backbone, path, mean_pooled=bool((_read_record(path.with_suffix(".json")) or {}).get("mean_pooled")))
     except ExportError as e:
         if kind == "onnx":
             raise
@@ -143,8 +152,8 @@ def engine_key(backbone: Backbone) -> str:
     identity = {
         "format": EXPORT_FORMAT,
         "backbone": backbone.fingerprint(),
-        "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
+        "torch": importlib.metadata.version("torch"),
+        "onnxruntime": importlib.metadata.version("onnxruntime"),
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -159,30 +168,47 @@ def exported_model(backbone: Backbone, cache_root: Path) -> Path:
     path = cache_root / "onnx" / f"{engine_key(backbone)}.onnx"
     record_path = path.with_suffix(".json")
     record = _read_record(record_path)
-    if record and path.is_file() and record.get("sha256") == hashlib.sha256(path.read_bytes()).hexdigest():
+    if record and record.get("verified") is True and _sha256(path) == record.get("sha256"):
         return path
     if record and record.get("verified") is False:
         raise ExportError(f"Backbone '{backbone.name}' did not export to ONNX: {record.get('reason')}")
+    from headstart import onnx_export
+
     try:
-        data = _export(backbone)
-        error = _parity_error(backbone, data)
+        exported = onnx_export.export_features(backbone, available_cpus())
     except (OSError, MemoryError) as e:  # may pass (a full disk, a busy machine): not recorded
         raise ExportError(
             f"Backbone '{backbone.name}' could not be exported to ONNX this time ({_describe(e)}); it will be tried again on the next run"
         ) from e
     except Exception as e:  # exporters fail in many ways on arbitrary timm models
         return _refuse(backbone, record_path, _describe(e))
+    error = exported.max_relative_error
     if not error <= PARITY_TOLERANCE:
         return _refuse(backbone, record_path, f"ONNX features differ from PyTorch's (max relative error {error:.2e})")
     try:
-        atomic_write_bytes(path, data)
-        digest = hashlib.sha256(data).hexdigest()
-        atomic_write_json(record_path, {"verified": True, "sha256": digest, "max_relative_error": error, "backbone": backbone.name})
+        atomic_write_bytes(path, exported.data)
+        atomic_write_json(
+            record_path,
+            {
+                "verified": True,
+                "sha256": hashlib.sha256(exported.data).hexdigest(),
+                "max_relative_error": error,
+                "mean_pooled": exported.mean_pooled,
+                "backbone": backbone.name,
+            },
+        )
     except OSError as e:
         raise ExportError(
             f"Backbone '{backbone.name}': its ONNX file could not be saved ({_describe(e)}); it will be tried again on the next run"
         ) from e
     return path
+
+
+def _sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(read_regular(path, MAX_EXPORT_BYTES)).hexdigest()
+    except OSError:
+        return None
 
 
 def _describe(e: BaseException) -> str:
@@ -191,7 +217,7 @@ def _describe(e: BaseException) -> str:
 
 def _read_record(path: Path) -> dict[str, Any] | None:
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        record = json.loads(read_regular(path, 1 << 20))
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) else None
@@ -203,54 +229,9 @@ def _refuse(backbone: Backbone, record_path: Path, reason: str) -> Path:
     raise ExportError(f"Backbone '{backbone.name}' did not export to ONNX: {reason}")
 
 
-class _Features(nn.Module):
-    def __init__(self, backbone: Backbone) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.module = backbone.module  # registered, so export sees its parameters
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone.pooled(x)
-
-
-def _check_batch(backbone: Backbone) -> torch.Tensor:
-    size = backbone.data_config.input_size
-    return torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
-
-
-def _export(backbone: Backbone) -> bytes:
-    backbone = with_static_padding(backbone)
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-        path = Path(tmp) / "features.onnx"
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice and tracer warnings
-        torch.onnx.export(
-            _Features(backbone).eval(),
-            (_check_batch(backbone)[:1],),
-            path,
-            dynamo=False,
-            opset_version=OPSET,
-            input_names=["pixels"],
-            output_names=["features"],
-            dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}},
-        )
-        model = onnx.load(path)
-    for node in model.graph.node:  # ONNX Runtime folds a Pad into the next Conv only without the empty optional input torch writes
-        if node.op_type == "Pad" and len(node.input) == 3 and not node.input[2]:
-            del node.input[2]
-    return bytes(model.SerializeToString())
-
-
-def _parity_error(backbone: Backbone, data: bytes) -> float:
-    """Max relative error of the exported features against PyTorch's on a fixed random batch."""
-    batch = _check_batch(backbone)
-    expected = backbone.features(batch).numpy()
-    actual = _run(_session(data, available_cpus()), batch.numpy())
-    if actual.shape != expected.shape:
-        return float("inf")
-    return float(np.abs(actual - expected).max() / max(float(np.abs(expected).max()), 1e-12))
-
-
 def _session(data: bytes, threads: int) -> onnxruntime.InferenceSession:
+    import onnxruntime
+
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1

@@ -5,16 +5,23 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from numpy.typing import NDArray
 from PIL import Image
-from torch import nn
 
 from headstart.backbones import Backbone
 from headstart.data import Skipped
+from headstart.engine import OnnxEngine
 from headstart.errors import BackboneWeightsError
+from headstart.transforms import preprocess
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from headstart.model import Model
 
 MAX_NAME_BYTES = 200  # under the usual NAME_MAX of 255 bytes, leaving room for the temporary name of an atomic write
 
@@ -49,6 +56,33 @@ def output_name(stem: str, suffix: str, taken: set[str]) -> str:
         n += 1
 
 
+def class_activation_maps(model: Model, images: list[Image.Image], class_indices: list[int]) -> list[NDArray[np.float32]]:
+    """Grad-CAM of each image for its class: float32 arrays of shape (h, w) in [0, 1].
+
+    When the model's ONNX engine gives the feature map whose spatial mean is the
+    features, the gradient of the class score with respect to the map is the
+    same at every position (the head's gradient at the features over h*w), so
+    Grad-CAM needs only the map and the head: no PyTorch. Otherwise it runs
+    `grad_cam` in PyTorch.
+    """
+    engine = model.engine
+    cfg = model.backbone.data_config
+    cams = []
+    for image, index in zip(images, class_indices, strict=True):
+        batch = preprocess(image, cfg)[None]
+        if isinstance(engine, OnnxEngine) and engine.mean_pooled:
+            maps = engine.feature_maps(batch)
+            weights = model.head.logit_gradient(maps.mean((2, 3)), index)[0]
+            cam = np.maximum(np.einsum("c,chw->hw", weights, maps[0]), 0)
+            peak = float(cam.max())
+            cams.append((cam / peak if peak > 0 else cam).astype(np.float32))
+        else:
+            import torch
+
+            cams.append(grad_cam(model.backbone, torch.from_numpy(batch), index, model.head.to_torch()))
+    return cams
+
+
 def grad_cam(backbone: Backbone, batch: torch.Tensor, class_index: int, head: nn.Module | None = None) -> NDArray[np.float32]:
     """Grad-CAM of one image for one class: float32 array of shape (h, w) in [0, 1].
 
@@ -62,6 +96,8 @@ def grad_cam(backbone: Backbone, batch: torch.Tensor, class_index: int, head: nn
         head: a headstart head on the pooled features; None explains the
             backbone's own ImageNet classifier.
     """
+    import torch
+
     if head is None and not backbone.has_imagenet_head:
         raise BackboneWeightsError(f"Backbone '{backbone.name}' has no ImageNet classifier to explain.")
     with torch.inference_mode():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import ctypes
+import hashlib
 import io
 import json
 import os
@@ -11,8 +12,10 @@ import re
 import shutil
 import stat
 import sys
+import time
 import uuid
 from collections.abc import Collection, Iterable, Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -249,3 +252,38 @@ def csv_bytes(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> bytes:
     writer.writerow(header)
     writer.writerows(rows)
     return buffer.getvalue().encode("utf-8", errors="surrogateescape")
+
+
+def file_digest(path: Path, max_bytes: int = 1 << 30) -> str:
+    """sha256 of a file's bytes, hex.
+
+    Remembered in this process while the file's size, times and inode stay the
+    same (so the data checks and the cache hash each file once), except for
+    files changed in the last two seconds: a second change within the file
+    system's clock granularity could leave all of those as they were.
+
+    Raises:
+        FileRefusedError: `path` is not a regular file (a FIFO, a device) or is larger than `max_bytes`.
+        OSError: it cannot be read.
+    """
+    stat = path.stat()
+    if time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) < 2_000_000_000:
+        return _sha256(path, max_bytes)
+    return _remembered_sha256(path, max_bytes, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+
+
+@lru_cache(maxsize=1 << 16)
+def _remembered_sha256(path: Path, max_bytes: int, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> str:
+    return _sha256(path, max_bytes)
+
+
+def _sha256(path: Path, max_bytes: int) -> str:
+    digest = hashlib.sha256()
+    n_bytes = 0
+    with open_regular(path, max_bytes) as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            n_bytes += len(chunk)
+            if n_bytes > max_bytes:  # grew while being read
+                raise FileRefusedError(path, f"too large: more than the {max_bytes:,} bytes allowed")
+            digest.update(chunk)
+    return digest.hexdigest()

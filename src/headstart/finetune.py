@@ -10,12 +10,10 @@ written atomically, from which an interrupted run resumes.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
 import math
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,21 +23,18 @@ from typing import Any
 import numpy as np
 import torch
 from numpy.typing import NDArray
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from headstart.augment import AUGMENT_PRESETS, AugmentConfig, augmented_input
-from headstart.backbones import Backbone, hash_state_dict, parameter_groups
+from headstart.backbones import Backbone
+from headstart.checkpoints import CHECKPOINT_JSON, Checkpoint, load_checkpoint, save_checkpoint
 from headstart.classifier import HeadClassifier
 from headstart.config import Progress
 from headstart.data import ImageRecord
 from headstart.errors import ConfigError
-from headstart.files import atomic_write_bytes, atomic_write_json, read_regular
 from headstart.pipeline import decode_input, load_batches
 from headstart.transforms import normalize
-
-CHECKPOINT_JSON = "checkpoint.json"
+from headstart.weights import hash_state_dict
 
 
 @dataclass(frozen=True)
@@ -149,7 +144,7 @@ def finetune(
         epoch beats the frozen backbone (epoch 0), `backbone` and `head` unchanged.
     """
     classes = [str(c) for c in head.classes_]
-    net = _Network(dataclasses.replace(backbone, module=copy.deepcopy(backbone.module)), copy.deepcopy(head.head_))
+    net = _Network(backbone.with_module(copy.deepcopy(backbone.module)), head.to_torch())
     trainable = _unfreeze(net, config)
     param_groups = [{"params": params, "lr": lr} for params, lr in trainable]
     optimizer = torch.optim.AdamW(param_groups, weight_decay=config.weight_decay)
@@ -175,7 +170,7 @@ def finetune(
     else:
         if checkpoint_dir is None or not (checkpoint_dir / CHECKPOINT_JSON).is_file():
             raise ConfigError(f"Nothing to resume: no checkpoint in {checkpoint_dir}. Run without --resume to start afresh.")
-        saved = _load_checkpoint(checkpoint_dir, fingerprint)
+        saved = load_checkpoint(checkpoint_dir, fingerprint)
         try:
             net.load_state_dict(saved.current, strict=False)
             optimizer.load_state_dict(saved.optimizer)
@@ -208,7 +203,8 @@ def finetune(
             if on_best:
                 on_best(best_result())
         if checkpoint_dir is not None:
-            _save_checkpoint(checkpoint_dir, net, optimizer, history, best_loss, best_epoch, best_state, fingerprint)
+            state = Checkpoint(_trainable_state(net), best_state, optimizer.state_dict(), history, best_loss, best_epoch)
+            save_checkpoint(checkpoint_dir, state, fingerprint)
     return best_result()
 
 
@@ -308,19 +304,17 @@ def _trainable_state(net: _Network) -> dict[str, torch.Tensor]:
 def _result(
     net: _Network, head: HeadClassifier, best: dict[str, torch.Tensor], history: list[dict[str, float]], best_epoch: int
 ) -> FinetuneResult:
-    tuned = _Network(dataclasses.replace(net.backbone, module=copy.deepcopy(net.trunk)), copy.deepcopy(net.head))
+    tuned = _Network(net.backbone.with_module(copy.deepcopy(net.trunk)), copy.deepcopy(net.head))
     tuned.load_state_dict({k: v for k, v in best.items() if k != "val_proba"}, strict=False)
     tuned.eval()
     for p in tuned.parameters():
         p.requires_grad_(False)
-    backbone = dataclasses.replace(
-        tuned.backbone,
-        module=tuned.trunk,
+    backbone = tuned.backbone.with_module(
+        tuned.trunk,
         weights_sha256=hash_state_dict(tuned.trunk.state_dict()),
         finetuned_from=net.backbone.finetuned_from or net.backbone.weights_sha256,
     )
-    fitted = HeadClassifier(**head.get_params())
-    fitted.classes_, fitted.head_, fitted.history_, fitted.best_epoch_ = head.classes_, tuned.head, head.history_, head.best_epoch_
+    fitted = head.with_weights_from(tuned.head)
     return FinetuneResult(backbone, fitted, list(history), best_epoch, best["val_proba"].numpy())
 
 
@@ -342,103 +336,16 @@ def _fingerprint(
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-@dataclass(frozen=True)
-class _Checkpoint:
-    current: dict[str, torch.Tensor]
-    best: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
-    history: list[dict[str, float]]
-    best_loss: float
-    best_epoch: int
+def parameter_groups(backbone: Backbone) -> list[list[str]]:
+    """Parameter names of the backbone's blocks, bottom (stem) to top, ImageNet classifier left out.
 
+    The grouping is timm's fine-grained `group_matcher` (one group per block), the
+    one it uses for layer-wise learning-rate decay.
+    """
+    from timm.models import group_parameters
 
-def _save_checkpoint(
-    directory: Path,
-    net: _Network,
-    optimizer: torch.optim.Optimizer,
-    history: list[dict[str, float]],
-    best_loss: float,
-    best_epoch: int,
-    best: dict[str, torch.Tensor],
-    fingerprint: str,
-) -> None:
-    """Tensors to a new file, then the JSON that names it (the commit point), then old tensor files go."""
-    opt = optimizer.state_dict()
-    tensors = {f"current.{k}": v for k, v in _trainable_state(net).items()}
-    tensors.update({f"best.{k}": v for k, v in best.items()})
-    for index, state in opt["state"].items():
-        tensors.update({f"optim.{index}.{k}": v for k, v in state.items()})
-    name = f"checkpoint-{len(history)}.safetensors"
-    atomic_write_bytes(directory / name, save_safetensors({k: v.contiguous() for k, v in tensors.items()}))
-    atomic_write_json(
-        directory / CHECKPOINT_JSON,
-        {
-            "fingerprint": fingerprint,
-            "tensors": name,
-            "history": history,
-            "best_loss": best_loss,
-            "best_epoch": best_epoch,
-            "optimizer_groups": opt["param_groups"],
-        },
-    )
-    for old in directory.glob("checkpoint-*.safetensors"):
-        if old.name != name:
-            old.unlink(missing_ok=True)
-
-
-def remove_checkpoint(directory: Path) -> None:
-    """Delete the checkpoint files in `directory` (and the folder, if nothing else is in it)."""
-    if not directory.is_dir():
-        return
-    for entry in directory.iterdir():
-        if entry.name == CHECKPOINT_JSON or _CHECKPOINT_TENSORS.fullmatch(entry.name) or _CHECKPOINT_LEFTOVER.fullmatch(entry.name):
-            entry.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        directory.rmdir()
-
-
-_CHECKPOINT_TENSORS = re.compile(r"checkpoint-\d{1,6}\.safetensors")
-_CHECKPOINT_LEFTOVER = re.compile(r"\.(checkpoint\.json|checkpoint-\d{1,6}\.safetensors)\.[0-9a-f]{12}\.tmp")
-MAX_CHECKPOINT_BYTES = 8 << 30
-
-
-def _load_checkpoint(directory: Path, fingerprint: str) -> _Checkpoint:
-    damaged = f"The checkpoint in {directory} is damaged; run without --resume to start afresh."
-    try:
-        meta = json.loads(read_regular(directory / CHECKPOINT_JSON, 64 << 20), parse_constant=lambda name: None)
-    except (OSError, ValueError, RecursionError):
-        raise ConfigError(damaged) from None
-    fields_ok = (
-        isinstance(meta, dict)
-        and isinstance(meta.get("tensors"), str)
-        and _CHECKPOINT_TENSORS.fullmatch(meta["tensors"]) is not None
-        and isinstance(meta.get("history"), list)
-        and all(isinstance(row, dict) and all(isinstance(v, int | float) for v in row.values()) for row in meta["history"])
-        and isinstance(meta.get("best_loss"), int | float)
-        and isinstance(meta.get("best_epoch"), int)
-        and isinstance(meta.get("optimizer_groups"), list)
-    )
-    if not fields_ok:
-        raise ConfigError(damaged)
-    if meta.get("fingerprint") != fingerprint:
-        raise ConfigError(
-            f"The checkpoint in {directory} was made with other data or settings; "
-            "resume with the same command, or run without --resume to start afresh."
-        )
-    try:  # only a checkpoint-N.safetensors in this folder: the name was checked above
-        tensors = load_safetensors(read_regular(directory / meta["tensors"], MAX_CHECKPOINT_BYTES))
-    except Exception:
-        raise ConfigError(damaged) from None
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-    return _Checkpoint(
-        current={k.removeprefix("current."): v for k, v in tensors.items() if k.startswith("current.")},
-        best={k.removeprefix("best."): v for k, v in tensors.items() if k.startswith("best.")},
-        optimizer={"state": state, "param_groups": meta["optimizer_groups"]},
-        history=meta["history"],
-        best_loss=meta["best_loss"],
-        best_epoch=meta["best_epoch"],
-    )
+    model: Any = backbone.module
+    classifier = {f"{model.default_cfg.get('classifier', 'classifier')}.{n}" for n, _ in model.get_classifier().named_parameters()}
+    groups = group_parameters(model, model.group_matcher(coarse=False))
+    named = [[n for n in names if n not in classifier] for _, names in sorted(groups.items())]
+    return [names for names in named if names]

@@ -4,40 +4,43 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+from PIL import Image
 
 from headstart import __version__
 from headstart.backbones import Backbone, create_backbone
-from headstart.bundle import HISTORY_CSV_NAME, HISTORY_NAME, read_bundle, save_bundle
+from headstart.bundle import HISTORY_CSV_NAME, HISTORY_NAME, BackboneRecord, BundleConfig, read_bundle, save_bundle
 from headstart.classifier import HeadClassifier
 from headstart.config import DataConfig, Progress
-from headstart.data import ImageRecord, Skipped, load_dataset
+from headstart.data import ImageRecord, Skipped, list_images, load_dataset
 from headstart.engine import Engine, create_engine
 from headstart.errors import BundleError, ConfigError, DataError, UnreadableImageError
-from headstart.features import Extraction, extract_features
+from headstart.features import extract_features
 from headstart.files import csv_bytes, json_bytes
-from headstart.heads import standardizer
 from headstart.metrics import Evaluation, evaluate_probabilities
+from headstart.summary import TrainingSummary
+from headstart.transforms import preprocess
 
 PathLike = str | os.PathLike[str]
+ImageLike = PathLike | Image.Image | NDArray[np.uint8]
+"""An image file or folder, a PIL image, or RGB pixels of shape (height, width, 3)."""
 
 
 @dataclass(frozen=True)
 class Prediction:
-    """The top classes for one image, most probable first."""
+    """The top classes for one image, most probable first; `path` is None for an image given in memory."""
 
-    path: Path
+    path: Path | None
     top_k: list[tuple[str, float]]
 
     @classmethod
-    def from_probabilities(cls, path: Path, proba: NDArray[np.float32], names: Sequence[str], top_k: int) -> Prediction:
+    def from_probabilities(cls, path: Path | None, proba: NDArray[np.float32], names: Sequence[str], top_k: int) -> Prediction:
         """The `top_k` most probable of `names` given one row of class probabilities."""
         return cls(path, [(names[j], float(proba[j])) for j in np.argsort(-proba, kind="stable")[:top_k]])
 
@@ -56,6 +59,12 @@ class Predictions:
 
     predictions: list[Prediction]
     skipped: list[Skipped] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[Prediction]:
+        return iter(self.predictions)
+
+    def __len__(self) -> int:
+        return len(self.predictions)
 
 
 @dataclass(frozen=True)
@@ -95,50 +104,72 @@ class Model:
         summary: what training did (data counts, skipped files, validation metrics, history).
     """
 
-    def __init__(self, backbone: Backbone, head: HeadClassifier, summary: dict[str, Any] | None = None) -> None:
+    def __init__(self, backbone: Backbone, head: HeadClassifier, summary: TrainingSummary | None = None) -> None:
         self.backbone = backbone
         self.head = head
         self.classes: list[str] = [str(c) for c in head.classes_]
-        self.summary: dict[str, Any] = summary or {}
+        self.summary = summary or TrainingSummary("", backbone.name, head.head, head.head, tuple(self.classes), layer=backbone.layer)
 
     @cached_property
     def engine(self) -> Engine:
         """What runs the backbone for predictions: ONNX Runtime when the backbone exports, else PyTorch."""
         return create_engine(self.backbone)
 
-    def predict_proba(self, images: Sequence[PathLike], progress: Progress | None = None) -> NDArray[np.float32]:
-        """Class probabilities, shape (len(images), n_classes).
+    def predict_proba(self, images: Sequence[ImageLike], progress: Progress | None = None) -> NDArray[np.float32]:
+        """Class probabilities, one row per image (folders expanded), columns in `classes` order.
 
         Raises:
             UnreadableImageError: an image could not be decoded.
         """
-        return self.head.predict_proba(self._extract([Path(p) for p in images], False, progress).features)
+        proba, _, skipped = self._probabilities(images, progress)
+        if skipped:
+            raise UnreadableImageError(skipped[0].path, skipped[0].reason)
+        return proba
 
-    def predict(self, images: Sequence[PathLike], top_k: int = 3, progress: Progress | None = None) -> list[Prediction]:
-        """The `top_k` classes of each image, most probable first.
+    def predict(self, images: Sequence[ImageLike], top_k: int = 3, progress: Progress | None = None) -> Predictions:
+        """The `top_k` classes of each image (files, folders searched recursively, PIL images or RGB arrays).
 
-        Raises:
-            UnreadableImageError: an image could not be decoded.
+        Unreadable files are skipped and listed in `Predictions.skipped`, never fatal.
         """
-        return self._predict([Path(p) for p in images], top_k, False, progress).predictions
-
-    def predict_files(self, paths: Sequence[Path], top_k: int = 3, progress: Progress | None = None) -> Predictions:
-        """Like `predict`, but unreadable files are skipped and listed instead of raising."""
-        return self._predict(paths, top_k, True, progress)
-
-    def _predict(self, paths: Sequence[Path], top_k: int, skip_unreadable: bool, progress: Progress | None) -> Predictions:
         if top_k < 1:
             raise ConfigError(f"top_k must be at least 1, got {top_k}.")
-        extraction = self._extract(paths, skip_unreadable, progress)
-        proba = self.head.predict_proba(extraction.features)
-        predictions = [Prediction.from_probabilities(paths[i], row, self.classes, top_k) for i, row in zip(extraction.kept, proba)]
-        return Predictions(predictions, extraction.skipped)
+        proba, sources, skipped = self._probabilities(images, progress)
+        return Predictions([Prediction.from_probabilities(p, row, self.classes, top_k) for p, row in zip(sources, proba)], skipped)
 
-    def _extract(self, paths: Sequence[Path], skip_unreadable: bool, progress: Progress | None) -> Extraction:
+    def _probabilities(
+        self, images: Sequence[ImageLike], progress: Progress | None
+    ) -> tuple[NDArray[np.float32], list[Path | None], list[Skipped]]:
+        """Probabilities of the readable images in input order, each one's path (None in memory), and the skipped files."""
+        if isinstance(images, str | os.PathLike | Image.Image | np.ndarray):
+            raise ConfigError("Give a list of images, e.g. model.predict([image]).")
+        items: list[Path | NDArray[np.float32]] = []
+        skipped: list[Skipped] = []
+        for image in images:
+            if isinstance(image, str | os.PathLike):
+                found, missing = list_images([image])
+                items += found
+                skipped += missing
+            else:
+                items.append(_preprocessed(image, self.backbone.data_config))
+        paths = [item for item in items if isinstance(item, Path)]
         extraction = extract_features(self.engine, paths, progress=progress)
-        if extraction.skipped and not skip_unreadable:
-            raise UnreadableImageError(extraction.skipped[0].path, extraction.skipped[0].reason)
-        return extraction
+        file_rows = dict(zip(extraction.kept.tolist(), extraction.features))
+        arrays = [item for item in items if not isinstance(item, Path)]
+        array_rows = iter([row for k in range(0, len(arrays), 32) for row in self.engine(np.stack(arrays[k : k + 32]))])
+        rows: list[NDArray[np.float32]] = []
+        sources: list[Path | None] = []
+        n_files = 0
+        for item in items:
+            if not isinstance(item, Path):
+                rows.append(next(array_rows))
+                sources.append(None)
+                continue
+            if n_files in file_rows:
+                rows.append(file_rows[n_files])
+                sources.append(item)
+            n_files += 1
+        features = np.stack(rows) if rows else np.zeros((0, self.backbone.n_features), np.float32)
+        return self.head.predict_proba(features), sources, skipped + extraction.skipped
 
     def evaluate(self, data: PathLike, progress: Progress | None = None) -> EvaluationResult:
         """Score the model on labelled images: all of `data`, or its val/ folder if it has train/ and val/."""
@@ -177,31 +208,32 @@ class Model:
         Raises:
             BundleError: `directory` holds other files and `force` is off.
         """
-        tensors = {f"head.{k}": v for k, v in self.head.head_.state_dict().items()}
+        tensors = {f"head.{k}": v for k, v in self.head.weights_.items()}
         if self.backbone.finetuned_from is not None:
-            tensors.update({f"backbone.{k}": v for k, v in self.backbone.module.state_dict().items()})
-        config = {
-            "headstart_version": __version__,
-            "backbone": {
-                "name": self.backbone.name,
-                "weights_sha256": self.backbone.weights_sha256,
-                "weights_file": self.summary.get("weights_file"),
-                "n_features": self.backbone.n_features,
-                "layer": self.backbone.layer,
-                "finetuned_from": self.backbone.finetuned_from,
-            },
-            "data_config": self.backbone.data_config.to_dict(),
-            "head": self.head.get_params(),
-            "classes": self.classes,
-            "summary": {k: v for k, v in self.summary.items() if k != "history"},
-        }
-        history = self.summary.get("history", [])
+            tensors.update({f"backbone.{k}": v.detach().numpy() for k, v in self.backbone.module.state_dict().items()})
+        config = BundleConfig(
+            backbone=BackboneRecord(
+                name=self.backbone.name,
+                weights_sha256=self.backbone.weights_sha256,
+                n_features=self.backbone.n_features,
+                layer=self.backbone.layer,
+                weights_file=self.summary.weights_file,
+                finetuned_from=self.backbone.finetuned_from,
+            ),
+            data_config=self.backbone.data_config,
+            head=self.head.get_params(),
+            classes=tuple(self.classes),
+            summary=self.summary,
+            headstart_version=__version__,
+        )
+        history = list(self.summary.history)
         columns = list(dict.fromkeys(key for row in history for key in row))
         extras = {
             HISTORY_NAME: json_bytes(history),
             HISTORY_CSV_NAME: csv_bytes(columns, [[row.get(c, "") for c in columns] for row in history]),
         }
-        return save_bundle(Path(directory), config, tensors, self.summary.get("validation", {}), extras, force)
+        metrics = self.summary.validation.to_dict() if self.summary.validation else {}
+        return save_bundle(Path(directory), config, tensors, metrics, extras, force)
 
     def __repr__(self) -> str:
         return f"Model(backbone={self.backbone.name!r}, head={self.head.head!r}, classes={self.classes})"
@@ -220,28 +252,37 @@ def load(directory: PathLike, weights: PathLike | None = None) -> Model:
     directory = Path(directory)
     contents = read_bundle(directory)
     config, tensors = contents.config, contents.tensors
-    recorded = config["backbone"]
-    if recorded.get("finetuned_from"):
-        state = {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
-        backbone = create_backbone(recorded["name"], state=state, layer=recorded.get("layer"))
-        backbone = dataclasses.replace(backbone, finetuned_from=recorded["finetuned_from"])
+    recorded = config.backbone
+    if recorded.finetuned_from:
+        import torch
+
+        state = {k.removeprefix("backbone."): torch.from_numpy(v) for k, v in tensors.items() if k.startswith("backbone.")}
+        backbone = create_backbone(recorded.name, state=state, layer=recorded.layer)
+        backbone = dataclasses.replace(backbone, finetuned_from=recorded.finetuned_from)
     else:
-        weights_file = weights if weights is not None else recorded.get("weights_file")
-        backbone = create_backbone(recorded["name"], weights_file, layer=recorded.get("layer"))
-    if backbone.weights_sha256 != recorded["weights_sha256"]:
+        backbone = create_backbone(recorded.name, weights if weights is not None else recorded.weights_file, layer=recorded.layer)
+    if backbone.weights_sha256 != recorded.weights_sha256:
         raise BundleError(
-            f"{directory}: backbone '{recorded['name']}' weights differ from those the model was trained with "
-            f"(sha256 {backbone.weights_sha256[:12]}… vs recorded {recorded['weights_sha256'][:12]}…). "
+            f"{directory}: backbone '{recorded.name}' weights differ from those the model was trained with "
+            f"(sha256 {backbone.weights_sha256[:12]}… vs recorded {recorded.weights_sha256[:12]}…). "
             "Pass the original weights with --weights, or retrain."
         )
-    if backbone.data_config != DataConfig.from_dict(config["data_config"]):
-        raise BundleError(f"{directory}: preprocessing in bundle.json differs from backbone '{recorded['name']}'s. Retrain the model.")
+    if backbone.data_config != config.data_config:
+        raise BundleError(f"{directory}: preprocessing in bundle.json differs from backbone '{recorded.name}'s. Retrain the model.")
     head_state = {k.removeprefix("head."): v for k, v in tensors.items() if k.startswith("head.")}
     try:
-        head = HeadClassifier.from_state(config["head"], config["classes"], head_state)
+        head = HeadClassifier.from_state(config.head, list(config.classes), head_state)
     except (ConfigError, TypeError) as e:
         raise BundleError(f"{directory}: {e}") from None
-    n_features = standardizer(head.head_).n_features
-    if n_features != backbone.n_features:
-        raise BundleError(f"{directory}: head expects {n_features} features, backbone gives {backbone.n_features}.")
-    return Model(backbone, head, {**config.get("summary", {}), "history": contents.history})
+    if head.n_features_in_ != backbone.n_features:
+        raise BundleError(f"{directory}: head expects {head.n_features_in_} features, backbone gives {backbone.n_features}.")
+    return Model(backbone, head, config.summary)
+
+
+def _preprocessed(image: Image.Image | NDArray[np.uint8], cfg: DataConfig) -> NDArray[np.float32]:
+    """A PIL image or uint8 RGB pixels (height, width, 3) as the backbone's input."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ConfigError(f"Expected RGB pixels as uint8 of shape (height, width, 3), got {image.dtype} of shape {image.shape}.")
+        image = Image.fromarray(image)
+    return preprocess(image.convert("RGB"), cfg)

@@ -1,9 +1,12 @@
-"""Figures and the HTML report, drawn with matplotlib's object-oriented API (Agg, no display).
+"""The HTML report, and the matplotlib figures that commands save as PNG.
 
 Everything here is a function of values (histories, evaluations, images) that
-returns a Figure or a string; only `save_figure` and `write_report` touch the disk.
-Names are data: figures draw text with mathtext off (`$` stays a dollar sign), and
-file and class names pass through `files.display` (and `html.escape` on the page).
+returns a Figure or a string; only `save_figure`, `write_report` and `build_report`
+touch the disk. The report draws images as HTML: JPEG thumbnails with HTML captions,
+the confusion matrix as a shaded table; only the training curves are a matplotlib
+figure, and matplotlib is imported inside the functions that draw; Grad-CAM comes from `explain`.
+Names are data: file and class names pass through `files.display` and `html.escape`
+on the page, and figures draw text with mathtext off (`$` stays a dollar sign).
 """
 
 from __future__ import annotations
@@ -17,22 +20,38 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from numpy.typing import NDArray
 from PIL import Image
 
-from headstart.data import load_image
+from headstart.data import decode_image, load_image
 from headstart.files import atomic_write_bytes, display
 from headstart.metrics import Evaluation
-from headstart.model import Model, Scores
+from headstart.transforms import resize_and_crop
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from headstart.model import Model, Scores
 
 CORRECT = "#1a7f37"  # green
 WRONG = "#cf222e"  # red
 TRAIN_COLOUR = "#0969da"
 VAL_COLOUR = "#bc4c00"
+# matplotlib's "Blues" at 0, 1/8, ..., 1: the confusion table's shading.
+_BLUES = np.array(
+    [
+        (247, 251, 255),
+        (222, 235, 247),
+        (198, 219, 239),
+        (157, 202, 225),
+        (106, 174, 214),
+        (65, 145, 198),
+        (32, 112, 180),
+        (8, 80, 155),
+        (8, 48, 107),
+    ],
+    dtype=float,
+)
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -70,54 +89,29 @@ def image_grid(
 
 
 def curves(history: Sequence[dict[str, Any]]) -> Figure:
-    """Loss and accuracy per epoch, training vs validation, for each training phase."""
-    figure = _figure(10, 3.6)
+    """Loss and accuracy per epoch, training vs validation, for each training phase.
+
+    Margins are fixed rather than laid out (constrained layout costs more than the drawing):
+    the labels are short and fixed, so they always fit.
+    """
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 3.6))
+    figure.subplots_adjust(left=0.06, right=0.985, bottom=0.14, top=0.9, wspace=0.18)
     loss_ax, acc_ax = figure.subplots(1, 2)
     x = np.arange(1, len(history) + 1)
-    for ax, key, label in ((loss_ax, "loss", "loss"), (acc_ax, "accuracy", "accuracy")):
+    for ax, key in ((loss_ax, "loss"), (acc_ax, "accuracy")):
         for prefix, colour, name in (("", TRAIN_COLOUR, "training"), ("val_", VAL_COLOUR, "validation")):
             values = [row.get(prefix + key, np.nan) for row in history]
             if not np.all(np.isnan(np.asarray(values, dtype=float))):
-                ax.plot(x, values, marker="o", markersize=3, color=colour, label=f"{name} {label}")
+                ax.plot(x, values, marker="o", markersize=3, color=colour, label=f"{name} {key}")
         boundary = next((i for i, row in enumerate(history) if row.get("phase") == "finetune"), None)
         if boundary:
             ax.axvline(boundary + 0.5, color="grey", linestyle="--", linewidth=1, label="fine-tuning starts")
         ax.set_xlabel("epoch (all phases)")
-        ax.set_title(label.capitalize())
+        ax.set_title(key.capitalize(), parse_math=False)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return figure
-
-
-def confusion(evaluation: Evaluation) -> Figure:
-    """The confusion matrix as counts and as fractions of each true class."""
-    n = len(evaluation.classes)
-    size = max(4.0, 0.6 * n + 2)
-    figure = _figure(2 * size, size)
-    counts = evaluation.confusion
-    rows = counts.sum(1, keepdims=True)
-    normalised = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
-    for ax, values, title, fmt in zip(
-        figure.subplots(1, 2), (counts, normalised), ("counts", "normalised by true class"), ("d", ".2f"), strict=True
-    ):
-        ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
-        names = [display(c) for c in evaluation.classes]
-        ax.set_xticks(range(n), names, rotation=45, ha="right", fontsize=8, parse_math=False)
-        ax.set_yticks(range(n), names, fontsize=8, parse_math=False)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        ax.set_title(f"Confusion matrix ({title})")
-        for i in range(n):
-            for j in range(n):
-                ax.text(
-                    j,
-                    i,
-                    format(values[i, j], fmt),
-                    ha="center",
-                    va="center",
-                    fontsize=8,
-                    color="white" if normalised[i, j] > 0.5 else "black",
-                )
     return figure
 
 
@@ -164,9 +158,10 @@ def paragraph(text: str) -> str:
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    head = "".join(f"<th>{_html(h)}</th>" for h in header)
+    """An HTML table of plain-text cells (escaped here); a header of empty strings is left out."""
+    head = f"<thead><tr>{''.join(f'<th>{_html(h)}</th>' for h in header)}</tr></thead>" if any(header) else ""
     body = "".join("<tr>" + "".join(f"<td>{_html(v)}</td>" for v in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<table>{head}<tbody>{body}</tbody></table>"
 
 
 def figure_html(figure: Figure, caption: str, name: str) -> str:
@@ -176,12 +171,96 @@ def figure_html(figure: Figure, caption: str, name: str) -> str:
     return f'<figure id="{name}"><img src="data:image/png;base64,{data}" alt="{alt}"><figcaption>{alt}</figcaption></figure>'
 
 
-_STYLE = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2rem auto;padding:0 1rem;color:#1f2328}
-h1{font-size:1.6rem}h2{font-size:1.2rem;border-bottom:1px solid #d0d7de;padding-bottom:.3rem;margin-top:2rem}
-table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #d0d7de;padding:.25rem .6rem;text-align:right}
-td:first-child,th:first-child{text-align:left}figure{margin:1rem 0}img{max-width:100%}
-figcaption{color:#57606a;font-size:.9rem}.key{display:inline-block;padding:0 .4rem;color:white;border-radius:3px}
+def jpeg_url(image: Image.Image, quality: int = 85) -> str:
+    """The image as a `data:image/jpeg;base64,...` URL."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def image_tile(image: Image.Image, lines: Sequence[str], alt: str, correct: bool | None = None, note: str | None = None) -> str:
+    """One image as an HTML `<figure>`: a JPEG thumbnail captioned with `lines` of plain text (escaped here).
+
+    `correct` frames it in green and starts the caption with ✓ (True), or in red with ✗ (False);
+    `note` (e.g. the file name) is a last, smaller line.
+    """
+    kind, mark = ("", "") if correct is None else ("ok", "✓") if correct else ("wrong", "✗")
+    caption = "<br>".join(_html(line) for line in lines)
+    if mark:
+        caption = f'<span class="mark" role="img" aria-label="{"correct" if correct else "wrong"}">{mark}</span> {caption}'
+    if note is not None:
+        caption += f'<br><small title="{_html(note)}">{_html(note)}</small>'
+    return (
+        f'<figure class="{f"tile {kind}" if kind else "tile"}"><img src="{jpeg_url(image)}" alt="{_html(alt)}" width="{image.width}" height="{image.height}">'
+        f"<figcaption>{caption}</figcaption></figure>"
+    )
+
+
+def tiles_html(tiles: Sequence[str], caption: str, name: str) -> str:
+    """Tiles from `image_tile` (or groups of them) wrapped in a `<figure>` with id `name` and a caption."""
+    return f'<figure id="{name}"><div class="tiles">{"".join(tiles)}</div><figcaption>{_html(caption)}</figcaption></figure>'
+
+
+def _shades(fractions: NDArray[np.float64]) -> tuple[NDArray[np.str_], NDArray[np.str_]]:
+    """For each fraction (0 to 1): its background on the Blues scale as #rrggbb, and the text colour,
+    white or near-black (#1f2328), whichever contrasts more with it (WCAG relative luminance)."""
+    stops = np.linspace(0, 1, len(_BLUES))
+    rgb = np.stack([np.interp(fractions, stops, _BLUES[:, k]) for k in range(3)], axis=-1)
+    linear = np.where(rgb / 255 <= 0.04045, rgb / 255 / 12.92, ((rgb / 255 + 0.055) / 1.055) ** 2.4)
+    luminance = linear @ np.array([0.2126, 0.7152, 0.0722])
+    dark = 0.0165  # the relative luminance of #1f2328
+    white_text = 1.05 / (luminance + 0.05) > (luminance + 0.05) / (dark + 0.05)
+    channels = np.round(rgb).astype(int)
+    backgrounds = np.vectorize(lambda r, g, b: f"#{r:02x}{g:02x}{b:02x}")(channels[..., 0], channels[..., 1], channels[..., 2])
+    return backgrounds, np.where(white_text, "#ffffff", "#1f2328")
+
+
+def confusion_table(evaluation: Evaluation) -> str:
+    """The confusion matrix as an HTML table: a row per true class, a column per predicted class.
+
+    Each cell holds the number of images and, below it, that number as a fraction of its row
+    (of the true class), which also sets the cell's shade of blue.
+    """
+    counts = evaluation.confusion
+    totals = counts.sum(1)
+    fractions = np.divide(counts, totals[:, None], out=np.zeros(counts.shape), where=totals[:, None] > 0)
+    backgrounds, colours = _shades(fractions)
+    names = [_html(c) for c in evaluation.classes]
+    columns = "".join(f'<th scope="col">{name}</th>' for name in names)
+    head = f'<tr><td></td><th scope="colgroup" colspan="{len(names)}">predicted</th></tr><tr><th scope="col">true</th>{columns}</tr>'
+    rows = []
+    for i, true in enumerate(names):
+        cells = []
+        for j, predicted in enumerate(names):
+            n, fraction = int(counts[i, j]), float(fractions[i, j])
+            hint = f"true {true}, predicted {predicted}: {n} of {int(totals[i])}"
+            hit = ' class="hit"' if i == j else ""
+            cells.append(
+                f'<td{hit} style="background:{backgrounds[i, j]};color:{colours[i, j]}" title="{hint}">'
+                f'<span class="n">{n}</span><span class="f">{fraction:.2f}</span></td>'
+            )
+        rows.append(f'<tr><th scope="row">{true}</th>{"".join(cells)}</tr>')
+    caption = "Rows are true classes, columns predicted ones; each cell: the number of images and, below, its fraction of the row."
+    return (
+        f'<div class="scroll"><table id="confusion" class="confusion"><caption>{caption}</caption>'
+        f"<thead>{head}</thead><tbody>{''.join(rows)}</tbody></table></div>"
+    )
+
+
+_STYLE = f"""
+body{{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2rem auto;padding:0 1rem;color:#1f2328}}
+h1{{font-size:1.6rem}}h2{{font-size:1.2rem;border-bottom:1px solid #d0d7de;padding-bottom:.3rem;margin-top:2rem}}
+table{{border-collapse:collapse;margin:.5rem 0}}td,th{{border:1px solid #d0d7de;padding:.25rem .6rem;text-align:right}}
+td:first-child,th:first-child{{text-align:left}}figure{{margin:1rem 0}}img{{max-width:100%}}
+figcaption{{color:#57606a;font-size:.9rem}}.key{{display:inline-block;padding:0 .4rem;color:white;border-radius:3px}}
+.scroll{{overflow-x:auto}}.confusion caption{{caption-side:bottom;text-align:left;color:#57606a;font-size:.9rem;padding-top:.3rem}}
+.confusion th{{max-width:9rem;overflow-wrap:anywhere}}.confusion thead th,.confusion td{{text-align:center}}
+.confusion td{{min-width:3.5rem}}.confusion .hit .n{{font-weight:700}}.confusion .f{{display:block;font-size:.75rem}}
+.tiles{{display:flex;flex-wrap:wrap;gap:.75rem;align-items:flex-start}}.pair{{display:flex;gap:.4rem}}
+.tile{{margin:0;width:224px;border:4px solid #d0d7de;border-radius:4px;background:#fff}}
+.tile img{{display:block;width:100%;height:auto}}.tile figcaption{{padding:.2rem .35rem;font-size:.8rem;overflow-wrap:anywhere}}
+.tile small{{color:#57606a}}.ok{{border-color:{CORRECT}}}.ok figcaption{{color:{CORRECT}}}
+.wrong{{border-color:{WRONG}}}.wrong figcaption{{color:{WRONG}}}.mark{{font-weight:700}}.tiles+figcaption{{margin-top:.5rem}}
 """
 
 
@@ -203,85 +282,56 @@ def build_report(model: Model, scores: Scores, out: Path, n_grid: int = 16, n_to
 
     Returns the path written.
     """
-    from headstart.explain import grad_cam, overlay
-    from headstart.transforms import preprocess, resize_and_crop
-
     s = model.summary
     kept, y_true, proba, evaluation = scores.records, scores.y_true, scores.proba, scores.evaluation
     y_pred = proba.argmax(1) if len(kept) else np.zeros(0, np.int64)
     losses = -np.log(np.clip(proba[np.arange(len(kept)), y_true], 1e-12, 1)) if len(kept) else np.zeros(0)
     cfg = model.backbone.data_config
 
-    def view(i: int) -> Image.Image:
-        return resize_and_crop(load_image(kept[i].path), cfg)
-
-    def tile_title(i: int) -> tuple[str, str]:
-        ok = y_pred[i] == y_true[i]
-        mark = "✓" if ok else "✗"
-        true, pred = display(kept[i].label), display(model.classes[y_pred[i]])
-        return f"{mark} true {true}\npred {pred} ({proba[i, y_pred[i]]:.2f})", CORRECT if ok else WRONG
+    def tile(i: int, view: Image.Image | None = None) -> str:
+        if view is None:  # a thumbnail needs no full-size decode
+            view = decode_image(kept[i].path, lambda image: resize_and_crop(image, cfg), min_size=cfg.resize_size)
+        predicted = model.classes[y_pred[i]]
+        lines = [f"true {kept[i].label}", f"pred {predicted} ({proba[i, y_pred[i]]:.2f})"]
+        name = kept[i].path.name
+        return image_tile(view, lines, f"{name}: true {kept[i].label}, predicted {predicted}", bool(y_pred[i] == y_true[i]), note=name)
 
     sections = [Section("Summary", _summary_html(model, evaluation, len(kept)))]
-    if s.get("history"):
+    if s.history:
         sections.append(
-            Section("Training curves", figure_html(curves(s["history"]), "Loss and accuracy per epoch, training vs validation.", "curves"))
+            Section("Training curves", figure_html(curves(s.history), "Loss and accuracy per epoch, training vs validation.", "curves"))
         )
     if len(kept):
-        sections.append(
-            Section(
-                "Confusion matrix",
-                figure_html(confusion(evaluation), "Confusion matrix: counts and normalised by true class.", "confusion"),
-            )
-        )
+        sections.append(Section("Confusion matrix", confusion_table(evaluation)))
         sections.append(Section("Per-class scores", _per_class_html(evaluation)))
         rng = np.random.default_rng(seed)
         sample = sorted(rng.choice(len(kept), size=min(n_grid, len(kept)), replace=False).tolist())
-        sections.append(
-            Section(
-                "Validation predictions",
-                _legend()
-                + figure_html(
-                    _tiles(sample, view, tile_title, 4),
-                    "A sample of validation images: true and predicted class, correct in green (✓), wrong in red (✗).",
-                    "predictions",
-                ),
-            )
-        )
+        caption = "A sample of validation images: true and predicted class, correct in green (✓), wrong in red (✗)."
+        sections.append(Section("Validation predictions", _legend() + tiles_html([tile(i) for i in sample], caption, "predictions")))
         wrong = [int(i) for i in np.argsort(-losses, kind="stable") if y_pred[i] != y_true[i]][:n_top]
-        top = (
-            figure_html(
-                _tiles(wrong, view, tile_title, 4),
-                "Top losses: the most confidently wrong validation images. Mislabelled photos show up here first.",
-                "top-losses",
-            )
-            if wrong
-            else paragraph("No validation image was misclassified.")
-        )
+        caption = "Top losses: the most confidently wrong validation images. Mislabelled photos show up here first."
+        top = tiles_html([tile(i) for i in wrong], caption, "top-losses") if wrong else paragraph("No validation image was misclassified.")
         sections.append(Section("Top losses", top))
         correct = [int(i) for i in np.argsort(losses, kind="stable") if y_pred[i] == y_true[i]][:n_cam]
-        rows, titles, colours = [], [], []
-        for i in correct + wrong[:n_cam]:
-            batch = torch.from_numpy(preprocess(load_image(kept[i].path), cfg))[None]
-            cam = grad_cam(model.backbone, batch, int(y_pred[i]), model.head.head_)
-            title, colour = tile_title(i)
-            rows.append([view(i), overlay(view(i), cam)])
-            titles.append([title, f"Grad-CAM for '{display(model.classes[y_pred[i]])}'"])
-            colours.append([colour, colour])
-        cams = figure_html(
-            image_grid(rows, titles, colours, cell_inches=2.4),
-            "Grad-CAM: where the network looked for the predicted class (red = most), for correct and wrong validation images.",
-            "gradcam",
-        )
-        sections.append(Section("Class activation maps", cams))
-    return write_report(out, f"headstart report: {s.get('backbone', model.backbone.name)} on {s.get('data', 'data')}", sections)
+        chosen = correct + wrong[:n_cam]
+        images = [load_image(kept[i].path) for i in chosen]
+        pairs = []
+        for i, image, cam in zip(chosen, images, _cams(model, images, [int(y_pred[i]) for i in chosen]), strict=True):
+            predicted = model.classes[y_pred[i]]
+            heatmap = image_tile(cam, [f"Grad-CAM for '{predicted}'"], f"Grad-CAM heatmap for '{predicted}'", bool(y_pred[i] == y_true[i]))
+            pairs.append(f'<div class="pair">{tile(i, resize_and_crop(image, cfg))}{heatmap}</div>')
+        caption = "Grad-CAM: where the network looked for the predicted class (red = most), for correct and wrong validation images."
+        sections.append(Section("Class activation maps", tiles_html(pairs, caption, "gradcam")))
+    return write_report(out, f"headstart report: {s.backbone or model.backbone.name} on {s.data or 'data'}", sections)
 
 
-def _tiles(indices: Sequence[int], view: Any, title: Any, n_cols: int) -> Figure:
-    rows = [list(indices[k : k + n_cols]) for k in range(0, len(indices), n_cols)]
-    labels = [[title(i) for i in row] for row in rows]
-    return image_grid(
-        [[view(i) for i in row] for row in rows], [[t for t, _ in row] for row in labels], [[c for _, c in row] for row in labels]
-    )
+def _cams(model: Model, images: Sequence[Image.Image], class_indices: Sequence[int]) -> list[Image.Image]:
+    """Grad-CAM of each image for its class, overlaid on the image as the backbone sees it (resized, centre-cropped)."""
+    from headstart.explain import class_activation_maps, overlay
+
+    cfg = model.backbone.data_config
+    cams = class_activation_maps(model, list(images), [int(i) for i in class_indices])
+    return [overlay(resize_and_crop(image, cfg), cam) for image, cam in zip(images, cams, strict=True)]
 
 
 def _legend() -> str:
@@ -290,28 +340,24 @@ def _legend() -> str:
 
 def _summary_html(model: Model, evaluation: Evaluation, n_scored: int) -> str:
     s = model.summary
-    strategy = s.get("strategy", "linear")
-    facts = [
+    facts: list[tuple[str, object]] = [
         ("backbone", f"{model.backbone.name}" + (f" (stage {model.backbone.layer} features)" if model.backbone.layer is not None else "")),
-        ("strategy", strategy + (f" — {s['auto']['reason']}" if "auto" in s else "")),
+        ("strategy", s.strategy + (f" — {s.auto.reason}" if s.auto is not None else "")),
         ("head", model.head.head),
         ("classes", ", ".join(model.classes)),
         ("scored images", n_scored),
         ("accuracy", f"{evaluation.accuracy:.4f}"),
     ]
-    if "finetune" in s and s["finetune"].get("frozen_validation"):
-        facts.append(("accuracy of the frozen-backbone head", f"{s['finetune']['frozen_validation']['accuracy']:.4f}"))
-    if "seconds" in s:
-        facts.append(("training time", f"{s['seconds']:.1f} s"))
+    if s.finetune is not None and s.finetune.frozen_validation is not None:
+        facts.append(("accuracy of the frozen-backbone head", f"{s.finetune.frozen_validation.accuracy:.4f}"))
+    if s.seconds:
+        facts.append(("training time", f"{s.seconds:.1f} s"))
     body = table(["", ""], facts)
-    if s.get("n_train"):
+    if s.n_train:
         body += table(
-            ["class", "training images", "validation images"], [(c, s["n_train"].get(c, 0), s["n_val"].get(c, 0)) for c in model.classes]
+            ["class", "training images", "validation images"], [(c, s.n_train.get(c, 0), s.n_val.get(c, 0)) for c in model.classes]
         )
-    skipped = s.get("skipped", [])
-    body += (
-        table(["skipped file", "reason"], [(d["path"], d["reason"]) for d in skipped]) if skipped else paragraph("No files were skipped.")
-    )
+    body += table(["skipped file", "reason"], [(d.path, d.reason) for d in s.skipped]) if s.skipped else paragraph("No files were skipped.")
     return body
 
 

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from numpy.typing import NDArray
 
 from headstart.backbones import Backbone
@@ -45,6 +44,8 @@ class ProbeData:
 
 def imagenet_confidence(backbone: Backbone, features: NDArray[np.float32]) -> float:
     """Mean top-1 probability of the backbone's own ImageNet classifier on pooled final features."""
+    import torch
+
     classifier = backbone.module.get_classifier()  # type: ignore[operator]
     with torch.inference_mode():
         proba = classifier(torch.from_numpy(features)).softmax(1)

@@ -11,7 +11,6 @@ from typing import Literal
 
 from PIL import ExifTags, Image
 
-from headstart.cache import file_digest
 from headstart.config import Progress
 from headstart.data import (
     MAX_ASPECT_RATIO,
@@ -29,7 +28,7 @@ from headstart.data import (
     split_records,
 )
 from headstart.errors import DataError, UnreadableImageError
-from headstart.files import atomic_write_bytes, csv_bytes, open_regular
+from headstart.files import atomic_write_bytes, csv_bytes, file_digest, open_regular
 from headstart.pipeline import available_cpus, process_pool
 
 Action = Literal["blocks training", "skipped", "warning", "used as is", "ignored"]

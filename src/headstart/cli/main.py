@@ -131,7 +131,7 @@ def train(
             weights=weights,
             val_split=val_split,
             seed=seed,
-            class_weight="balanced" if balanced else None,
+            balanced=balanced,
             unfreeze=_unfreeze(unfreeze),
             epochs=epochs,
             augment=_augment(
@@ -151,8 +151,8 @@ def train(
             resume=resume,
             force=force,
             cache_dir=cache_dir,
-            use_cache=cache,
-            write_report=report,
+            cache=cache,
+            report=report,
             batch_size=batch_size,
             progress=progress,
         )
@@ -232,8 +232,8 @@ def info(
     from headstart.cli import render
 
     with handled(ctx):
-        description = api.info(model)
-    render.info(model, description)
+        contents = api.info(model)
+    render.info(model, contents)
 
 
 @app.command()
@@ -365,7 +365,7 @@ def demo(
     with handled(ctx), render.progress_bar() as progress:
         model = api.demo(out, progress=progress)
     render.training(model, out)
-    data = Path(model.summary["data"])
+    data = Path(model.summary.data)
     example = next(iter(sorted((data / model.classes[0]).iterdir())), data)
     for line in (
         "",

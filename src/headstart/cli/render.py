@@ -11,21 +11,25 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
-from headstart.backbones import BackboneInfo
 from headstart.config import Progress as ProgressCallback
 from headstart.data import Skipped
-from headstart.explain import Explanations
 from headstart.files import display
-from headstart.metrics import Evaluation
-from headstart.model import Model, Predictions
-from headstart.triage import PROBLEMS, Triage
+from headstart.triage import PROBLEMS
+
+if TYPE_CHECKING:
+    from headstart.backbones import BackboneInfo
+    from headstart.bundle import BundleContents
+    from headstart.explain import Explanations
+    from headstart.metrics import Evaluation
+    from headstart.model import Model, Predictions
+    from headstart.triage import Triage
 
 console = Console()
 err_console = Console(stderr=True)
@@ -114,34 +118,30 @@ def triage_verdict(result: Triage, listing: Path | None, out: Console | None = N
         out.print(_text(("Training cannot proceed:", "red"), f" {blocking.problem}: {blocking.detail}"), soft_wrap=True)
 
 
-def info(directory: Path, description: dict[str, Any], out: Console | None = None) -> None:
+def info(directory: Path, contents: BundleContents, out: Console | None = None) -> None:
     out = out or console
-    config, metrics = description["config"], description["metrics"]
-    backbone = config["backbone"]
-    layer = f", stage {backbone['layer']}" if backbone.get("layer") is not None else ""
-    tuned = " (fine-tuned)" if backbone.get("finetuned_from") else ""
-    head = config["head"]
-    n_parameters = sum(math.prod(shape) for shape in description["tensors"].values())
+    config, metrics = contents.config, contents.metrics
+    backbone, head, data = config.backbone, config.head, config.data_config
+    layer = f", stage {backbone.layer}" if backbone.layer is not None else ""
+    tuned = " (fine-tuned)" if backbone.finetuned_from else ""
+    n_parameters = sum(math.prod(shape) for shape in contents.shapes.values())
     lines = [
         _text(
             (str(directory), "bold"),
-            f": headstart model, format {config['format_version']}, saved by headstart {config.get('headstart_version', '?')}",
+            f": headstart model, format {config.format_version}, saved by headstart {config.headstart_version or '?'}",
         ),
-        _text(f"backbone: {backbone['name']}{layer}{tuned}, weights sha256 {backbone['weights_sha256'][:12]}…"),
-        _text(f"classes ({len(config['classes'])}): {', '.join(map(str, config['classes']))}"),
+        _text(f"backbone: {backbone.name}{layer}{tuned}, weights sha256 {backbone.weights_sha256[:12]}…"),
+        _text(f"classes ({len(config.classes)}): {', '.join(config.classes)}"),
         _text(
             f"head: {head.get('head')}"
             + (f", hidden {head.get('hidden')}, dropout {head.get('dropout')}" if head.get("head") == "mlp" else "")
         ),
-        _text(
-            f"input: {config['data_config']['input_size']} px "
-            f"(resize {config['data_config']['resize_size']}, {config['data_config']['interpolation']})"
-        ),
-        _text(f"tensors: {len(description['tensors'])}, {n_parameters:,} values"),
+        _text(f"input: {data.input_size} px (resize {data.resize_size}, {data.interpolation})"),
+        _text(f"tensors: {len(contents.shapes)}, {n_parameters:,} values"),
     ]
     if "accuracy" in metrics:
         lines.append(_text(f"validation accuracy {metrics['accuracy']:.3f} on {metrics.get('n_images', '?')} images"))
-    lines.append(_text("files: " + ", ".join(f"{name} ({size:,} B)" for name, size in description["files"].items())))
+    lines.append(_text("files: " + ", ".join(f"{name} ({size:,} B)" for name, size in contents.files.items())))
     for line in lines:
         out.print(line, soft_wrap=True)
 
@@ -149,45 +149,43 @@ def info(directory: Path, description: dict[str, Any], out: Console | None = Non
 def training(model: Model, saved_to: Path, out: Console | None = None) -> None:
     out = out or console
     s = model.summary
-    if "auto" in s:
-        out.print(_text(f"Strategy auto: {s['auto']['reason']}."), soft_wrap=True)
-    layer = f" (stage {s['layer']})" if s.get("layer") is not None else ""
+    if s.auto:
+        out.print(_text(f"Strategy auto: {s.auto.reason}."), soft_wrap=True)
+    layer = f" (stage {s.layer})" if s.layer is not None else ""
     out.print(
         _text(
             "Trained a ",
-            (str(s["head"]), "bold"),
+            (s.head, "bold"),
             " head on ",
-            (str(s["backbone"]), "bold"),
-            f" features{layer}: {sum(s['n_train'].values())} training and {sum(s['n_val'].values())} validation images, "
-            f"{len(model.classes)} classes; {s['n_extracted']} images run through the backbone, "
-            f"{s['n_cached']} from the cache; best epoch {s['best_epoch']}.",
+            (s.backbone, "bold"),
+            f" features{layer}: {sum(s.n_train.values())} training and {sum(s.n_val.values())} validation images, "
+            f"{len(model.classes)} classes; {s.n_extracted} images run through the backbone, "
+            f"{s.n_cached} from the cache; best epoch {s.best_epoch}.",
         )
     )
-    if "finetune" in s:
-        tune = s["finetune"]
-        epochs = sum(row["phase"] == "finetune" for row in s["history"])
-        blocks = "all blocks" if tune["config"]["unfreeze"] is None else f"the top {tune['config']['unfreeze']} blocks"
-        kept = f"kept epoch {tune['best_epoch']}" if tune["best_epoch"] else "no epoch beat the frozen backbone, which was kept"
-        frozen = tune["frozen_validation"]["accuracy"] if tune.get("frozen_validation") else float("nan")
+    if s.finetune and s.validation:
+        tune = s.finetune
+        epochs = sum(row.get("phase") == "finetune" for row in s.history)
+        blocks = "all blocks" if tune.config.get("unfreeze") is None else f"the top {tune.config['unfreeze']} blocks"
+        kept = f"kept epoch {tune.best_epoch}" if tune.best_epoch else "no epoch beat the frozen backbone, which was kept"
+        frozen = tune.frozen_validation.accuracy if tune.frozen_validation else float("nan")
         out.print(
-            f"Fine-tuned {blocks} for {epochs} epoch(s), {kept}; validation accuracy {s['validation']['accuracy']:.3f} "
-            f"(frozen backbone: {frozen:.3f})."
+            f"Fine-tuned {blocks} for {epochs} epoch(s), {kept}; validation accuracy {s.validation.accuracy:.3f} (frozen backbone: {frozen:.3f})."
         )
-    out.print(f"Took {s['seconds']:.1f} s.")
-    skipped([Skipped(Path(d["path"]), d["reason"]) for d in s["skipped"]], out)
-    if s.get("warnings"):
-        counts = Counter(w["problem"] for w in s["warnings"])
-        listed = ", ".join(f"{problem} ({n})" for problem, n in counts.items())
-        out.print(_text(("Warnings:", "yellow"), f" {listed}. `headstart check {s['data']}` lists each with its fix."), soft_wrap=True)
-    if "validation" in s:
-        v = s["validation"]
-        out.print(_text("Validation accuracy ", (f"{v['accuracy']:.3f}", "bold"), f" on {v['n_images']} images."))
+    out.print(f"Took {s.seconds:.1f} s.")
+    skipped(list(s.skipped), out)
+    if s.warnings:
+        listed = ", ".join(f"{problem} ({n})" for problem, n in Counter(w.problem for w in s.warnings).items())
+        out.print(_text(("Warnings:", "yellow"), f" {listed}. `headstart check {s.data}` lists each with its fix."), soft_wrap=True)
+    if s.validation:
+        v = s.validation
+        out.print(_text("Validation accuracy ", (f"{v.accuracy:.3f}", "bold"), f" on {v.n_images} images."))
         table = Table()
         table.add_column("class")
         table.add_column("accuracy", justify="right")
         table.add_column("images", justify="right")
-        for name, row in v["per_class"].items():
-            table.add_row(_text(name), f"{row['recall']:.3f}", str(row["support"]))
+        for name, recall, support in zip(v.classes, v.recall, v.support):
+            table.add_row(_text(name), f"{recall:.3f}", str(support))
         out.print(table)
     out.print(_text("Model saved to ", (str(saved_to), "bold"), f" (metrics in {saved_to / 'metrics.json'})."), soft_wrap=True)
 

@@ -1,0 +1,246 @@
+"""What training did, as one frozen record: kept in `bundle.json`, shown by the CLI, `info` and the report.
+
+`from_dict` is the one place a summary read from disk is validated: every field's
+type and range, so what renders it never meets a surprise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from headstart.config import is_finite_number, is_int
+from headstart.data import ImageRecord, Skipped
+from headstart.metrics import Evaluation
+from headstart.triage import PROBLEMS, Finding
+
+
+@dataclass(frozen=True)
+class AutoChoice:
+    """What `--strategy auto` chose, why, and the measurements behind it."""
+
+    chose: str
+    reason: str
+    measurements: dict[str, float]
+
+
+@dataclass(frozen=True)
+class FinetuneRecord:
+    """The fine-tuning phase: its settings (`FinetuneConfig.to_dict()`), the epoch kept (0: none beat the frozen backbone),
+    and the validation scores of the frozen-backbone head it started from."""
+
+    config: dict[str, Any]
+    best_epoch: int
+    frozen_validation: Evaluation | None
+
+
+@dataclass(frozen=True)
+class TrainingSummary:
+    """What `train` did and how the model scored.
+
+    Attributes:
+        data: the data source given.
+        backbone, layer, weights_file: the backbone by name, the stage pooled (None: final features), its weights file.
+        strategy, head: the strategy asked for and the head trained.
+        val_split, seed: the split and seed used.
+        classes: class names, in the model's output order.
+        n_train, n_val: images per class in each split.
+        skipped: files left out, with the reason.
+        warnings: dataset problems that did not stop training (duplicates, leakage, imbalance, ...).
+        val_images: the validation images, so the report can be rebuilt.
+        n_extracted, n_cached: images run through the backbone, and read from the feature cache.
+        history: one row per epoch of every phase ("phase", "epoch", "loss", "accuracy", "val_loss", ...).
+        best_epoch: the head's epoch kept.
+        validation: scores on the validation split (None without one).
+        auto: what `--strategy auto` chose.
+        finetune: the fine-tuning phase, when there was one.
+        seconds: wall time of training.
+    """
+
+    data: str
+    backbone: str
+    strategy: str
+    head: str
+    classes: tuple[str, ...]
+    layer: int | None = None
+    weights_file: str | None = None
+    val_split: float = 0.2
+    seed: int = 0
+    n_train: dict[str, int] = field(default_factory=dict)
+    n_val: dict[str, int] = field(default_factory=dict)
+    skipped: tuple[Skipped, ...] = ()
+    warnings: tuple[Finding, ...] = ()
+    val_images: tuple[ImageRecord, ...] = ()
+    n_extracted: int = 0
+    n_cached: int = 0
+    history: tuple[dict[str, Any], ...] = ()
+    best_epoch: int = 0
+    validation: Evaluation | None = None
+    auto: AutoChoice | None = None
+    finetune: FinetuneRecord | None = None
+    seconds: float = 0.0
+
+    def replace(self, **changes: Any) -> TrainingSummary:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, without `history` (saved in its own file)."""
+        return {
+            "data": self.data,
+            "backbone": self.backbone,
+            "layer": self.layer,
+            "strategy": self.strategy,
+            "head": self.head,
+            "weights_file": self.weights_file,
+            "val_split": self.val_split,
+            "seed": self.seed,
+            "classes": list(self.classes),
+            "n_train": self.n_train,
+            "n_val": self.n_val,
+            "skipped": [{"path": str(s.path), "reason": s.reason} for s in self.skipped],
+            "warnings": [{"path": str(f.path), "problem": f.problem, "detail": f.detail, "fix": f.fix} for f in self.warnings],
+            "val_images": [[str(r.path), r.label] for r in self.val_images],
+            "n_extracted": self.n_extracted,
+            "n_cached": self.n_cached,
+            "best_epoch": self.best_epoch,
+            "validation": self.validation.to_dict() if self.validation else None,
+            "auto": {"chose": self.auto.chose, "reason": self.auto.reason, **self.auto.measurements} if self.auto else None,
+            "finetune": (
+                {
+                    "config": self.finetune.config,
+                    "best_epoch": self.finetune.best_epoch,
+                    "frozen_validation": self.finetune.frozen_validation.to_dict() if self.finetune.frozen_validation else None,
+                }
+                if self.finetune
+                else None
+            ),
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, history: list[dict[str, Any]] | None = None) -> TrainingSummary:
+        """The inverse of `to_dict`; fields missing (as in older model folders) take their defaults.
+
+        Raises:
+            ValueError: a field of the wrong type or out of range; the message names it.
+        """
+        need(isinstance(d, dict), "(summary)", "an object")
+        get = d.get
+        auto, tune = get("auto"), get("finetune")
+        need(auto is None or (isinstance(auto, dict) and isinstance(auto.get("reason"), str)), "auto", "an object with a reason")
+        need(tune is None or (isinstance(tune, dict) and isinstance(tune.get("config"), dict)), "finetune", "an object with a config")
+        return cls(
+            data=_string(get("data", ""), "data"),
+            backbone=_string(get("backbone", ""), "backbone"),
+            strategy=_string(get("strategy", "linear"), "strategy"),
+            head=_string(get("head", "linear"), "head"),
+            classes=tuple(_strings(get("classes", []), "classes")),
+            layer=_optional(get("layer"), is_int(get("layer"), -64, 64), "layer", "an integer from -64 to 64"),
+            weights_file=_optional(get("weights_file"), isinstance(get("weights_file"), str), "weights_file", "a string"),
+            val_split=_number(get("val_split", 0.2), "val_split"),
+            seed=_count(get("seed", 0), "seed"),
+            n_train=_counts(get("n_train", {}), "n_train"),
+            n_val=_counts(get("n_val", {}), "n_val"),
+            skipped=tuple(Skipped(Path(p), r) for p, r in _pairs(get("skipped", []), ("path", "reason"), "skipped")),
+            warnings=tuple(_finding(w) for w in _list(get("warnings", []), "warnings")),
+            val_images=tuple(ImageRecord(Path(p), label) for p, label in _pairs(get("val_images", []), None, "val_images")),
+            n_extracted=_count(get("n_extracted", 0), "n_extracted"),
+            n_cached=_count(get("n_cached", 0), "n_cached"),
+            history=tuple(history or ()),
+            best_epoch=_count(get("best_epoch", 0), "best_epoch"),
+            validation=_evaluation(get("validation"), "validation"),
+            auto=AutoChoice(
+                str(auto["chose"]), auto["reason"], {k: _number(v, f"auto.{k}") for k, v in auto.items() if k not in ("chose", "reason")}
+            )
+            if auto
+            else None,
+            finetune=FinetuneRecord(
+                tune["config"],
+                _count(tune.get("best_epoch", 0), "finetune.best_epoch"),
+                _evaluation(tune.get("frozen_validation"), "finetune"),
+            )
+            if tune
+            else None,
+            seconds=_number(get("seconds", 0.0), "seconds"),
+        )
+
+
+def need(ok: bool, name: str, expected: str) -> None:
+    """Raise ValueError naming the field unless `ok`."""
+    if not ok:
+        raise ValueError(f"field '{name}' must be {expected}")
+
+
+def _string(value: Any, name: str) -> str:
+    need(isinstance(value, str), name, "a string")
+    return str(value)
+
+
+def _strings(value: Any, name: str) -> list[str]:
+    need(isinstance(value, list) and all(isinstance(v, str) for v in value), name, "a list of strings")
+    return list(value)
+
+
+def _list(value: Any, name: str) -> list[Any]:
+    need(isinstance(value, list), name, "a list")
+    return list(value)
+
+
+def _optional(value: Any, ok: bool, name: str, expected: str) -> Any:
+    need(value is None or ok, name, f"{expected}, or null")
+    return value
+
+
+def _number(value: Any, name: str) -> float:
+    need(is_finite_number(value), name, "a number")
+    return float(value)
+
+
+def _count(value: Any, name: str) -> int:
+    need(is_int(value), name, "a non-negative integer")
+    return int(value)
+
+
+def _counts(value: Any, name: str) -> dict[str, int]:
+    need(isinstance(value, dict) and all(is_int(n) for n in value.values()), name, "an object of counts")
+    return {str(k): int(v) for k, v in value.items()}
+
+
+def _pairs(value: Any, keys: tuple[str, str] | None, name: str) -> list[tuple[str, str]]:
+    """[[a, b], ...] (keys None) or [{keys[0]: a, keys[1]: b}, ...], all strings."""
+    rows = _list(value, name)
+    pairs = [
+        (row.get(keys[0]), row.get(keys[1])) if keys and isinstance(row, dict) else tuple(row) if isinstance(row, list) else ()
+        for row in rows
+    ]
+    need(all(len(p) == 2 and all(isinstance(v, str) for v in p) for p in pairs), name, "a list of string pairs")
+    return [(str(a), str(b)) for a, b in pairs]
+
+
+def _finding(value: Any) -> Finding:
+    ok = isinstance(value, dict) and all(isinstance(value.get(k), str) for k in ("path", "problem", "detail"))
+    need(ok and value["problem"] in PROBLEMS, "warnings", "a list of {path, problem, detail} with known problems")
+    return Finding(Path(value["path"]), value["problem"], value["detail"])
+
+
+def _evaluation(value: Any, name: str) -> Evaluation | None:
+    if value is None:
+        return None
+    need(isinstance(value, dict), name, "an object")
+    classes, confusion = value.get("classes"), value.get("confusion")
+    n = len(classes) if isinstance(classes, list) else -1
+    square = (
+        isinstance(confusion, list)
+        and len(confusion) == n
+        and all(isinstance(r, list) and len(r) == n and all(is_int(c) for c in r) for r in confusion)
+    )
+    need(
+        n >= 0 and all(isinstance(c, str) for c in classes) and square, f"{name}.confusion", "a square matrix of counts, one row per class"
+    )
+    return Evaluation(
+        list(classes), np.asarray(confusion, dtype=np.int64).reshape(n, n), _number(value.get("log_loss", 0.0), f"{name}.log_loss")
+    )

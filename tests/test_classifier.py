@@ -1,0 +1,88 @@
+"""HeadClassifier's training: early stopping on a held-out share, accuracy, gradients, and no torch on import."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+
+from headstart.classifier import HeadClassifier
+from headstart.heads import HEAD_KINDS
+
+
+def gaussians(
+    n_per_class: int, n_classes: int = 4, n_features: int = 64, spread: float = 1.0, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Classes around random centres, `spread` times the noise apart on average."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, spread / np.sqrt(n_features), (n_classes, n_features)) * np.sqrt(n_features)
+    X = np.concatenate([c + rng.normal(0, 1, (n_per_class, n_features)) for c in centres]).astype(np.float32)
+    y = np.repeat([f"class {i}" for i in range(n_classes)], n_per_class)
+    return X, y
+
+
+def test_importing_the_classifier_does_not_import_torch() -> None:
+    code = "import headstart.classifier, sys; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("kind", HEAD_KINDS)
+def test_accuracy_on_a_separable_problem(kind: str) -> None:
+    X, y = gaussians(200, spread=0.4)  # about 4 noise sd between centres
+    head = HeadClassifier(head=kind, hidden=64).fit(X[::2], y[::2])
+    assert (head.predict(X[1::2]) == y[1::2]).mean() >= 0.93
+
+
+def test_clone_keeps_early_stopping_on_a_held_out_share() -> None:
+    X, y = gaussians(30, n_classes=3, n_features=200, spread=0.1, seed=3)  # few overlapping rows, many features: overfits fast
+    template = HeadClassifier(head="mlp", hidden=64, max_epochs=300, patience=5, validation_fraction=0.2)
+    head = clone(template).fit(X, y)
+    assert head.validation_fraction == 0.2
+    assert head.best_epoch_ < 300 and len(head.history_) == head.best_epoch_ + 5
+    losses = [r["val_loss"] for r in head.history_]
+    assert losses[head.best_epoch_ - 1] == min(losses)
+    assert head.history_[0]["val_accuracy"] in {i / 18 for i in range(19)}  # 6 of each class's 30 rows held out
+
+
+@pytest.mark.parametrize("params", [{"validation_fraction": 0.0}, {}])
+def test_without_a_hold_out_all_epochs_run_and_the_lowest_training_loss_is_kept(params: dict[str, float]) -> None:
+    X, y = gaussians(5, n_classes=2, n_features=8, seed=1)
+    if not params:  # a class with a single row: nothing can be held out
+        X, y = X[:6], y[:6]
+    head = HeadClassifier(max_epochs=12, patience=2, **params).fit(X, y)  # type: ignore[arg-type]
+    assert len(head.history_) == 12 and "val_loss" not in head.history_[0]
+    losses = [r["loss"] for r in head.history_]
+    assert losses[head.best_epoch_ - 1] == min(losses)
+
+
+def test_empty_explicit_validation_means_no_hold_out() -> None:
+    X, y = gaussians(10, n_classes=2, n_features=8)
+    head = HeadClassifier(max_epochs=4).fit(X, y, X[:0], y[:0])
+    assert len(head.history_) == 4 and "val_loss" not in head.history_[0]
+
+
+@pytest.mark.parametrize("kind", HEAD_KINDS)
+def test_the_same_seed_gives_the_same_head(kind: str) -> None:
+    X, y = gaussians(20, n_features=16)
+    a, b, c = (HeadClassifier(head=kind, hidden=16, max_epochs=5, seed=s).fit(X, y) for s in (3, 3, 4))
+    assert a.history_ == b.history_
+    assert all(np.array_equal(a.weights_[k], b.weights_[k]) for k in a.weights_)
+    assert not np.array_equal(a.weights_["1.weight"], c.weights_["1.weight"])
+
+
+@pytest.mark.parametrize("kind", HEAD_KINDS)
+def test_logit_gradient_matches_finite_differences(kind: str) -> None:
+    X, y = gaussians(20, n_classes=3, n_features=6, seed=2)
+    head = HeadClassifier(head=kind, hidden=16, max_epochs=20).fit(X, y)
+    x = X[:3].astype(np.float64)
+    gradient = head.logit_gradient(x, 2)
+    assert gradient.shape == x.shape and gradient.dtype == np.float32
+    step = 1e-2
+    for j in range(x.shape[1]):
+        shift = np.zeros_like(x)
+        shift[:, j] = step
+        numeric = (head.decision_function(x + shift)[:, 2] - head.decision_function(x - shift)[:, 2]) / (2 * step)
+        np.testing.assert_allclose(gradient[:, j], numeric, rtol=1e-2, atol=2e-3)
