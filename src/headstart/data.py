@@ -13,13 +13,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from headstart.errors import ConfigError, DataError, FileRefusedError, UnreadableImageError
-from headstart.files import display, open_regular, read_regular
+from headstart.files import display, open_regular, read_regular, visible_files
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".avif", ".tif", ".tiff", ".ppm", ".pgm"})
 HEIC_EXTENSIONS = frozenset({".heic", ".heif"})  # iPhone photos; Pillow cannot read them
@@ -29,7 +29,6 @@ MIN_SIDE = 16  # images smaller than this on either side (icons, tracking pixels
 MAX_ASPECT_RATIO = 100  # long side / short side beyond which an image is refused: resizing a 16 x 5,000,000 strip asks for ~80 GB
 MAX_FILE_BYTES = 1 << 30  # image files larger than 1 GiB are refused unread (no photo is this large; a file that is may not end)
 MAX_CSV_BYTES = 1 << 28  # a path,label CSV larger than 256 MiB (several million rows) is refused
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # load_image refuses such files itself, with a clear reason
 DECODE_SECONDS = 20.0  # a file that takes longer to decode is refused (crafted files can make decoders crawl)
 
 
@@ -182,18 +181,13 @@ def scan_folder(root: Path) -> tuple[list[ImageRecord], list[Skipped]]:
             if entry.suffix.lower() in IMAGE_EXTENSIONS:
                 skipped.append(Skipped(entry, "image not inside a class folder"))
             continue
-        for dirpath, dirnames, filenames in os.walk(entry):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in sorted(filenames):
-                if name.startswith("."):
-                    continue
-                path = Path(dirpath) / name
-                if path.suffix.lower() in IMAGE_EXTENSIONS:
-                    records.append(ImageRecord(path, entry.name))
-                elif path.suffix.lower() in HEIC_EXTENSIONS:
-                    skipped.append(Skipped(path, "HEIC photo, which headstart cannot read"))
-                else:
-                    skipped.append(Skipped(path, f"not an image file (extension '{path.suffix}')"))
+        for path in visible_files(entry):
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                records.append(ImageRecord(path, entry.name))
+            elif path.suffix.lower() in HEIC_EXTENSIONS:
+                skipped.append(Skipped(path, "HEIC photo, which headstart cannot read"))
+            else:
+                skipped.append(Skipped(path, f"not an image file (extension '{path.suffix}')"))
     return records, skipped
 
 
@@ -253,6 +247,13 @@ def _key(record: ImageRecord) -> tuple[str, str]:
     return (record.label, str(record.path))
 
 
+def open_image(file: BinaryIO) -> Image.Image:
+    """`Image.open` without Pillow's DecompressionBombWarning: headstart refuses such images itself, with a clear reason."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(file)
+
+
 def list_images(inputs: list[str | os.PathLike[str]]) -> tuple[list[Path], list[Skipped]]:
     """Expand files and folders (recursively) into image paths, in the given order.
 
@@ -263,12 +264,7 @@ def list_images(inputs: list[str | os.PathLike[str]]) -> tuple[list[Path], list[
     for item in inputs:
         p = Path(item).expanduser()
         if p.is_dir():
-            for dirpath, dirnames, filenames in os.walk(p):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                for name in sorted(filenames):
-                    path = Path(dirpath) / name
-                    if not name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS:
-                        paths.append(path)
+            paths += [path for path in visible_files(p) if path.suffix.lower() in IMAGE_EXTENSIONS]
         elif p.exists():
             paths.append(p)
         else:
@@ -306,7 +302,7 @@ def decode_image(path: Path, convert: Callable[[Image.Image], _T], min_size: int
             converting it ran out of time or memory (the reason says why).
     """
     try:
-        with _time_limit(DECODE_SECONDS), open_regular(path, MAX_FILE_BYTES) as file, Image.open(file) as opened:
+        with _time_limit(DECODE_SECONDS), open_regular(path, MAX_FILE_BYTES) as file, open_image(file) as opened:
             width, height = opened.size
             if width * height > MAX_PIXELS:
                 raise UnreadableImageError(path, f"decompression bomb: {width}x{height} pixels, more than the {MAX_PIXELS:,} allowed")

@@ -14,7 +14,7 @@ import stat
 import sys
 import time
 import uuid
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -252,6 +252,13 @@ def csv_bytes(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> bytes:
     writer.writerow(header)
     writer.writerows(rows)
     return buffer.getvalue().encode("utf-8", errors="surrogateescape")
+
+
+def visible_files(folder: Path) -> Iterator[Path]:
+    """The files under `folder`, recursively, in sorted order; hidden files and folders (names starting with '.') left out."""
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        yield from (Path(dirpath) / name for name in sorted(filenames) if not name.startswith("."))
 
 
 def file_digest(path: Path, max_bytes: int = 1 << 30) -> str:

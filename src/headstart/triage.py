@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from PIL import ExifTags, Image
+from PIL import ExifTags
 
 from headstart.config import Progress
 from headstart.data import (
@@ -24,6 +24,7 @@ from headstart.data import (
     check_class_counts,
     check_val_split,
     load_image,
+    open_image,
     read_source,
     split_records,
 )
@@ -216,7 +217,7 @@ def inspect_file(path: Path) -> list[tuple[str, str]]:
         return [("empty file", "0 bytes")]
     try:
         load_image(path)
-        with open_regular(path, MAX_FILE_BYTES) as file, Image.open(file) as image:
+        with open_regular(path, MAX_FILE_BYTES) as file, open_image(file) as image:
             notes = []
             frames = getattr(image, "n_frames", 1)
             if frames > 1:
