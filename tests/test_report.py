@@ -140,7 +140,7 @@ def test_report_confusion_table_holds_the_validation_counts(trained: Path) -> No
     assert validation is not None
     rows = confusion_cells((trained / "report.html").read_text())
     assert rows[0] == ["", "predicted"] and rows[1] == ["true", *validation.classes]
-    totals = validation.confusion.sum(1)
+    totals = validation.support
     for i, row in enumerate(rows[2:]):
         assert row[0] == validation.classes[i]
         assert row[1:] == [f"{n} {n / totals[i]:.2f}" for n in validation.confusion[i]]
@@ -148,7 +148,7 @@ def test_report_confusion_table_holds_the_validation_counts(trained: Path) -> No
 
 def test_confusion_table_escapes_names_and_shades_by_row_fraction() -> None:
     names = ["<script>$x$", 'a&b"q', "empty"]
-    evaluation = Evaluation(names, np.array([[3, 1, 0], [0, 4, 0], [0, 0, 0]]), 0.1)
+    evaluation = Evaluation(names, ((3, 1, 0), (0, 4, 0), (0, 0, 0)), 0.1)
     page = confusion_table(evaluation)
     assert "<script" not in page and "&lt;script&gt;$x$" in page and "a&amp;b&quot;q" in page
     rows = confusion_cells(page)

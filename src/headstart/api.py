@@ -1,26 +1,28 @@
-"""The public operations, one per CLI command."""
+"""The public operations, one per CLI command.
+
+Each imports what it needs when it runs, so that `headstart info` or `check` never pays for NumPy
+models, ONNX Runtime or PyTorch.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from headstart.augment import AugmentConfig
 from headstart.backbones import BackboneInfo, create_backbone, list_backbones
 from headstart.bundle import REPORT_NAME, BundleContents, read_bundle
 from headstart.config import Progress, default_cache_dir
 from headstart.data import Skipped, list_images, load_dataset, load_image
 from headstart.errors import ConfigError, DataError, FileRefusedError, UnreadableImageError
 from headstart.files import atomic_write_bytes, csv_bytes, display, output_file
-from headstart.model import EvaluationResult, ImageLike, Model, PathLike, Prediction, Predictions, load
-from headstart.training import train
 from headstart.triage import Triage, triage
 
 if TYPE_CHECKING:
+    from headstart.augment import AugmentConfig
     from headstart.explain import Explanations
+    from headstart.model import EvaluationResult, ImageLike, Model, PathLike, Prediction, Predictions
+    from headstart.training import train
 
 __all__ = [
     "activations",
@@ -55,7 +57,7 @@ def predict(model: PathLike | Model, images: Sequence[ImageLike], top_k: int = 3
     Raises:
         DataError: none of the images could be read (the message gives the first reason).
     """
-    model = model if isinstance(model, Model) else load(model)
+    model = _loaded(model)
     result = model.predict(images, top_k, progress)
     if not result.predictions:
         raise _no_readable_images([i for i in images if isinstance(i, str | Path)], result.skipped)
@@ -68,7 +70,7 @@ def evaluate(model: PathLike | Model, data: PathLike, progress: Progress | None 
     Raises:
         DataError: none of the images could be read (the message names `data` and gives the first reason).
     """
-    model = model if isinstance(model, Model) else load(model)
+    model = _loaded(model)
     result = model.evaluate(data, progress)
     if result.evaluation.n_images == 0:
         raise _no_readable_images([data], result.skipped, f"`headstart check {data}` lists each problem with its fix.")
@@ -88,9 +90,12 @@ def imagenet(
         ConfigError: `top_k` is below 1.
         DataError: none of the images could be read (the message gives the first reason).
     """
+    import numpy as np
+
     from headstart.backbones import imagenet_class_names
     from headstart.engine import TorchEngine
     from headstart.features import extract_features
+    from headstart.model import Prediction, Predictions
 
     if top_k < 1:
         raise ConfigError(f"top_k must be at least 1, got {top_k}.")
@@ -134,6 +139,9 @@ def augment_preview(
     Raises:
         ConfigError: `n_images` or `n_variants` is below 1.
     """
+    import numpy as np
+
+    from headstart.augment import AugmentConfig
     from headstart.augment import augment as augment_image
     from headstart.report import image_grid, save_figure
     from headstart.transforms import resize_and_crop
@@ -161,7 +169,7 @@ def report(model: PathLike, data: PathLike | None = None, out: PathLike | None =
     """
     from headstart.report import build_report
 
-    loaded = load(model)
+    loaded = _loaded(model)
     if data is not None:
         dataset = load_dataset(data, val_split=0.0)
         records = dataset.val or dataset.train
@@ -191,7 +199,7 @@ def explain(
     from headstart.report import image_grid, save_figure
     from headstart.transforms import resize_and_crop
 
-    model = model if isinstance(model, Model) else load(model)
+    model = _loaded(model)
     if class_name is not None and class_name not in model.classes:
         raise ConfigError(f"Unknown class '{class_name}'. This model's classes: {', '.join(model.classes)}.")
     paths, skipped = list_images(list(images))
@@ -227,7 +235,7 @@ def activations(model_or_backbone: str | PathLike, image: PathLike, out: PathLik
     from headstart.transforms import preprocess
 
     source = Path(model_or_backbone)
-    net = load(source).backbone if (source / "bundle.json").is_file() else create_backbone(str(model_or_backbone))
+    net = _loaded(source).backbone if (source / "bundle.json").is_file() else create_backbone(str(model_or_backbone))
     path = Path(image)
     batch = torch.from_numpy(preprocess(load_image(path), net.data_config))[None]
     names = [f"{name} ({channels} ch)" for name, channels in net.stages]
@@ -269,7 +277,22 @@ def backbones() -> list[BackboneInfo]:
 def demo(out: PathLike = "headstart-demo", cache_dir: PathLike | None = None, progress: Progress | None = None) -> Model:
     """Fetch the flower photos, train the default model on them and save it to `out`."""
     from headstart.datasets import fetch_flowers
+    from headstart.training import train
 
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     flowers = fetch_flowers(root, progress=progress)
     return train(flowers, cache_dir=root, out=out, progress=progress)
+
+
+def _loaded(model: PathLike | Model) -> Model:
+    from headstart.model import Model, load
+
+    return model if isinstance(model, Model) else load(model)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "train":  # the training pipeline (NumPy, ONNX Runtime) is imported when first used
+        from headstart.training import train
+
+        return train
+    raise AttributeError(f"module 'headstart.api' has no attribute '{name}'")

@@ -22,17 +22,16 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-from numpy.typing import NDArray
-from safetensors.numpy import load as load_safetensors
-from safetensors.numpy import save as save_safetensors
+from typing import TYPE_CHECKING, Any
 
 from headstart.config import DataConfig, is_finite_number, is_int
 from headstart.errors import BundleError, FileRefusedError
 from headstart.files import atomic_write_folder, json_bytes, open_regular, read_regular
 from headstart.summary import TrainingSummary
+
+if TYPE_CHECKING:  # NumPy is imported only to read or write tensors: `info` reads a safetensors header alone
+    import numpy as np
+    from numpy.typing import NDArray
 
 FORMAT_VERSION = 3  # 2: `files` lists the size and sha256 of every file of the model; 3: every summary field present
 CONFIG_NAME = "bundle.json"
@@ -190,6 +189,9 @@ def save_bundle(
     if directory.is_symlink():
         directory = directory.resolve()
     check_output_folder(directory, force)
+    import numpy as np
+    from safetensors.numpy import save as save_safetensors
+
     files = {WEIGHTS_NAME: save_safetensors({k: np.ascontiguousarray(v) for k, v in tensors.items()}), METRICS_NAME: json_bytes(metrics)}
     files.update(extras or {})
     if not set(files) < set(MODEL_FILES):
@@ -284,6 +286,14 @@ def _read_listed(directory: Path, fd: int, name: str, record: dict[str, Any] | N
             "or the file was damaged or edited. Re-save or retrain the model."
         )
     return data
+
+
+def load_safetensors(data: bytes) -> dict[str, NDArray[np.float32]]:
+    """The tensors of a safetensors file's bytes, as NumPy arrays."""
+    from safetensors.numpy import load
+
+    tensors: dict[str, NDArray[np.float32]] = load(data)
+    return tensors
 
 
 def _safetensors_shapes(data: bytes, path: Path) -> dict[str, list[int]]:

@@ -13,13 +13,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, TypeVar
-
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
 from headstart.errors import ConfigError, DataError, FileRefusedError, UnreadableImageError
 from headstart.files import display, open_regular, read_regular, visible_files
+
+if TYPE_CHECKING:  # NumPy and Pillow are imported where images are split or decoded, so listing a folder stays light
+    from PIL import Image
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".avif", ".tif", ".tiff", ".ppm", ".pgm"})
 HEIC_EXTENSIONS = frozenset({".heic", ".heif"})  # iPhone photos; Pillow cannot read them
@@ -231,6 +231,8 @@ def split_records(records: list[ImageRecord], val_split: float, seed: int) -> tu
     """Stratified, seeded split: each class gives round(n * val_split) images (at least 1) to validation."""
     if val_split <= 0:
         return sorted(records, key=_key), []
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     train: list[ImageRecord] = []
     val: list[ImageRecord] = []
@@ -249,6 +251,8 @@ def _key(record: ImageRecord) -> tuple[str, str]:
 
 def open_image(file: BinaryIO) -> Image.Image:
     """`Image.open` without Pillow's DecompressionBombWarning: headstart refuses such images itself, with a clear reason."""
+    from PIL import Image
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         return Image.open(file)
@@ -301,6 +305,8 @@ def decode_image(path: Path, convert: Callable[[Image.Image], _T], min_size: int
         UnreadableImageError: the file is not a decodable image, or decoding or
             converting it ran out of time or memory (the reason says why).
     """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
     try:
         with _time_limit(DECODE_SECONDS), open_regular(path, MAX_FILE_BYTES) as file, open_image(file) as opened:
             width, height = opened.size
@@ -349,6 +355,9 @@ def _time_limit(seconds: float) -> Iterator[None]:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
+    import numpy as np
+    from PIL import Image
+
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         pixels = np.asarray(image, dtype=np.float32)
         peak = 65535.0 if pixels.max(initial=0) > 255 else 255.0

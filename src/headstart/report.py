@@ -221,7 +221,7 @@ def confusion_table(evaluation: Evaluation) -> str:
     Each cell holds the number of images and, below it, that number as a fraction of its row
     (of the true class), which also sets the cell's shade of blue.
     """
-    counts = evaluation.confusion
+    counts = np.asarray(evaluation.confusion, dtype=np.int64).reshape(len(evaluation.classes), len(evaluation.classes))
     totals = counts.sum(1)
     fractions = np.divide(counts, totals[:, None], out=np.zeros(counts.shape), where=totals[:, None] > 0)
     backgrounds, colours = _shades(fractions)

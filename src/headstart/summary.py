@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from headstart.config import is_finite_number, is_int
 from headstart.data import ImageRecord, Skipped
 from headstart.metrics import Evaluation
@@ -242,5 +240,5 @@ def _evaluation(value: Any, name: str) -> Evaluation | None:
         n >= 0 and all(isinstance(c, str) for c in classes) and square, f"{name}.confusion", "a square matrix of counts, one row per class"
     )
     return Evaluation(
-        list(classes), np.asarray(confusion, dtype=np.int64).reshape(n, n), _number(value.get("log_loss", 0.0), f"{name}.log_loss")
+        list(classes), tuple(tuple(int(c) for c in row) for row in confusion), _number(value.get("log_loss", 0.0), f"{name}.log_loss")
     )

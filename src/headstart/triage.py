@@ -9,8 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from PIL import ExifTags
-
 from headstart.config import Progress
 from headstart.data import (
     MAX_ASPECT_RATIO,
@@ -30,7 +28,6 @@ from headstart.data import (
 )
 from headstart.errors import DataError, UnreadableImageError
 from headstart.files import atomic_write_bytes, csv_bytes, file_digest, open_regular
-from headstart.pipeline import available_cpus, process_pool
 
 Action = Literal["blocks training", "skipped", "warning", "used as is", "ignored"]
 IMBALANCE_RATIO = 5.0  # largest class / smallest class beyond which class weights are suggested
@@ -224,7 +221,7 @@ def inspect_file(path: Path) -> list[tuple[str, str]]:
                 notes.append(("animated", f"{frames} frames"))
             if image.mode != "RGB":
                 notes.append(("converted to RGB", f"mode {image.mode}" + (" with transparency" if "transparency" in image.info else "")))
-            orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+            orientation = image.getexif().get(0x0112, 1)  # the EXIF Orientation tag
             if orientation not in (0, 1):
                 notes.append(("rotated by EXIF", f"orientation {orientation}"))
             return notes
@@ -250,6 +247,8 @@ def _problem_of(reason: str) -> str:
 
 def _inspect_all(paths: Sequence[Path], progress: Progress | None) -> list[Finding]:
     findings: list[Finding] = []
+    from headstart.pipeline import available_cpus, process_pool  # with NumPy: only when files are decoded
+
     with process_pool(available_cpus()) as pool:
         for done, (path, notes) in enumerate(zip(paths, pool.map(inspect_file, paths, chunksize=16)), start=1):
             findings += [Finding(path, problem, detail) for problem, detail in notes]
