@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Offline, the demo takes the flower photos from ../shared/datasets when it exists.
 MIRROR := $(if $(wildcard ../shared/datasets/flowers),$(abspath ../shared/datasets),)
 
-.PHONY: demo test install browser
+.PHONY: demo test test-fast install browser
 
 install: $(BIN)/headstart
 
@@ -27,3 +27,8 @@ test: $(BIN)/headstart browser
 	$(BIN)/ruff format --check src tests
 	$(BIN)/mypy
 	$(BIN)/pytest
+
+# The edit-test loop (under 90 s on 2 idle cores): every test but those marked slow (fine-tuning, reports,
+# ONNX-vs-PyTorch checks, fuzzing), kill (kill -9, Ctrl-C), subprocess (CLI processes importing torch) and browser.
+test-fast: $(BIN)/headstart
+	$(BIN)/pytest -m "not slow and not kill and not subprocess and not browser"

@@ -86,6 +86,7 @@ def test_weights_for_another_architecture_are_refused(tmp_path: Path) -> None:
         create_backbone("timm:resnet18", tmp_path / "nope.safetensors")
 
 
+@pytest.mark.subprocess
 def test_failed_download_names_the_weights_option() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # fail at once, as without internet
     result = subprocess.run(

@@ -65,6 +65,7 @@ def test_mirror_must_hold_the_five_classes(tmp_path: Path, monkeypatch: pytest.M
         fetch_flowers(tmp_path / "cache")
 
 
+@pytest.mark.slow
 def test_demo_trains_evaluates_and_explains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "mirror").mkdir()
     shutil.copytree(FLOWERS_TINY, tmp_path / "mirror" / "flowers")

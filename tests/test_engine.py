@@ -28,6 +28,7 @@ def _relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     return float((np.abs(actual - expected).max(1) / np.abs(expected).max(1)).max())
 
 
+@pytest.mark.slow
 def test_onnx_features_match_pytorch_on_real_photos(lite0, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     photos = sorted(PHOTOS.iterdir())
     fast = extract_features(create_engine(lite0, "onnx", tmp_path), photos)
@@ -41,6 +42,7 @@ def test_onnx_features_match_pytorch_on_real_photos(lite0, tmp_path: Path) -> No
     assert top1_fast.tolist() == top1_reference.tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [1, 5, 32])
 def test_a_batch_cut_into_slices_gives_each_image_its_own_features(lite0, tmp_path: Path, n: int) -> None:  # type: ignore[no-untyped-def]
     engine = OnnxEngine(lite0, exported_model(lite0, tmp_path), threads=2)
@@ -49,6 +51,7 @@ def test_a_batch_cut_into_slices_gives_each_image_its_own_features(lite0, tmp_pa
     np.testing.assert_allclose(engine(batch), alone, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer", [-2, 1])
 def test_earlier_layer_features_match_pytorch(lite0, tmp_path: Path, layer: int) -> None:  # type: ignore[no-untyped-def]
     net = at_layer(lite0, layer)
@@ -58,6 +61,7 @@ def test_earlier_layer_features_match_pytorch(lite0, tmp_path: Path, layer: int)
     assert _relative_error(fast, extract_features(TorchEngine(net), photos).features) <= 1e-3
 
 
+@pytest.mark.slow
 def test_export_is_recorded_and_reused(lite0, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     path = exported_model(lite0, tmp_path)
     record = json.loads(path.with_suffix(".json").read_text())
@@ -66,6 +70,7 @@ def test_export_is_recorded_and_reused(lite0, tmp_path: Path, monkeypatch: pytes
     assert exported_model(lite0, tmp_path) == path
 
 
+@pytest.mark.slow
 def test_a_damaged_export_is_exported_again(lite0, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     path = exported_model(lite0, tmp_path)
     good = path.read_bytes()
@@ -112,6 +117,7 @@ def test_flowers_validation_accuracy_is_the_same_with_either_engine(lite0) -> No
     assert abs(accuracies[0] - accuracies[1]) <= 0.005, accuracies
 
 
+@pytest.mark.slow
 def test_static_padding_computes_the_same_features_and_exports_without_pad_nodes(lite0, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     static = with_static_padding(lite0)
     same = [name for name, m in lite0.module.named_modules() if type(m).__name__ == "Conv2dSame"]

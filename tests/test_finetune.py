@@ -24,6 +24,7 @@ from headstart.features import extract_features
 from headstart.finetune import FinetuneConfig, finetune, parameter_groups
 
 
+@pytest.mark.slow
 def test_frozen_layers_and_batchnorm_statistics_stay_bit_identical() -> None:
     backbone = create_backbone("efficientnet_lite0")
     before = {k: v.clone() for k, v in backbone.module.state_dict().items()}
@@ -47,6 +48,7 @@ def test_frozen_layers_and_batchnorm_statistics_stay_bit_identical() -> None:
     assert result.backbone.finetuned_from == backbone.weights_sha256 != result.backbone.weights_sha256
 
 
+@pytest.mark.slow
 def test_augmentation_touches_training_images_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     augmented: list[Path] = []
     original = finetune_module.augmented_input
@@ -61,6 +63,7 @@ def test_augmentation_touches_training_images_only(tmp_path: Path, monkeypatch: 
     assert {p.parent.parent.name for p in augmented} == {"train"}
 
 
+@pytest.mark.slow
 def test_finetuned_model_saves_backbone_and_predicts_identically_after_load(tmp_path: Path) -> None:
     model = headstart.train(
         CATS_DOGS_TINY, strategy="finetune", epochs=2, unfreeze=None, augment="none", cache_dir=tmp_path / "c", out=tmp_path / "m"
@@ -75,6 +78,7 @@ def test_finetuned_model_saves_backbone_and_predicts_identically_after_load(tmp_
     assert np.array_equal(loaded.predict_proba(images), model.predict_proba(images))
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_result(tmp_path: Path) -> None:
     options = dict(strategy="finetune", epochs=3, augment="light", cache_dir=tmp_path / "c")
     reference = headstart.train(FLOWERS_TINY, out=tmp_path / "reference", **options)
@@ -97,6 +101,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path: Path) -> None:
     assert np.allclose(headstart.load(tmp_path / "m").predict_proba(images), reference.predict_proba(images), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="Nothing to resume"):
         headstart.train(FLOWERS_TINY, strategy="finetune", out=tmp_path / "m", resume=True, cache_dir=tmp_path)
@@ -126,6 +131,7 @@ def shapes_dataset(root: Path, n_per_class: int = 12) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_auto_chooses_by_similarity_to_imagenet(tmp_path: Path) -> None:
     photos = headstart.train(CATS_DOGS_TINY, strategy="auto", cache_dir=tmp_path)
     drawings = headstart.train(shapes_dataset(tmp_path / "shapes"), strategy="auto", cache_dir=tmp_path)
@@ -134,6 +140,7 @@ def test_auto_chooses_by_similarity_to_imagenet(tmp_path: Path) -> None:
     assert drawings.summary.auto.measurements["imagenet_confidence"] < photos.summary.auto.measurements["imagenet_confidence"]
 
 
+@pytest.mark.slow
 def test_earlier_layer_features_are_cached_and_saved(tmp_path: Path) -> None:
     model = headstart.train(FLOWERS_TINY, layer=-2, cache_dir=tmp_path, out=tmp_path / "m")
     assert model.backbone.n_features == 112 and model.backbone.layer == 3
@@ -145,6 +152,7 @@ def test_earlier_layer_features_are_cached_and_saved(tmp_path: Path) -> None:
         headstart.train(FLOWERS_TINY, layer=9, cache_dir=tmp_path)
 
 
+@pytest.mark.slow
 def test_cli_finetune_and_augment_preview(tmp_path: Path) -> None:
     runner = CliRunner()
     result = runner.invoke(
@@ -168,6 +176,7 @@ def test_strategy_and_head_conflict_is_refused(tmp_path: Path) -> None:
         headstart.train(FLOWERS_TINY, strategy="linear", head="mlp", cache_dir=tmp_path)
 
 
+@pytest.mark.kill
 def test_run_killed_with_sigkill_resumes(tmp_path: Path) -> None:
     """kill -9 after the first epoch's checkpoint: --resume finishes the run and the model loads."""
     import json

@@ -60,6 +60,7 @@ def mutated(draw: st.DrawFn) -> bytes:
     return bytes(data)
 
 
+@pytest.mark.slow
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(payload=mutated())
 def test_mutated_images_decode_or_skip_cleanly(payload: bytes, tmp_path: Path) -> None:

@@ -89,6 +89,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.subprocess
 def test_fifos_devices_and_huge_files_are_skipped_by_check_and_train(tmp_path: Path, cache_dir: Path) -> None:
     root = _two_classes(tmp_path / "photos")
     os.mkfifo(root / "red" / "x.jpg")  # opening it for reading blocked forever
@@ -304,6 +305,7 @@ def _interrupt_extraction(command: list[str], stderr_path: Path) -> tuple[int, s
 TRAIN = "import sys, headstart; headstart.train(sys.argv[1], cache_dir=sys.argv[2], report=False)"
 
 
+@pytest.mark.kill
 def test_ctrl_c_during_extraction_leaves_no_worker_traceback(flowers: Path, tmp_path: Path) -> None:
     returncode, output = _interrupt_extraction([sys.executable, "-c", TRAIN, str(flowers), str(tmp_path / "cache")], tmp_path / "stderr")
     assert returncode == -signal.SIGINT, output[-3000:]
@@ -311,6 +313,7 @@ def test_ctrl_c_during_extraction_leaves_no_worker_traceback(flowers: Path, tmp_
     assert "_process_worker" not in output and "Process ForkProcess" not in output, output[-3000:]
 
 
+@pytest.mark.kill
 def test_ctrl_c_during_cli_training_is_one_line_and_exit_code_130(flowers: Path, tmp_path: Path) -> None:
     command = [
         str(HEADSTART),
@@ -381,6 +384,7 @@ def test_check_and_train_give_the_same_verdict(
 # G. Flaky ONNX exports.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), MemoryError()], ids=["disk-full", "memory"])
 def test_a_transient_export_failure_is_tried_again_next_time(
     lite0,  # type: ignore[no-untyped-def]

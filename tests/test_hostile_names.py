@@ -18,6 +18,8 @@ import pytest
 
 from conftest import write_image
 
+pytestmark = pytest.mark.subprocess
+
 MATHTEXT = "cost$\\broken$"  # a class folder matplotlib would parse as maths, and fail on
 NOT_UTF8 = os.fsdecode(b"caf\xe9")  # a Latin-1 folder name: no valid UTF-8
 MARKUP_ESC = "[bold]esc\x1b[2J"  # a class folder that is Rich markup and clears the screen

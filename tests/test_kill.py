@@ -19,6 +19,8 @@ from safetensors import safe_open
 import headstart
 from conftest import FLOWERS_TINY, copy_flowers
 
+pytestmark = pytest.mark.kill
+
 # Training in a child process, with small cache shards so that kills land between shard writes too.
 TRAIN = """
 import sys

@@ -130,6 +130,7 @@ print("done", flush=True)
 """
 
 
+@pytest.mark.kill
 @pytest.mark.parametrize("kill", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
 def test_a_save_killed_at_any_point_leaves_the_old_model_or_the_new_one(
     kill: signal.Signals, bundle: Path, flowers_dir: Path, tmp_path: Path
@@ -184,6 +185,7 @@ def test_a_save_killed_at_any_point_leaves_the_old_model_or_the_new_one(
 # 6. special files, huge files and paths outside the folder
 
 
+@pytest.mark.subprocess
 def test_info_on_a_model_whose_metrics_is_a_fifo_does_not_hang(bundle: Path) -> None:
     (bundle / "metrics.json").unlink()
     os.mkfifo(bundle / "metrics.json")

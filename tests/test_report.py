@@ -85,6 +85,7 @@ def tiles(page: str, figure_id: str) -> list[tuple[str, Image.Image, str, str]]:
     return [(kind, Image.open(io.BytesIO(base64.b64decode(data))), alt, caption) for kind, data, alt, caption in TILE.findall(part)]
 
 
+@pytest.mark.slow
 def test_report_is_self_contained_with_every_section(trained: Path) -> None:
     page = (trained / "report.html").read_text()
     for section in (
@@ -109,6 +110,7 @@ MARK = {
 }
 
 
+@pytest.mark.slow
 def test_report_tiles_are_jpeg_thumbnails_captioned_in_html(trained: Path) -> None:
     page = (trained / "report.html").read_text()
     validation = headstart.load(trained).summary.validation
@@ -135,6 +137,7 @@ def test_report_tiles_are_jpeg_thumbnails_captioned_in_html(trained: Path) -> No
         assert np.abs(np.asarray(photo, dtype=float) - np.asarray(heatmap, dtype=float)).mean() > 10  # the heatmap is drawn over it
 
 
+@pytest.mark.slow
 def test_report_confusion_table_holds_the_validation_counts(trained: Path) -> None:
     validation = headstart.load(trained).summary.validation
     assert validation is not None
@@ -172,6 +175,7 @@ def test_image_tile_escapes_its_text_and_encodes_a_jpeg() -> None:
     assert decoded.size == (50, 40) and alt == "&quot;&gt;&lt;img src=x&gt;"
 
 
+@pytest.mark.slow
 def test_report_with_hostile_class_names(tmp_path: Path) -> None:
     names = ["<script>$x$", "a&b'q"]
     for k, name in enumerate(names):
@@ -187,6 +191,7 @@ def test_report_with_hostile_class_names(tmp_path: Path) -> None:
     assert captions and all("&lt;script&gt;$x$" in c or "a&amp;b&#x27;q" in c for c in captions)
 
 
+@pytest.mark.browser
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make test installs it)")
 def test_report_renders_in_headless_chromium(trained: Path, tmp_path: Path) -> None:
     url = (trained / "report.html").resolve().as_uri()
@@ -226,6 +231,7 @@ def test_gradcam_on_the_cat_lies_on_the_cat() -> None:
         assert inside > 2.5 * share, (class_index, inside, share)
 
 
+@pytest.mark.slow
 def test_explain_works_for_frozen_finetuned_and_other_backbones(trained: Path, tmp_path: Path) -> None:
     images = sorted((CATS_DOGS_TINY / "val" / "cats").iterdir())[:2]
     result = runner.invoke(app, ["explain", str(trained), *map(str, images), "--out", str(tmp_path / "frozen"), "--class", "dogs"])
@@ -235,11 +241,12 @@ def test_explain_works_for_frozen_finetuned_and_other_backbones(trained: Path, t
     layered = headstart.train(FLOWERS_TINY, layer=-2, cache_dir=tmp_path / "c")
     for name, model in (("tuned", tuned), ("layer", layered)):
         result = explain(model, [images[0]], tmp_path / name)
-        assert not result.skipped and Image.open(result.written[0]).size[0] > 300
+        assert not result.skipped and Image.open(result.written[0]).convert("RGB").size[0] > 300
     bad = runner.invoke(app, ["explain", str(trained), str(images[0]), "--class", "horses"])
     assert bad.exit_code == 1 and "Unknown class 'horses'" in bad.output
 
 
+@pytest.mark.slow
 def test_activations_and_imagenet_grid(trained: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["activations", str(trained), str(PHOTOS / "dog.jpg"), "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
@@ -250,9 +257,10 @@ def test_activations_and_imagenet_grid(trained: Path, tmp_path: Path) -> None:
     assert grid.shape[0] > 5 * 100 and grid.std() > 20  # five stages, not blank
     result = runner.invoke(app, ["imagenet", str(PHOTOS), "--top-k", "1", "--grid", str(tmp_path / "imagenet.png")])
     assert result.exit_code == 0, result.output
-    assert Image.open(tmp_path / "imagenet.png").size[0] > 600
+    assert Image.open(tmp_path / "imagenet.png").convert("RGB").size[0] > 600
 
 
+@pytest.mark.slow
 def test_report_command_rebuilds_from_other_data(trained: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["report", str(trained), str(CATS_DOGS_TINY), "--out", str(tmp_path / "r.html")])
     assert result.exit_code == 0, result.output

@@ -1,4 +1,4 @@
-"""Start-up: `import headstart` and the commands that need no network import none of torch, timm, torchvision, matplotlib.
+"""Start-up: `import headstart`, `info`, `check` and `predict` with a frozen backbone import no torch, timm, torchvision, matplotlib.
 
 Each command runs in a fresh interpreter (a module imported by an earlier test would hide the import), through the
 console-script entry point, in process, so that `sys.modules` can be read when it returns. When a heavy module is
@@ -56,14 +56,15 @@ print(json.dumps({"exit": code, "heavy": {m: first.get(m, "?") for m in sorted(H
 
 
 def probe(*args: str | Path, cache: Path) -> str:
-    """The heavy modules a fresh `headstart ARGS...` imported, each with the headstart line that imported it ("" if none)."""
+    """Which heavy modules a fresh `headstart ARGS...` imported, each with the headstart line that imported it ("" if none)."""
     env = {**os.environ, "HEADSTART_CACHE_DIR": str(cache), "NO_COLOR": "1"}
     done = subprocess.run([sys.executable, "-c", PROBE, *map(str, args)], capture_output=True, text=True, timeout=600, env=env)
     command = " ".join(["headstart", *map(str, args)]) if args else "import headstart"
     assert done.returncode == 0 and done.stdout.strip(), f"{command} failed:\n{done.stderr[-3000:]}"
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["exit"] in (0, None), f"{command} exited {result['exit']}:\n{done.stdout}{done.stderr[-3000:]}"
-    return "; ".join(f"{command} imported {name} (first at {line})" for name, line in result["heavy"].items())
+    heavy = ", ".join(f"{name} (first at {line})" for name, line in result["heavy"].items())
+    return f"{command} imported {heavy}" if heavy else ""
 
 
 def test_import_headstart_imports_no_heavy_module(tmp_path: Path) -> None:

@@ -69,6 +69,7 @@ def test_second_run_on_same_data_does_no_backbone_forward_pass(tmp_path: Path, f
     assert second.summary.n_extracted == 0 and second.summary.n_cached == 40
 
 
+@pytest.mark.slow
 def test_the_report_reuses_the_validation_features(tmp_path: Path, forward_counter: list[int]) -> None:
     model = headstart.train(FLOWERS_TINY, cache_dir=tmp_path / "cache", out=tmp_path / "model")
     assert (tmp_path / "model" / "report.html").is_file()
@@ -88,6 +89,7 @@ def test_only_new_files_are_extracted(tmp_path: Path, forward_counter: list[int]
     assert model.summary.n_cached == 42
 
 
+@pytest.mark.slow
 def test_a_damaged_cache_shard_is_discarded_and_only_its_images_re_extracted(
     tmp_path: Path, forward_counter: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -104,6 +106,7 @@ def test_a_damaged_cache_shard_is_discarded_and_only_its_images_re_extracted(
     np.testing.assert_allclose(second.predict_proba(paths), first.predict_proba(paths), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_training_is_reproducible(tmp_path: Path) -> None:
     a = headstart.train(FLOWERS_TINY, cache_dir=tmp_path, head="mlp", seed=3)
     b = headstart.train(FLOWERS_TINY, cache_dir=tmp_path, head="mlp", seed=3)

@@ -111,7 +111,7 @@ def test_cli_check_writes_the_problem_list_and_says_training_can_proceed(corpus:
     result = CliRunner().invoke(app, ["check", str(root), "--csv", str(listing)])
     assert result.exit_code == 0, result.output
     assert "decompression bomb" in result.output and "training can proceed" in result.output.lower()
-    rows = list(csv.DictReader(listing.open()))
+    rows = list(csv.DictReader(listing.read_text().splitlines()))
     assert {(os.path.relpath(r["path"], root), r["problem"]) for r in rows} >= set(expected.items())
     assert all(r["fix"] for r in rows)
 
