@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -100,3 +101,24 @@ def test_failed_download_names_the_weights_option() -> None:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert "Could not download ImageNet weights for 'timm:resnet18'" in lines[0] and "--weights FILE" in lines[0]
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda r: {**r, "n_features": -7},
+        lambda r: {**r, "weights_sha256": "zz"},
+        lambda r: {**r, "has_imagenet_head": "no"},
+        lambda r: {**r, "stages": [["a", -3]]},
+        lambda r: "[" * 100_000 + "]" * 100_000,
+    ],
+    ids=["n_features", "weights_sha256", "bool", "stages", "nested"],
+)
+def test_a_tampered_identity_record_is_worked_out_again(tmp_path: Path, tamper) -> None:  # type: ignore[no-untyped-def]
+    first = create_backbone("efficientnet_lite0", cache_root=tmp_path)
+    (record,) = (tmp_path / "backbones").glob("*.json")
+    tampered = tamper(json.loads(record.read_text()))
+    record.write_text(tampered if isinstance(tampered, str) else json.dumps(tampered))
+    again = create_backbone("efficientnet_lite0", cache_root=tmp_path)
+    assert (again.n_features, again.weights_sha256, again.stages) == (first.n_features, first.weights_sha256, first.stages)
+    assert json.loads(record.read_text())["n_features"] == 1280  # and remembered correctly again

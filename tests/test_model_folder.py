@@ -244,6 +244,8 @@ def edit_config(bundle: Path, text: str) -> None:
         ("head.hidden", "4096", r"1.weight: \(2, 1280\) instead of \(4096, 1280\)"),  # mlp shapes checked before allocation
         ("summary", "[1, 2]", "field 'summary' must be an object"),
         ("summary.val_images", '[["a.jpg"]]', "field 'summary.val_images'"),
+        ("summary.auto", '{"reason": "no choice named"}', "field 'summary.auto'"),
+        ("summary.seconds", "1" + "0" * 400, "field 'summary.seconds'"),  # an int too large for a float
         ("files", '{"model.safetensors": {"size": 1, "sha256": "00"}}', "field 'files'"),
         ("files", '{"../../etc/passwd": {"size": 1, "sha256": "00"}, "model.safetensors": {}, "metrics.json": {}}', "field 'files"),
     ],
@@ -272,6 +274,7 @@ def test_deeply_nested_json_is_refused(bundle: Path) -> None:
 @pytest.mark.parametrize(("name", "data", "message"), [
     ("history.json", b'{"epoch": 1}', "field '(top level)' must be a JSON list"),
     ("history.json", b"[1, 2]", "must be a list of objects"),
+    ("history.json", b'[{"loss": "abc"}]', "a list of objects of numbers"),
     ("metrics.json", b"[]", "must be a JSON object"),
     ("metrics.json", b'{"accuracy": "high"}', "field 'accuracy' must be a number"),
 ])  # fmt: skip

@@ -149,3 +149,6 @@ def test_model_predict_takes_files_pil_images_and_arrays_alike_and_lists_unreada
     assert [s.path.name for s in result.skipped] == ["broken.jpg"]
     with pytest.raises(headstart.HeadstartError, match="uint8"):
         tiny_model.predict([np.zeros((8, 8), np.float32)])
+    for bad in (np.zeros((1, 100_000, 3), np.uint8), Image.new("RGB", (0, 0)), 5):  # held to the limits files are: no hang
+        with pytest.raises(headstart.HeadstartError, match="100:1|PIL image"):
+            tiny_model.predict([bad])

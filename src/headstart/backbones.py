@@ -17,13 +17,14 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from headstart.config import DataConfig, default_cache_dir
+from headstart.config import DataConfig, default_cache_dir, is_int
 from headstart.errors import BackboneWeightsError, ConfigError, FileRefusedError, UnknownBackboneError
 from headstart.files import atomic_write_json, file_digest, read_regular
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 TIMM_PREFIX = "timm:"
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 IDENTITY_FORMAT = 1
 MAX_WEIGHTS_BYTES = 4 << 30
 
@@ -253,7 +255,8 @@ def _from_file(name: str, path: Path, cache_root: Path) -> Backbone:
 
     identity = _read_identity(record_path, key)
     if identity is not None:
-        return Backbone(**identity, _network=lambda: built()[0].eval())
+        recorded = identity["weights_sha256"]
+        return Backbone(**identity, _network=cache(lambda: _checked(built()[0], recorded, path, record_path)))
     backbone = _described(name, *built())
     record = {
         "key": key,
@@ -269,21 +272,42 @@ def _from_file(name: str, path: Path, cache_root: Path) -> Backbone:
     return backbone
 
 
+def _checked(module: Any, weights_sha256: str, path: Path, record_path: Path) -> Any:
+    """`module` in eval mode, if its weights are the ones the remembered identity says (else the record goes)."""
+    from headstart.weights import hash_state_dict
+
+    if hash_state_dict(module.state_dict()) != weights_sha256:
+        record_path.unlink(missing_ok=True)
+        raise BackboneWeightsError(f"{path}: the weights file changed while in use. Run the command again.")
+    return module.eval()
+
+
 def _read_identity(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
-    """A remembered identity, or None when absent, unreadable or not for `key`."""
+    """A remembered identity, or None when absent, unreadable, malformed or not for `key` (then it is worked out again)."""
     try:
         record = json.loads(read_regular(path, 1 << 20))
-        if record.pop("key") != key:
+        stages = record["stages"]
+        valid = (
+            record.get("key") == key
+            and record["name"] == key["name"]
+            and is_int(record["n_features"], 1, 1 << 20)
+            and isinstance(record["weights_sha256"], str)
+            and _HEX64.fullmatch(record["weights_sha256"]) is not None
+            and isinstance(record["has_imagenet_head"], bool)
+            and isinstance(stages, list)
+            and all(isinstance(s, list) and len(s) == 2 and isinstance(s[0], str) and is_int(s[1], 1, 1 << 20) for s in stages)
+        )
+        if not valid:
             return None
         return {
-            "name": str(record["name"]),
+            "name": key["name"],
             "data_config": DataConfig.from_dict(record["data_config"]),
-            "n_features": int(record["n_features"]),
-            "weights_sha256": str(record["weights_sha256"]),
-            "has_imagenet_head": bool(record["has_imagenet_head"]),
-            "stages": tuple((str(n), int(c)) for n, c in record["stages"]),
+            "n_features": record["n_features"],
+            "weights_sha256": record["weights_sha256"],
+            "has_imagenet_head": record["has_imagenet_head"],
+            "stages": tuple((n, c) for n, c in stages),
         }
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError, OverflowError):
         return None
 
 

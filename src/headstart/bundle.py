@@ -118,7 +118,7 @@ class BundleConfig:
             summary=summary,
             headstart_version=str(config.get("headstart_version", "")),
             format_version=config["format_version"],
-            files=config.get("files") or {},
+            files=(config.get("files") or {}) if config["format_version"] >= 2 else {},
         )
 
 
@@ -258,7 +258,10 @@ def _read(directory: Path, fd: int, load_weights: bool) -> BundleContents:
     _need(all(isinstance(row, dict) for row in history), directory / HISTORY_NAME, "(rows)", "a list of objects")
     _need(is_finite_number(metrics.get("accuracy", 0.0)), directory / METRICS_NAME, "accuracy", "a number")
     files = {CONFIG_NAME: len(raw), **{name: len(data) for name, data in contents.items() if data is not None}}
-    config = dataclasses.replace(config, summary=config.summary.replace(history=tuple(history)))
+    try:
+        config = dataclasses.replace(config, summary=config.summary.with_history(history))
+    except ValueError:
+        _need(False, directory / HISTORY_NAME, "(rows)", "a list of objects of numbers (and a phase name)")
     return BundleContents(config, shapes, tensors, metrics, history, files)
 
 

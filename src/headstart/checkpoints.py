@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import torch
 
 CHECKPOINT_JSON = "checkpoint.json"
+_OPTIMIZER_TENSOR = re.compile(r"optim\.\d{1,6}\..+")
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,8 @@ def load_checkpoint(directory: Path, fingerprint: str) -> Checkpoint:
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
+            if not _OPTIMIZER_TENSOR.fullmatch(key):
+                raise ConfigError(damaged)
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value
     return Checkpoint(

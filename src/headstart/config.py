@@ -27,7 +27,10 @@ def is_int(value: Any, low: int = 0, high: int = 1 << 62) -> bool:
 
 def is_finite_number(value: Any) -> bool:
     """Whether `value` is an int or float (not a bool), neither NaN nor infinite."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    try:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    except OverflowError:  # an int too large for a float, e.g. read from a file
+        return False
 
 
 class Progress(Protocol):

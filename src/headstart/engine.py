@@ -218,7 +218,7 @@ def _describe(e: BaseException) -> str:
 def _read_record(path: Path) -> dict[str, Any] | None:
     try:
         record = json.loads(read_regular(path, 1 << 20))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return record if isinstance(record, dict) else None
 

@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -17,8 +18,8 @@ from headstart import __version__
 from headstart.backbones import Backbone, create_backbone
 from headstart.bundle import HISTORY_CSV_NAME, HISTORY_NAME, BackboneRecord, BundleConfig, read_bundle, save_bundle
 from headstart.classifier import HeadClassifier
-from headstart.config import DataConfig, Progress
-from headstart.data import ImageRecord, Skipped, list_images, load_dataset
+from headstart.config import DataConfig, Progress, default_cache_dir
+from headstart.data import MAX_ASPECT_RATIO, MAX_PIXELS, MIN_SIDE, ImageRecord, Skipped, list_images, load_dataset
 from headstart.engine import Engine, create_engine
 from headstart.errors import BundleError, ConfigError, DataError, UnreadableImageError
 from headstart.features import extract_features
@@ -102,9 +103,13 @@ class Model:
         head: the fitted `HeadClassifier`.
         classes: the class names, in the order of `predict_proba`'s columns.
         summary: what training did (data counts, skipped files, validation metrics, history).
+        cache_root: where the backbone's exported ONNX engine is kept (default: `default_cache_dir()`).
     """
 
-    def __init__(self, backbone: Backbone, head: HeadClassifier, summary: TrainingSummary | None = None) -> None:
+    def __init__(
+        self, backbone: Backbone, head: HeadClassifier, summary: TrainingSummary | None = None, cache_root: Path | None = None
+    ) -> None:
+        self.cache_root = cache_root or default_cache_dir()
         self.backbone = backbone
         self.head = head
         self.classes: list[str] = [str(c) for c in head.classes_]
@@ -113,7 +118,7 @@ class Model:
     @cached_property
     def engine(self) -> Engine:
         """What runs the backbone for predictions: ONNX Runtime when the backbone exports, else PyTorch."""
-        return create_engine(self.backbone)
+        return create_engine(self.backbone, cache_root=self.cache_root)
 
     def predict_proba(self, images: Sequence[ImageLike], progress: Progress | None = None) -> NDArray[np.float32]:
         """Class probabilities, one row per image (folders expanded), columns in `classes` order.
@@ -239,17 +244,19 @@ class Model:
         return f"Model(backbone={self.backbone.name!r}, head={self.head.head!r}, classes={self.classes})"
 
 
-def load(directory: PathLike, weights: PathLike | None = None) -> Model:
+def load(directory: PathLike, weights: PathLike | None = None, cache_root: PathLike | None = None) -> Model:
     """Load a saved model folder. Nothing in it is unpickled or executed.
 
     Args:
         directory: the folder written by `Model.save` or `headstart train --out`.
         weights: backbone weights file, for timm backbones trained from a file.
+        cache_root: the cache of backbone identities and ONNX engines (default: `default_cache_dir()`).
 
     Raises:
         BundleError: the folder is not a valid model, or the backbone weights differ from the recorded ones.
     """
     directory = Path(directory)
+    root = Path(cache_root) if cache_root is not None else default_cache_dir()
     contents = read_bundle(directory)
     config, tensors = contents.config, contents.tensors
     recorded = config.backbone
@@ -260,7 +267,9 @@ def load(directory: PathLike, weights: PathLike | None = None) -> Model:
         backbone = create_backbone(recorded.name, state=state, layer=recorded.layer)
         backbone = dataclasses.replace(backbone, finetuned_from=recorded.finetuned_from)
     else:
-        backbone = create_backbone(recorded.name, weights if weights is not None else recorded.weights_file, layer=recorded.layer)
+        backbone = create_backbone(
+            recorded.name, weights if weights is not None else recorded.weights_file, recorded.layer, cache_root=root
+        )
     if backbone.weights_sha256 != recorded.weights_sha256:
         raise BundleError(
             f"{directory}: backbone '{recorded.name}' weights differ from those the model was trained with "
@@ -276,13 +285,28 @@ def load(directory: PathLike, weights: PathLike | None = None) -> Model:
         raise BundleError(f"{directory}: {e}") from None
     if head.n_features_in_ != backbone.n_features:
         raise BundleError(f"{directory}: head expects {head.n_features_in_} features, backbone gives {backbone.n_features}.")
-    return Model(backbone, head, config.summary)
+    return Model(backbone, head, config.summary, root)
 
 
-def _preprocessed(image: Image.Image | NDArray[np.uint8], cfg: DataConfig) -> NDArray[np.float32]:
-    """A PIL image or uint8 RGB pixels (height, width, 3) as the backbone's input."""
+def _preprocessed(image: Any, cfg: DataConfig) -> NDArray[np.float32]:
+    """A PIL image or uint8 RGB pixels (height, width, 3) as the backbone's input, held to the limits image files are.
+
+    Raises:
+        ConfigError: neither, or too small, too large or too elongated.
+    """
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ConfigError(f"Expected RGB pixels as uint8 of shape (height, width, 3), got {image.dtype} of shape {image.shape}.")
-        image = Image.fromarray(image)
-    return preprocess(image.convert("RGB"), cfg)
+        size = (image.shape[1], image.shape[0])
+    elif isinstance(image, Image.Image):
+        size = image.size
+    else:
+        raise ConfigError(f"Expected an image file or folder, a PIL image or RGB pixels, got {type(image).__name__}.")
+    width, height = size
+    if min(width, height) < MIN_SIDE or width * height > MAX_PIXELS or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ConfigError(
+            f"An image of {width}x{height} pixels: images must be at least {MIN_SIDE} pixels on a side, "
+            f"at most {MAX_PIXELS:,} pixels and at most {MAX_ASPECT_RATIO}:1."
+        )
+    pil = Image.fromarray(image) if isinstance(image, np.ndarray) else image
+    return preprocess(pil.convert("RGB"), cfg)

@@ -119,8 +119,16 @@ class TrainingSummary:
             "seconds": self.seconds,
         }
 
+    def with_history(self, rows: Any) -> TrainingSummary:
+        """This summary with `history` from rows read from disk.
+
+        Raises:
+            ValueError: not a list of objects holding numbers (and a phase name).
+        """
+        return self.replace(history=tuple(_history_row(row) for row in _list(rows, "history")))
+
     @classmethod
-    def from_dict(cls, d: Any, history: list[dict[str, Any]] | None = None) -> TrainingSummary:
+    def from_dict(cls, d: Any) -> TrainingSummary:
         """The inverse of `to_dict`; fields missing (as in older model folders) take their defaults.
 
         Raises:
@@ -129,7 +137,11 @@ class TrainingSummary:
         need(isinstance(d, dict), "(summary)", "an object")
         get = d.get
         auto, tune = get("auto"), get("finetune")
-        need(auto is None or (isinstance(auto, dict) and isinstance(auto.get("reason"), str)), "auto", "an object with a reason")
+        need(
+            auto is None or (isinstance(auto, dict) and isinstance(auto.get("chose"), str) and isinstance(auto.get("reason"), str)),
+            "auto",
+            "an object with chose and reason",
+        )
         need(tune is None or (isinstance(tune, dict) and isinstance(tune.get("config"), dict)), "finetune", "an object with a config")
         return cls(
             data=_string(get("data", ""), "data"),
@@ -148,11 +160,10 @@ class TrainingSummary:
             val_images=tuple(ImageRecord(Path(p), label) for p, label in _pairs(get("val_images", []), None, "val_images")),
             n_extracted=_count(get("n_extracted", 0), "n_extracted"),
             n_cached=_count(get("n_cached", 0), "n_cached"),
-            history=tuple(history or ()),
             best_epoch=_count(get("best_epoch", 0), "best_epoch"),
             validation=_evaluation(get("validation"), "validation"),
             auto=AutoChoice(
-                str(auto["chose"]), auto["reason"], {k: _number(v, f"auto.{k}") for k, v in auto.items() if k not in ("chose", "reason")}
+                auto["chose"], auto["reason"], {k: _number(v, f"auto.{k}") for k, v in auto.items() if k not in ("chose", "reason")}
             )
             if auto
             else None,
@@ -217,6 +228,13 @@ def _pairs(value: Any, keys: tuple[str, str] | None, name: str) -> list[tuple[st
     ]
     need(all(len(p) == 2 and all(isinstance(v, str) for v in p) for p in pairs), name, "a list of string pairs")
     return [(str(a), str(b)) for a, b in pairs]
+
+
+def _history_row(row: Any) -> dict[str, Any]:
+    """One epoch: numbers, and the phase's name."""
+    ok = isinstance(row, dict) and all(isinstance(v, str) if k == "phase" else is_finite_number(v) for k, v in row.items())
+    need(ok, "history", "a list of objects of numbers (and a phase name)")
+    return dict(row)
 
 
 def _finding(value: Any) -> Finding:

@@ -175,7 +175,7 @@ def train(
     )
     if tune is not None and (strategy == "finetune" or (choice is not None and choice.strategy == "finetune")):
         net, clf, summary = _finetune(net, clf, dataset, tune, summary, Path(out) if out is not None else None, resume, force, progress)
-    model = Model(net, clf, summary.replace(seconds=round(time.perf_counter() - started, 2)))
+    model = Model(net, clf, summary.replace(seconds=round(time.perf_counter() - started, 2)), cache_root)
     if out is not None:
         model.save(out, force=force)
         remove_checkpoint(Path(out) / CHECKPOINT_DIR)
