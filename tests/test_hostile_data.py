@@ -274,6 +274,11 @@ def flowers(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return copy_flowers(tmp_path_factory.mktemp("ctrl-c") / "flowers", per_class=60)
 
 
+def _sigint_as_from_a_terminal() -> None:
+    """In the child: Ctrl-C's default action, which a pytest started in the background (SIGINT ignored) would pass on ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt_extraction(command: list[str], stderr_path: Path) -> tuple[int, str]:
     """Run `command` and press Ctrl-C (SIGINT to its process group) while its decoding worker waits for work.
 
@@ -282,7 +287,9 @@ def _interrupt_extraction(command: list[str], stderr_path: Path) -> tuple[int, s
     Returns the exit status and stderr.
     """
     with stderr_path.open("wb") as stderr:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+        process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True, preexec_fn=_sigint_as_from_a_terminal
+        )
         try:
             deadline = time.monotonic() + 240
             while process.poll() is None and not _children(process.pid) and time.monotonic() < deadline:
