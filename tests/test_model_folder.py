@@ -154,7 +154,10 @@ def test_a_save_killed_at_any_point_leaves_the_old_model_or_the_new_one(
 
         reader = threading.Thread(target=read_in_a_loop)
         child = subprocess.Popen(
-            [sys.executable, "-c", SAVE, str(flowers_dir), str(target), ",".join(MODEL_FILES)], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", SAVE, str(flowers_dir), str(target), ",".join(MODEL_FILES)],
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # Ctrl-C's default, even when pytest runs in the background
         )
         assert child.stdout is not None
         reader.start()
@@ -165,6 +168,7 @@ def test_a_save_killed_at_any_point_leaves_the_old_model_or_the_new_one(
         if not finished:
             child.send_signal(kill)
         child.wait(timeout=60)
+        child.stdout.close()
         stop.set()
         reader.join()
         assert not errors, errors[:1]  # a reader never saw a mixed, half-written or missing model
