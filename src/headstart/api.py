@@ -195,7 +195,7 @@ def explain(
         ConfigError: `class_name` is not one of the model's classes.
         DataError: none of the images could be read (the message gives the first reason).
     """
-    from headstart.explain import Explanations, class_activation_maps, existing_names, output_name, overlay
+    from headstart.explain import Explanations, existing_names, grad_cam_overlays, output_name
     from headstart.report import image_grid, save_figure
     from headstart.transforms import resize_and_crop
 
@@ -216,7 +216,7 @@ def explain(
             index = model.classes.index(class_name) if class_name else int(proba.argmax())
             view = resize_and_crop(image, cfg)
             title = f"{display(path.name)}: Grad-CAM for '{display(model.classes[index])}' (p={proba[index]:.2f})"
-            cam = overlay(view, class_activation_maps(model, [image], [index])[0])
+            (cam,) = grad_cam_overlays(model, [image], [index])
             figure = image_grid([[view, cam]], [[display(path.name), title]], cell_inches=3)
             written.append(save_figure(figure, Path(out) / output_name(path.stem, "_gradcam.png", taken)))
         if progress:

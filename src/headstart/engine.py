@@ -91,11 +91,11 @@ class OnnxEngine(Engine):
 
     name = "onnxruntime"
 
-    def __init__(self, backbone: Backbone, path: Path, threads: int | None = None, mean_pooled: bool = False) -> None:
+    def __init__(self, backbone: Backbone, path: Path, threads: int | None = None) -> None:
         super().__init__(backbone)
         self.path = path
         self.threads = threads or available_cpus()
-        self.mean_pooled = mean_pooled
+        self.mean_pooled = bool((_read_record(path.with_suffix(".json")) or {}).get("mean_pooled"))  # from the export's verdict
         data = read_regular(path, MAX_EXPORT_BYTES)
         self.sessions = [_session(data, 1) for _ in range(self.threads)]
         self._idle: queue.SimpleQueue[onnxruntime.InferenceSession] = queue.SimpleQueue()
@@ -135,7 +135,7 @@ def create_engine(backbone: Backbone, kind: EngineKind = "auto", cache_root: Pat
         return TorchEngine(backbone)
     try:
         path = exported_model(backbone, cache_root or default_cache_dir())
-        return OnnxEngine(backbone, path, mean_pooled=bool((_read_record(path.with_suffix(".json")) or {}).get("mean_pooled")))
+        return OnnxEngine(backbone, path)
     except ExportError as e:
         if kind == "onnx":
             raise

@@ -15,7 +15,7 @@ from headstart.backbones import Backbone
 from headstart.data import Skipped
 from headstart.engine import OnnxEngine
 from headstart.errors import BackboneWeightsError
-from headstart.transforms import preprocess
+from headstart.transforms import preprocess, resize_and_crop
 
 if TYPE_CHECKING:
     import torch
@@ -81,6 +81,13 @@ def class_activation_maps(model: Model, images: list[Image.Image], class_indices
 
             cams.append(grad_cam(model.backbone, torch.from_numpy(batch), index, model.head.to_torch()))
     return cams
+
+
+def grad_cam_overlays(model: Model, images: list[Image.Image], class_indices: list[int]) -> list[Image.Image]:
+    """Each image as the backbone sees it (resized, centre-cropped), its Grad-CAM for its class blended over it."""
+    cfg = model.backbone.data_config
+    cams = class_activation_maps(model, images, class_indices)
+    return [overlay(resize_and_crop(image, cfg), cam) for image, cam in zip(images, cams, strict=True)]
 
 
 def grad_cam(backbone: Backbone, batch: torch.Tensor, class_index: int, head: nn.Module | None = None) -> NDArray[np.float32]:

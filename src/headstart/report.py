@@ -282,6 +282,8 @@ def build_report(model: Model, scores: Scores, out: Path, n_grid: int = 16, n_to
 
     Returns the path written.
     """
+    from headstart.explain import grad_cam_overlays
+
     s = model.summary
     kept, y_true, proba, evaluation = scores.records, scores.y_true, scores.proba, scores.evaluation
     y_pred = proba.argmax(1) if len(kept) else np.zeros(0, np.int64)
@@ -316,22 +318,13 @@ def build_report(model: Model, scores: Scores, out: Path, n_grid: int = 16, n_to
         chosen = correct + wrong[:n_cam]
         images = [load_image(kept[i].path) for i in chosen]
         pairs = []
-        for i, image, cam in zip(chosen, images, _cams(model, images, [int(y_pred[i]) for i in chosen]), strict=True):
+        for i, image, cam in zip(chosen, images, grad_cam_overlays(model, images, [int(y_pred[i]) for i in chosen]), strict=True):
             predicted = model.classes[y_pred[i]]
             heatmap = image_tile(cam, [f"Grad-CAM for '{predicted}'"], f"Grad-CAM heatmap for '{predicted}'", bool(y_pred[i] == y_true[i]))
             pairs.append(f'<div class="pair">{tile(i, resize_and_crop(image, cfg))}{heatmap}</div>')
         caption = "Grad-CAM: where the network looked for the predicted class (red = most), for correct and wrong validation images."
         sections.append(Section("Class activation maps", tiles_html(pairs, caption, "gradcam")))
     return write_report(out, f"headstart report: {s.backbone or model.backbone.name} on {s.data or 'data'}", sections)
-
-
-def _cams(model: Model, images: Sequence[Image.Image], class_indices: Sequence[int]) -> list[Image.Image]:
-    """Grad-CAM of each image for its class, overlaid on the image as the backbone sees it (resized, centre-cropped)."""
-    from headstart.explain import class_activation_maps, overlay
-
-    cfg = model.backbone.data_config
-    cams = class_activation_maps(model, list(images), [int(i) for i in class_indices])
-    return [overlay(resize_and_crop(image, cfg), cam) for image, cam in zip(images, cams, strict=True)]
 
 
 def _legend() -> str:
