@@ -11,7 +11,7 @@ install: $(BIN)/headstart
 
 $(BIN)/headstart: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,serve,tflite]'
 	touch $@
 
 # The report test opens report.html in Debian's headless Chromium.

@@ -22,7 +22,7 @@ from _common import FLOWERS, HEADSTART, publish, table
 
 import headstart
 import headstart.cache
-from headstart.backbones import create_backbone
+from headstart.backbone import create_backbone
 from headstart.engine import create_engine
 
 

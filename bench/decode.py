@@ -23,7 +23,7 @@ import torch
 from _common import FLOWERS, publish, table
 from PIL import Image
 
-from headstart.backbones import create_backbone
+from headstart.backbone import create_backbone
 from headstart.classifier import HeadClassifier
 from headstart.data import ImageRecord, split_records
 from headstart.engine import create_engine

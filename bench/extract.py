@@ -24,7 +24,7 @@ import torchvision
 from _common import FLOWERS, publish, table
 from torch.utils.data import DataLoader
 
-from headstart.backbones import Backbone, create_backbone
+from headstart.backbone import Backbone, create_backbone
 from headstart.engine import TorchEngine, create_engine
 from headstart.features import extract_features
 from headstart.pipeline import available_cpus, decode_workers

@@ -27,7 +27,7 @@ from _common import FLOWERS, publish, table
 from onnx import TensorProto, helper
 from torch import nn
 
-from headstart.backbones import Backbone, create_backbone
+from headstart.backbone import Backbone, create_backbone
 from headstart.engine import create_engine
 from headstart.features import extract_features
 from headstart.pipeline import available_cpus, decode_input

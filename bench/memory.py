@@ -25,7 +25,7 @@ from _common import FLOWERS, publish, table
 
 
 def child(data: Path, count: int) -> None:
-    from headstart.backbones import create_backbone
+    from headstart.backbone import create_backbone
     from headstart.engine import create_engine
     from headstart.features import extract_features
 

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 import headstart
 from conftest import FLOWERS_TINY, PHOTOS
-from headstart.backbones import create_backbone, list_backbones
+from headstart.backbone import create_backbone, list_backbones
 from headstart.errors import BackboneWeightsError, BundleError, UnknownBackboneError
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import PHOTOS, SHARED
-from headstart.backbones import at_layer, create_backbone
+from headstart.backbone import at_layer, create_backbone
 from headstart.classifier import HeadClassifier
 from headstart.data import load_dataset
 from headstart.engine import ExportError, OnnxEngine, TorchEngine, create_engine, exported_model

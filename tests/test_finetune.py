@@ -14,7 +14,7 @@ import headstart
 from conftest import CATS_DOGS_TINY, FLOWERS_TINY
 from headstart import finetune as finetune_module
 from headstart.augment import AugmentConfig
-from headstart.backbones import create_backbone
+from headstart.backbone import create_backbone
 from headstart.classifier import HeadClassifier
 from headstart.cli.main import app
 from headstart.data import load_dataset

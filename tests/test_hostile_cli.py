@@ -17,7 +17,7 @@ import headstart.api
 from conftest import CATS_DOGS_TINY, PHOTOS, write_image
 from headstart.cli.main import app
 from headstart.errors import ConfigError
-from headstart.explain import MAX_NAME_BYTES, output_name
+from headstart.gradcam import MAX_NAME_BYTES, output_name
 
 runner = CliRunner()
 

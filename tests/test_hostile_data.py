@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 import headstart
 from conftest import FLOWERS_TINY, PHOTOS, copy_flowers, write_image
 from headstart import onnx_export
-from headstart.backbones import create_backbone
+from headstart.backbone import create_backbone
 from headstart.cache import FeatureCache, extract_with_cache
 from headstart.cli.main import app
 from headstart.config import DataConfig

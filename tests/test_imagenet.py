@@ -6,7 +6,7 @@ import pytest
 
 import headstart
 from conftest import PHOTOS
-from headstart.backbones import imagenet_class_names
+from headstart.backbone import imagenet_class_names
 
 NAMES = imagenet_class_names()
 CATS = {NAMES[281], NAMES[282], NAMES[285]}  # tabby, tiger cat, Egyptian cat

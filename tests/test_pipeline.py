@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import FLOWERS_TINY, ODD_FILES, PHOTOS
-from headstart.backbones import create_backbone
+from headstart.backbone import create_backbone
 from headstart.config import DataConfig
 from headstart.data import load_image
 from headstart.pipeline import cgroup_cpu_quota, decode_batches, decode_input

@@ -19,12 +19,12 @@ from typer.testing import CliRunner
 import headstart
 from conftest import CATS_DOGS_TINY, FLOWERS_TINY, PHOTOS, write_image
 from headstart.api import explain
-from headstart.backbones import create_backbone
+from headstart.backbone import create_backbone
 from headstart.cli.main import app
 from headstart.data import load_image
-from headstart.explain import grad_cam, upsampled
+from headstart.gradcam import grad_cam, upsampled
+from headstart.html_report import CORRECT, TRAIN_COLOUR, WRONG, confusion_table, image_tile
 from headstart.metrics import Evaluation
-from headstart.report import CORRECT, TRAIN_COLOUR, WRONG, confusion_table, image_tile
 from headstart.transforms import preprocess
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

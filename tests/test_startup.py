@@ -79,3 +79,16 @@ def test_info_and_check_import_no_heavy_module(args: list[str | Path], tmp_path:
 def test_predict_with_a_frozen_backbone_exported_to_onnx_imports_no_heavy_module(tmp_path: Path) -> None:
     probe("predict", MODEL, PHOTO, cache=tmp_path)  # the first run exports the backbone to ONNX, which needs torch
     assert probe("predict", MODEL, PHOTO, cache=tmp_path) == ""
+
+
+def test_public_names_stay_functions_once_every_module_is_imported() -> None:
+    """A submodule named like a public function (`headstart.report`) would replace it on the package once imported."""
+    code = (
+        "import importlib, pkgutil, headstart\n"
+        "for m in pkgutil.walk_packages(headstart.__path__, 'headstart.'):\n"
+        "    if m.name != 'headstart.server': importlib.import_module(m.name)\n"
+        "print(sorted(n for n in headstart._EXPORTS if getattr(headstart, n) is not getattr(importlib.import_module(headstart._EXPORTS[n]), n)))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -20,10 +20,12 @@ if TYPE_CHECKING:
     from headstart.api import demo as demo
     from headstart.api import evaluate as evaluate
     from headstart.api import explain as explain
+    from headstart.api import export as export
     from headstart.api import imagenet as imagenet
     from headstart.api import info as info
     from headstart.api import predict as predict
     from headstart.api import report as report
+    from headstart.api import serve as serve
     from headstart.api import train as train
     from headstart.classifier import HeadClassifier as HeadClassifier
     from headstart.errors import HeadstartError as HeadstartError
@@ -46,6 +48,8 @@ _EXPORTS = {
     "demo": "headstart.api",
     "report": "headstart.api",
     "explain": "headstart.api",
+    "export": "headstart.api",
+    "serve": "headstart.api",
     "load": "headstart.model",
     "Model": "headstart.model",
     "Prediction": "headstart.model",

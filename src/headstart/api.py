@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from headstart.backbones import BackboneInfo, create_backbone, list_backbones
+from headstart.backbone import BackboneInfo, create_backbone, list_backbones
 from headstart.bundle import REPORT_NAME, BundleContents, read_bundle
 from headstart.config import Progress, default_cache_dir
 from headstart.data import Skipped, list_images, load_dataset, load_image
@@ -20,8 +20,9 @@ from headstart.triage import Triage, triage
 
 if TYPE_CHECKING:
     from headstart.augment import AugmentConfig
-    from headstart.explain import Explanations
+    from headstart.gradcam import Explanations
     from headstart.model import EvaluationResult, ImageLike, Model, PathLike, Prediction, Predictions
+    from headstart.model_export import ExportFormat, ExportResult
     from headstart.training import train
 
 __all__ = [
@@ -32,11 +33,13 @@ __all__ = [
     "demo",
     "evaluate",
     "explain",
+    "export",
     "imagenet",
     "imagenet_grid",
     "predict",
     "report",
     "save_predictions_csv",
+    "serve",
     "train",
 ]
 
@@ -77,6 +80,47 @@ def evaluate(model: PathLike | Model, data: PathLike, progress: Progress | None 
     return result
 
 
+def export(
+    model: PathLike | Model,
+    out: PathLike | None = None,
+    format: ExportFormat = "onnx",
+    int8: bool = False,
+    calibration: PathLike | None = None,
+    progress: Progress | None = None,
+) -> ExportResult:
+    """Write the model as one ONNX or TFLite file (uint8 RGB pixels in, probabilities out), checked on its validation photos.
+
+    `out` defaults to the model folder's name with `.onnx`, `.int8.onnx`, `.tflite` or `.int8.tflite`, beside it.
+    int8 calibrates on the model's training photos, or on `calibration`'s.
+    """
+    from headstart.model_export import export as export_model
+
+    if calibration is not None and not int8:
+        raise ConfigError("--calibration sets the int8 ranges: give it with --int8.")
+    folder = Path(model) if isinstance(model, str | Path) else None
+    if out is None:
+        if folder is None:
+            raise ConfigError("Give the file to write (out=...) when exporting a model held in memory.")
+        if not folder.resolve().name:
+            raise ConfigError(f"{folder}: not a model folder; give the folder `headstart train --out` wrote.")
+        out = folder.resolve().with_name(folder.resolve().name + (".int8" if int8 else "") + (".tflite" if format == "tflite" else ".onnx"))
+    inputs = [Path(p) for p in (folder, calibration) if p is not None]
+    path = output_file(Path(out), ".tflite" if format == "tflite" else ".onnx", inputs)
+    return export_model(_loaded(model), path, format, int8, Path(calibration) if calibration is not None else None, progress)
+
+
+def serve(model: PathLike, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve the model over HTTP until interrupted: POST /predict, GET /info, /health, and a page at / to try it."""
+    import importlib.util
+
+    missing = [name for name in ("fastapi", "uvicorn", "multipart") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(f"Serving needs {', '.join(missing)}, which is not installed: pip install 'headstart[serve]'")
+    from headstart import server
+
+    server.run(Path(model), host, port)
+
+
 def imagenet(
     images: Sequence[PathLike],
     backbone: str = "efficientnet_lite0",
@@ -92,7 +136,7 @@ def imagenet(
     """
     import numpy as np
 
-    from headstart.backbones import imagenet_class_names
+    from headstart.backbone import imagenet_class_names
     from headstart.engine import TorchEngine
     from headstart.features import extract_features
     from headstart.model import Prediction, Predictions
@@ -143,7 +187,7 @@ def augment_preview(
 
     from headstart.augment import AugmentConfig
     from headstart.augment import augment as augment_image
-    from headstart.report import image_grid, save_figure
+    from headstart.html_report import image_grid, save_figure
     from headstart.transforms import resize_and_crop
 
     if n_images < 1 or n_variants < 1:
@@ -167,7 +211,7 @@ def report(model: PathLike, data: PathLike | None = None, out: PathLike | None =
 
     Writes `out` (default: `report.html` in the model folder) and returns its path.
     """
-    from headstart.report import build_report
+    from headstart.html_report import build_report
 
     loaded = _loaded(model)
     if data is not None:
@@ -195,8 +239,8 @@ def explain(
         ConfigError: `class_name` is not one of the model's classes.
         DataError: none of the images could be read (the message gives the first reason).
     """
-    from headstart.explain import Explanations, existing_names, grad_cam_overlays, output_name
-    from headstart.report import image_grid, save_figure
+    from headstart.gradcam import Explanations, existing_names, grad_cam_overlays, output_name
+    from headstart.html_report import image_grid, save_figure
     from headstart.transforms import resize_and_crop
 
     model = _loaded(model)
@@ -230,8 +274,8 @@ def activations(model_or_backbone: str | PathLike, image: PathLike, out: PathLik
     """A PNG grid of the first feature maps of each backbone stage for one image (shallow to deep)."""
     import torch
 
-    from headstart.explain import existing_names, output_name, stage_activations
-    from headstart.report import feature_map_grid, save_figure
+    from headstart.gradcam import existing_names, output_name, stage_activations
+    from headstart.html_report import feature_map_grid, save_figure
     from headstart.transforms import preprocess
 
     source = Path(model_or_backbone)
@@ -247,7 +291,7 @@ def imagenet_grid(result: Predictions, out: PathLike, n_cols: int = 4) -> Path:
     """A PNG grid of the images, each titled with its top-1 ImageNet class and probability."""
     from PIL import ImageOps
 
-    from headstart.report import image_grid, save_figure
+    from headstart.html_report import image_grid, save_figure
 
     if not result.predictions:
         raise ConfigError("No readable images to draw.")

@@ -19,7 +19,7 @@ from numpy.typing import NDArray
 from safetensors import safe_open
 from safetensors.numpy import save as save_safetensors
 
-from headstart.backbones import Backbone
+from headstart.backbone import Backbone
 from headstart.config import Progress
 from headstart.data import Skipped
 from headstart.engine import Engine, create_engine

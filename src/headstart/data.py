@@ -298,8 +298,19 @@ def load_image(path: Path, min_size: int | None = None) -> Image.Image:
 _T = TypeVar("_T")
 
 
-def decode_image(path: Path, convert: Callable[[Image.Image], _T], min_size: int | None = None) -> _T:
-    """`convert(load_image(path, min_size))`, with `convert` (e.g. a resize) under the same time limit and error handling.
+def load_image_bytes(data: bytes, name: str = "upload", min_size: int | None = None) -> Image.Image:
+    """`load_image` for an image held in memory (an upload, say), held to the same limits; `name` labels its errors.
+
+    Raises:
+        UnreadableImageError: the bytes are not a decodable image (the reason says why).
+    """
+    return decode_image(data, lambda image: image, min_size, name)
+
+
+def decode_image(source: Path | bytes, convert: Callable[[Image.Image], _T], min_size: int | None = None, name: str = "upload") -> _T:
+    """`convert(load_image(source, min_size))`, with `convert` (e.g. a resize) under the same time limit and error handling.
+
+    `source` is a file, or an image's bytes (then `name` stands for its path in errors).
 
     Raises:
         UnreadableImageError: the file is not a decodable image, or decoding or
@@ -307,8 +318,13 @@ def decode_image(path: Path, convert: Callable[[Image.Image], _T], min_size: int
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    path = Path(name) if isinstance(source, bytes) else source
     try:
-        with _time_limit(DECODE_SECONDS), open_regular(path, MAX_FILE_BYTES) as file, open_image(file) as opened:
+        with (
+            _time_limit(DECODE_SECONDS),
+            io.BytesIO(source) if isinstance(source, bytes) else open_regular(source, MAX_FILE_BYTES) as file,
+            open_image(file) as opened,
+        ):
             width, height = opened.size
             if width * height > MAX_PIXELS:
                 raise UnreadableImageError(path, f"decompression bomb: {width}x{height} pixels, more than the {MAX_PIXELS:,} allowed")

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from headstart.backbones import Backbone
+from headstart.backbone import Backbone
 from headstart.config import default_cache_dir
 from headstart.files import atomic_write_bytes, atomic_write_json, read_regular
 from headstart.pipeline import available_cpus

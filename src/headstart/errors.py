@@ -55,3 +55,7 @@ class FileRefusedError(HeadstartError, OSError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class TFLiteConversionError(HeadstartError, RuntimeError):
+    """The TFLite converter failed on a model; its log has been written to stderr."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import ctypes
 import hashlib
@@ -41,7 +42,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
         _write_synced(tmp, data, target=path)
         os.replace(tmp, path)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # on a read-only file system removing it fails too: the first error is the one to report
+            tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
             e.filename, e.filename2 = str(path), None
         raise
@@ -63,8 +65,14 @@ def output_file(path: Path, suffix: str, inputs: Iterable[Path] = ()) -> Path:
         raise ConfigError(f"{display(path)}: a symbolic link loop; give another file name.") from None
     if resolved.exists() and not resolved.is_file():
         raise ConfigError(f"{display(path)}: exists and is not a regular file; give another file name.")
-    if resolved.exists() and any(i.exists() and os.path.samefile(resolved, i) for i in inputs):
-        raise ConfigError(f"{display(path)}: is also an input of this command; give another file name.")
+    if resolved.suffix.lower() != suffix:
+        raise ConfigError(
+            f"{display(path)}: a link to {display(resolved)}; give a file name ending in {suffix} that is not a link to another file."
+        )
+    for i in inputs:
+        inside = i.is_dir() and resolved.is_relative_to(i.resolve())
+        if inside or (resolved.exists() and i.exists() and os.path.samefile(resolved, i)):
+            raise ConfigError(f"{display(path)}: is {'inside' if inside else 'also'} an input of this command; give another file name.")
     return resolved
 
 

@@ -26,7 +26,7 @@ from numpy.typing import NDArray
 from torch import nn
 
 from headstart.augment import AUGMENT_PRESETS, AugmentConfig, augmented_input
-from headstart.backbones import Backbone
+from headstart.backbone import Backbone
 from headstart.checkpoints import CHECKPOINT_JSON, Checkpoint, load_checkpoint, save_checkpoint
 from headstart.classifier import HeadClassifier
 from headstart.config import Progress

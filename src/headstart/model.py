@@ -15,7 +15,7 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from headstart import __version__
-from headstart.backbones import Backbone, create_backbone
+from headstart.backbone import Backbone, create_backbone
 from headstart.bundle import HISTORY_CSV_NAME, HISTORY_NAME, BackboneRecord, BundleConfig, read_bundle, save_bundle
 from headstart.classifier import HeadClassifier
 from headstart.config import DataConfig, Progress, default_cache_dir

@@ -15,7 +15,7 @@ import onnxruntime
 import torch
 from torch import nn
 
-from headstart.backbones import Backbone
+from headstart.backbone import Backbone
 
 OPSET = 17
 

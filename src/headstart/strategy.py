@@ -8,7 +8,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from headstart.backbones import Backbone
+from headstart.backbone import Backbone
 from headstart.classifier import HeadClassifier
 
 LARGE_PER_CLASS = 200

@@ -13,7 +13,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from headstart.augment import AugmentConfig
-from headstart.backbones import Backbone, at_layer, create_backbone
+from headstart.backbone import Backbone, at_layer, create_backbone
 from headstart.bundle import CHECKPOINT_DIR, REPORT_NAME, check_output_folder
 from headstart.cache import CachedExtraction, FeatureCache, extract_with_cache
 from headstart.checkpoints import remove_checkpoint
@@ -180,7 +180,7 @@ def train(
         model.save(out, force=force)
         remove_checkpoint(Path(out) / CHECKPOINT_DIR)
         if report and dataset.val:
-            from headstart.report import build_report
+            from headstart.html_report import build_report
 
             finetuned = net.finetuned_from is not None
             scores = model.score(dataset.val, progress, features=None if finetuned else frozen.features.X_val)

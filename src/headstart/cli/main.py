@@ -273,6 +273,47 @@ def evaluate(
     render.skipped(result.skipped)
 
 
+class ExportFormat(StrEnum):
+    onnx = "onnx"
+    tflite = "tflite"
+
+
+@app.command()
+def export(
+    ctx: typer.Context,
+    model: Annotated[Path, typer.Argument(help="A model folder from `headstart train`.")],
+    format: Annotated[
+        ExportFormat, typer.Option("--format", help="onnx (any runtime) or tflite (phones; needs headstart\\[tflite]).")
+    ] = ExportFormat.onnx,
+    int8: Annotated[bool, typer.Option("--int8", help="Quantise to 8 bits (about 4x smaller), calibrated on the training photos.")] = False,
+    out: Annotated[
+        Path | None, typer.Option(help="File to write [default: MODEL.onnx, MODEL.int8.onnx, MODEL.tflite, ... beside the folder].")
+    ] = None,
+    calibration: Annotated[Path | None, typer.Option(help="--int8: calibrate on these photos instead of the training photos.")] = None,
+) -> None:
+    """One file for apps and phones: uint8 RGB pixels in, class probabilities out; checked on the validation photos."""
+    from headstart import api
+    from headstart.cli import render
+
+    with handled(ctx), render.progress_bar() as progress:
+        result = api.export(model, out, format.value, int8, calibration, progress)
+    render.exported(result)
+
+
+@app.command()
+def serve(
+    ctx: typer.Context,
+    model: Annotated[Path, typer.Argument(help="A model folder from `headstart train`.")],
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 for every network interface.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
+) -> None:
+    """Serve the model over HTTP: a page at / to try it, POST /predict for programs (needs headstart\\[serve])."""
+    from headstart import api
+
+    with handled(ctx):
+        api.serve(model, host, port)
+
+
 @app.command()
 def imagenet(
     ctx: typer.Context,

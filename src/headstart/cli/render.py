@@ -24,11 +24,12 @@ from headstart.files import display
 from headstart.triage import PROBLEMS
 
 if TYPE_CHECKING:
-    from headstart.backbones import BackboneInfo
+    from headstart.backbone import BackboneInfo
     from headstart.bundle import BundleContents
-    from headstart.explain import Explanations
+    from headstart.gradcam import Explanations
     from headstart.metrics import Evaluation
     from headstart.model import Model, Predictions
+    from headstart.model_export import ExportResult
     from headstart.triage import Triage
 
 console = Console()
@@ -226,6 +227,28 @@ def explanations(result: Explanations, folder: Path, out: Console | None = None)
     out = out or console
     out.print(_text(f"Wrote {len(result.written)} heatmap(s) to {folder}."), soft_wrap=True)
     skipped(result.skipped, out)
+
+
+def exported(result: ExportResult, out: Console | None = None) -> None:
+    """The file written, its size, and how it compares with its reference on the validation photos."""
+    out = out or console
+    kind = f"{'int8' if result.int8 else 'fp32'} {'ONNX' if result.format == 'onnx' else 'TFLite'}"
+    size = f"{result.size_bytes / 1e6:.1f} MB"
+    if result.int8 and result.reference_size_bytes:
+        size += f", {result.reference_size_bytes / result.size_bytes:.1f}x smaller than fp32 ONNX"
+    out.print(_text(f"Wrote {result.path} ({kind}, {size})."), soft_wrap=True)
+    check = result.check
+    if check is None:
+        out.print(_text("Not checked: none of the model's validation photos could be read here."), soft_wrap=True)
+        return
+    table = Table(title=f"Checked on {check.n_images} validation photos against the {result.reference}")
+    for column in ("", "this file", result.reference):
+        table.add_column(column, justify="right")
+    table.add_row("accuracy", f"{check.accuracy:.2%}", f"{check.reference_accuracy:.2%}")
+    table.add_row("images/s", f"{check.images_per_second:.1f}", f"{check.reference_images_per_second:.1f}")
+    table.add_row("same top-1 class", f"{check.agreement:.2%}", "")
+    table.add_row("largest probability difference", f"{check.max_difference:.2g}", "")
+    out.print(table)
 
 
 def backbones(infos: list[BackboneInfo], out: Console | None = None) -> None:

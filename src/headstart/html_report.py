@@ -4,7 +4,7 @@ Everything here is a function of values (histories, evaluations, images) that
 returns a Figure or a string; only `save_figure`, `write_report` and `build_report`
 touch the disk. The report draws images as HTML: JPEG thumbnails with HTML captions,
 the confusion matrix as a shaded table; only the training curves are a matplotlib
-figure, and matplotlib is imported inside the functions that draw; Grad-CAM comes from `explain`.
+figure, and matplotlib is imported inside the functions that draw; Grad-CAM comes from `gradcam`.
 Names are data: file and class names pass through `files.display` and `html.escape`
 on the page, and figures draw text with mathtext off (`$` stays a dollar sign).
 """
@@ -282,7 +282,7 @@ def build_report(model: Model, scores: Scores, out: Path, n_grid: int = 16, n_to
 
     Returns the path written.
     """
-    from headstart.explain import grad_cam_overlays
+    from headstart.gradcam import grad_cam_overlays
 
     s = model.summary
     kept, y_true, proba, evaluation = scores.records, scores.y_true, scores.proba, scores.evaluation

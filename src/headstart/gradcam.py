@@ -11,7 +11,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from headstart.backbones import Backbone
+from headstart.backbone import Backbone
 from headstart.data import Skipped
 from headstart.engine import OnnxEngine
 from headstart.errors import BackboneWeightsError

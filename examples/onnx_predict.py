@@ -1,0 +1,39 @@
+"""Classify photos with a model from `headstart export`, using only ONNX Runtime, Pillow and NumPy.
+
+python onnx_predict.py model.onnx photo.jpg [photo2.jpg ...]
+"""
+
+import json
+import sys
+
+import numpy as np
+import onnxruntime
+from PIL import Image, ImageOps
+
+session = onnxruntime.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+meta = session.get_modelmeta().custom_metadata_map
+classes, prep = json.loads(meta["classes"]), json.loads(meta["preprocessing"])
+resize, size = prep["resize_size"], prep["input_size"]
+resample = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST}
+
+
+def pixels(path: str) -> np.ndarray:
+    image = Image.open(path)
+    image.draft(None, (prep["jpeg_draft_size"],) * 2)  # JPEGs: decode at reduced scale when far larger than needed
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16- or 32-bit grey: scaled to 8 bits by its range
+        grey = np.asarray(image, dtype=np.float32)
+        image = Image.fromarray((grey * (255.0 / (65535.0 if grey.max(initial=0) > 255 else 255.0))).clip(0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
+    image = image.convert("RGB")
+    w, h = image.size
+    image = image.resize((resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize), resample[prep["interpolation"]])
+    left, top = round((image.width - size) / 2), round((image.height - size) / 2)
+    return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+for path in sys.argv[2:]:
+    probabilities = session.run(["probabilities"], {"image": pixels(path)[None]})[0][0]
+    best = np.argsort(-probabilities)[:3]
+    print(path, *(f"{classes[i]} {probabilities[i]:.5f}" for i in best), sep="\t")

@@ -1,0 +1,429 @@
+"""A model as one file for apps and phones: ONNX (fp32 or int8) or TFLite, checked against the model on its own photos.
+
+The ONNX file takes what any image library gives: uint8 RGB pixels of shape
+(n, input_size, input_size, 3), already resized and cropped by `RECIPE`. The
+normalisation, the backbone, the head and the softmax are inside the graph, and
+the output "probabilities" has one column per class. Its metadata holds the
+class names, the preprocessing and the headstart version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, get_args
+
+import numpy as np
+from numpy.typing import NDArray
+
+from headstart import __version__
+from headstart.config import DataConfig, Progress
+from headstart.data import ImageRecord, list_images, load_dataset
+from headstart.engine import exported_model
+from headstart.errors import ConfigError, DataError, UnreadableImageError
+from headstart.files import atomic_write_bytes, read_regular
+from headstart.pipeline import available_cpus, decode_input
+
+if TYPE_CHECKING:
+    import onnx
+    import onnxruntime
+
+    from headstart.model import Model
+
+ExportFormat = Literal["onnx", "tflite"]
+EXPORT_FORMATS: tuple[ExportFormat, ...] = get_args(ExportFormat)
+Reference = Literal["model", "fp32 onnx"]
+INPUT_NAME = "image"
+OUTPUT_NAME = "probabilities"
+CALIBRATION_IMAGES = 200  # training photos that set int8 ranges: ONNX Runtime's examples use 100-500
+CHECK_IMAGES = 500  # validation photos an export is checked on at most
+MAX_ONNX_BYTES = 4 << 30
+_Runner = Callable[[NDArray[np.uint8]], NDArray[np.float32]]
+
+RECIPE = (
+    "Decode the image with Pillow; for a JPEG call image.draft(None, (2 * resize_size, 2 * resize_size)) before loading it; "
+    "rotate it upright per its EXIF orientation (ImageOps.exif_transpose); scale 16- or 32-bit grey to 8 bits "
+    "(by 255/65535 when its maximum is over 255, else as is); convert it to RGB (transparency over white); "
+    "resize it so its short side is resize_size pixels (long side int(resize_size * long / short)) with `interpolation`; "
+    "crop the centre input_size square (left = round((width - input_size) / 2), top likewise); "
+    "feed the pixels as uint8 of shape (n, input_size, input_size, 3)."
+)
+
+
+@dataclass(frozen=True)
+class ExportCheck:
+    """How an exported file compares with a reference (the model, or the fp32 export) on the same validation photos.
+
+    Attributes:
+        n_images: photos compared.
+        agreement: fraction of photos whose top-1 class is the reference's.
+        max_difference: the largest |probability - reference probability| over photos and classes.
+        accuracy: the export's top-1 accuracy against the photos' labels.
+        reference_accuracy: the reference's.
+        images_per_second: the export's speed in ONNX Runtime or LiteRT on this machine (batches of 32; 1 for TFLite).
+        reference_images_per_second: the reference's, measured the same way.
+    """
+
+    n_images: int
+    agreement: float
+    max_difference: float
+    accuracy: float
+    reference_accuracy: float
+    images_per_second: float
+    reference_images_per_second: float
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """An exported file and how it was checked.
+
+    Attributes:
+        path: the file written.
+        format: "onnx" or "tflite".
+        int8: whether its weights and activations are quantised to 8 bits.
+        size_bytes: its size.
+        reference_size_bytes: the fp32 ONNX file's size (for int8 and TFLite exports), else None.
+        check: its comparison with the reference on the model's validation photos; None when none can be read
+            (a model trained without a validation split, or moved from the machine that has its photos).
+        reference: what `check` compares against: "model" (headstart's own prediction) or "fp32 onnx".
+    """
+
+    path: Path
+    format: ExportFormat
+    int8: bool
+    size_bytes: int
+    reference_size_bytes: int | None
+    check: ExportCheck | None
+    reference: Reference
+
+
+def export(
+    model: Model,
+    out: Path,
+    format: ExportFormat = "onnx",
+    int8: bool = False,
+    calibration: Path | None = None,
+    progress: Progress | None = None,
+) -> ExportResult:
+    """Write `model` to `out` as ONNX or TFLite (int8 with `int8`), then check it on the model's validation photos.
+
+    An fp32 ONNX export is checked against the model itself; an int8 or TFLite one against the fp32 ONNX export.
+    int8 ranges are calibrated on up to `CALIBRATION_IMAGES` of the model's training photos, or of `calibration`'s.
+
+    Raises:
+        ConfigError: an unknown format, or the TFLite converter is not installed.
+        DataError: int8 needs calibration photos and none can be read.
+        ExportError: the backbone does not export to ONNX.
+        TFLiteConversionError: the TFLite converter failed (its log goes to stderr).
+        OSError: `out` cannot be written (it is written whole or not at all).
+    """
+    if format not in EXPORT_FORMATS:
+        raise ConfigError(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {format!r}")
+    cfg = model.backbone.data_config
+    fp32 = onnx_model_bytes(model)
+    val_records = [r for r in model.summary.val_images if r.label in model.classes][:CHECK_IMAGES]
+    val_pixels, val_labels = _decode_labelled(val_records, model.classes, cfg, progress)
+    calibration_pixels = _calibration_pixels(model, calibration, progress) if int8 else None
+    if format == "onnx" and not int8:
+        atomic_write_bytes(out, fp32)
+        check = _check_against_model(model, fp32, val_pixels, val_labels) if len(val_labels) else None
+        return ExportResult(out, "onnx", False, len(fp32), None, check, "model")
+    with tempfile.TemporaryDirectory(prefix="headstart-export-") as tmp:
+        fp32_path = Path(tmp) / "model.onnx"
+        fp32_path.write_bytes(fp32)
+        if format == "onnx":
+            int8_data = quantize_int8(fp32_path, calibration_pixels, Path(tmp), progress)
+            atomic_write_bytes(out, int8_data)
+            run = _onnx_runner(int8_data)
+        else:
+            from headstart import tflite
+
+            tflite.convert(fp32_path, out, calibration_pixels)
+
+            def run(pixels: NDArray[np.uint8]) -> NDArray[np.float32]:
+                return tflite.run_tflite(out, pixels)
+
+    check = _compare(run, _onnx_runner(fp32), val_pixels, val_labels, batch=1 if format == "tflite" else 32) if len(val_labels) else None
+    return ExportResult(out, format, int8, out.stat().st_size, len(fp32), check, "fp32 onnx")
+
+
+def onnx_model_bytes(model: Model) -> bytes:
+    """`model` as one checked ONNX model: uint8 pixels (n, H, W, 3) in, class probabilities (n, n_classes) out."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    backbone = onnx.load_from_string(read_regular(exported_model(model.backbone, model.cache_root), MAX_ONNX_BYTES))
+    graph = backbone.graph
+    (pixels_input,) = graph.input
+    features = "features"
+    cfg = model.backbone.data_config
+    size = cfg.input_size
+
+    def constant(name: str, value: NDArray[np.float32]) -> str:
+        graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=np.float32), f"headstart/{name}"))
+        return f"headstart/{name}"
+
+    channel = (1, 1, 1, 3)
+    preprocessing = [
+        helper.make_node("Cast", [INPUT_NAME], ["headstart/float"], "headstart/cast", to=TensorProto.FLOAT),
+        helper.make_node("Div", ["headstart/float", constant("255", np.array(255.0, np.float32))], ["headstart/unit"], "headstart/scale"),
+        helper.make_node(
+            "Sub", ["headstart/unit", constant("mean", np.reshape(cfg.mean, channel))], ["headstart/centred"], "headstart/centre"
+        ),
+        helper.make_node(
+            "Div", ["headstart/centred", constant("std", np.reshape(cfg.std, channel))], ["headstart/normalised"], "headstart/normalise"
+        ),
+        helper.make_node("Transpose", ["headstart/normalised"], [pixels_input.name], "headstart/channels_first", perm=[0, 3, 1, 2]),
+    ]
+    state = model.head.weights_
+    head = [
+        helper.make_node("Sub", [features, constant("head_mean", state["0.mean"])], ["headstart/h0"], "headstart/head_centre"),
+        helper.make_node("Div", ["headstart/h0", constant("head_scale", state["0.scale"])], ["headstart/h1"], "headstart/head_scale"),
+        helper.make_node(
+            "Gemm",
+            ["headstart/h1", constant("w1", state["1.weight"]), constant("b1", state["1.bias"])],
+            ["headstart/h2"],
+            "headstart/fc1",
+            transB=1,
+        ),
+    ]
+    logits = "headstart/h2"
+    if "4.weight" in state:
+        head += [
+            helper.make_node("Relu", ["headstart/h2"], ["headstart/h3"], "headstart/relu"),
+            helper.make_node(
+                "Gemm",
+                ["headstart/h3", constant("w2", state["4.weight"]), constant("b2", state["4.bias"])],
+                ["headstart/h4"],
+                "headstart/fc2",
+                transB=1,
+            ),
+        ]
+        logits = "headstart/h4"
+    head.append(helper.make_node("Softmax", [logits], [OUTPUT_NAME], "headstart/softmax", axis=-1))
+    nodes = [*preprocessing, *graph.node, *head]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.input[:]
+    graph.input.append(helper.make_tensor_value_info(INPUT_NAME, TensorProto.UINT8, ["batch", size, size, 3]))
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", len(model.classes)]))
+    graph.name = "headstart"
+    _prune(graph)
+    backbone.producer_name = "headstart"
+    backbone.producer_version = __version__
+    backbone.doc_string = f"{model.backbone.name} + {model.head.head} head. Input: {RECIPE}"
+    onnx.helper.set_model_props(backbone, metadata(model))
+    onnx.checker.check_model(backbone, full_check=True)
+    data: bytes = backbone.SerializeToString()
+    return data
+
+
+def metadata(model: Model) -> dict[str, str]:
+    """What a caller needs beside the graph: class names, preprocessing, provenance (all strings, as ONNX requires)."""
+    cfg = model.backbone.data_config
+    return {
+        "classes": json.dumps(model.classes),
+        "preprocessing": json.dumps(
+            {
+                "input": "uint8 RGB, shape (n, input_size, input_size, 3)",
+                "resize_size": cfg.resize_size,
+                "input_size": cfg.input_size,
+                "interpolation": cfg.interpolation,
+                "crop": "centre",
+                "jpeg_draft_size": 2 * cfg.resize_size,
+                "mean": list(cfg.mean),
+                "std": list(cfg.std),
+                "recipe": RECIPE,
+            }
+        ),
+        "backbone": model.backbone.name,
+        "head": model.head.head,
+        "headstart_version": __version__,
+    }
+
+
+def quantize_int8(fp32_path: Path, calibration: NDArray[np.uint8] | None, workdir: Path, progress: Progress | None = None) -> bytes:
+    """Static int8 quantisation (QDQ, per channel) of the backbone, its activation ranges set on `calibration`.
+
+    Chosen on flowers by top-1 agreement with fp32 (bench/results.md): unsigned 8-bit weights and activations,
+    because x86 CPUs without VNNI multiply unsigned by signed bytes in pairs that can saturate (ONNX Runtime's
+    known issue; signed weights agreed on 95%), and ranges from the 99.999th percentile rather than the extremes
+    (99.3% vs 99.0%). The preprocessing and the head stay in float: they cost little, and keep the probabilities smooth.
+    """
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if calibration is None or not len(calibration):
+        raise DataError("int8 needs calibration photos: none could be read.")
+    images = calibration
+
+    class Reader(CalibrationDataReader):  # type: ignore[misc]
+        batch = min(10, len(images))  # equal batches: the percentile calibrator stacks them (a short last one is left out)
+
+        def __init__(self) -> None:
+            self.starts = iter(range(0, len(images) - self.batch + 1, self.batch))
+
+        def get_next(self) -> dict[str, NDArray[np.uint8]] | None:
+            start = next(self.starts, None)
+            if progress:
+                progress("Calibrating int8 ranges", len(images) if start is None else start, len(images))
+            return None if start is None else {INPUT_NAME: images[start : start + self.batch]}
+
+    prepared, quantized = workdir / "prepared.onnx", workdir / "int8.onnx"
+    with _quiet():  # the quantiser logs a line per tensor through the root logger, and prints its progress
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        float_nodes = [node.name for node in onnx.load(str(prepared)).graph.node if node.name.startswith("headstart/")]
+        quantize_static(
+            str(prepared),
+            str(quantized),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QUInt8,
+            calibrate_method=CalibrationMethod.Percentile,
+            nodes_to_exclude=float_nodes,
+        )
+    model = onnx.load(str(quantized))
+    onnx.checker.check_model(model, full_check=True)
+    data: bytes = model.SerializeToString()
+    return data
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """No log records and no printing from third-party code in this block."""
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _prune(graph: onnx.GraphProto) -> None:
+    """Drop the nodes and initializers the outputs do not need (the backbone's second output, "feature_map")."""
+    needed = {output.name for output in graph.output}
+    kept = []
+    for node in reversed(graph.node):
+        if any(name in needed for name in node.output):
+            kept.append(node)
+            needed.update(name for name in node.input if name)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    initializers = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    value_info = [v for v in graph.value_info if v.name in needed]
+    del graph.value_info[:]
+    graph.value_info.extend(value_info)
+
+
+def _decode_labelled(
+    records: Sequence[ImageRecord], classes: Sequence[str], cfg: DataConfig, progress: Progress | None
+) -> tuple[NDArray[np.uint8], NDArray[np.int64]]:
+    """The readable photos' pixels, as the export takes them, and their class indices."""
+    pixels, kept = _decode(records, cfg, progress, "Reading validation photos")
+    return pixels, np.asarray([classes.index(records[k].label) for k in kept], dtype=np.int64)
+
+
+def _calibration_pixels(model: Model, data: Path | None, progress: Progress | None) -> NDArray[np.uint8]:
+    """Up to `CALIBRATION_IMAGES` photos, a seeded sample: the images in `data` (labels not needed), or the model's training split."""
+    if data is not None:
+        paths, _ = list_images([data])
+        where = f"{data}: no photo could be read. Give a folder of photos like the ones the model will see."
+    else:
+        try:
+            paths = [r.path for r in load_dataset(model.summary.data, model.summary.val_split, model.summary.seed).train]
+        except (DataError, OSError) as e:
+            raise DataError(
+                f"int8 calibrates on the training photos, which could not be read ({e}). Give photos with --calibration DATA."
+            ) from None
+        where = f"{model.summary.data}: none of the training photos could be read. Give photos with --calibration DATA."
+    chosen = [paths[i] for i in sorted(np.random.default_rng(model.summary.seed).permutation(len(paths))[:CALIBRATION_IMAGES])]
+    pixels, _ = _decode([ImageRecord(p, "") for p in chosen], model.backbone.data_config, progress, "Reading calibration photos")
+    if not len(pixels):
+        raise DataError(where)
+    return pixels
+
+
+def _decode(
+    records: Sequence[ImageRecord], cfg: DataConfig, progress: Progress | None, description: str
+) -> tuple[NDArray[np.uint8], list[int]]:
+    """Pixels of the readable photos, decoded as `headstart predict` decodes them, and their indices in `records`."""
+    pixels, kept = [], []
+    for k, record in enumerate(records):
+        try:
+            pixels.append(decode_input(record.path, cfg))
+            kept.append(k)
+        except UnreadableImageError:
+            pass  # moved or changed since training: the others are used
+        if progress:
+            progress(description, k + 1, len(records))
+    size = cfg.input_size
+    return (np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)), kept
+
+
+def _onnx_runner(data: bytes) -> _Runner:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = available_cpus()
+    options.log_severity_level = 3
+    session: onnxruntime.InferenceSession = onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+    def run(pixels: NDArray[np.uint8]) -> NDArray[np.float32]:
+        proba: NDArray[np.float32] = session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]
+        return proba
+
+    return run
+
+
+def _timed(run: _Runner, pixels: NDArray[np.uint8], batch: int) -> tuple[NDArray[np.float32], float]:
+    """`run` over `pixels` in batches, and images per second (the first batch, a warm-up, run twice and timed once)."""
+    run(pixels[:batch])
+    start = time.perf_counter()
+    proba = np.concatenate([run(pixels[k : k + batch]) for k in range(0, len(pixels), batch)])
+    return proba, len(pixels) / (time.perf_counter() - start)
+
+
+def _compare(run: _Runner, reference: _Runner, pixels: NDArray[np.uint8], labels: NDArray[np.int64], batch: int) -> ExportCheck:
+    proba, speed = _timed(run, pixels, batch)
+    expected, reference_speed = _timed(reference, pixels, batch)
+    return _summarise(proba, expected, labels, speed, reference_speed)
+
+
+def _check_against_model(model: Model, data: bytes, pixels: NDArray[np.uint8], labels: NDArray[np.int64]) -> ExportCheck:
+    """The fp32 export against the model's own engine and head on the same decoded photos."""
+    return _compare(_onnx_runner(data), lambda batch: _predict_pixels(model, batch), pixels, labels, batch=32)
+
+
+def _predict_pixels(model: Model, pixels: NDArray[np.uint8]) -> NDArray[np.float32]:
+    """What `Model.predict_proba` computes once a photo is decoded, resized and cropped."""
+    from headstart.transforms import normalize
+
+    return model.head.predict_proba(model.engine(normalize(pixels, model.backbone.data_config)))
+
+
+def _summarise(
+    proba: NDArray[np.float32], expected: NDArray[np.float32], labels: NDArray[np.int64], speed: float, reference_speed: float
+) -> ExportCheck:
+    top, expected_top = proba.argmax(1), expected.argmax(1)
+    return ExportCheck(
+        n_images=len(labels),
+        agreement=float(np.mean(top == expected_top)),
+        max_difference=float(np.abs(proba - expected).max()),
+        accuracy=float(np.mean(top == labels)),
+        reference_accuracy=float(np.mean(expected_top == labels)),
+        images_per_second=speed,
+        reference_images_per_second=reference_speed,
+    )
