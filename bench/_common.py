@@ -36,9 +36,10 @@ def table(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]
     return [f"| {' | '.join(columns)} |", f"|{'---|' * len(columns)}", *(f"| {' | '.join(map(str, row))} |" for row in rows)]
 
 
-def publish(title: str, lines: Sequence[str]) -> None:
-    """Print a section and append it to bench/results.md."""
+def publish(title: str, lines: Sequence[str], record: bool = True) -> None:
+    """Print a section and, with `record`, append it to bench/results.md."""
     text = "\n".join([f"\n## {title}", machine() + "\n", *lines])
     print(text)
-    with RESULTS.open("a") as f:
-        f.write(text + "\n")
+    if record:
+        with RESULTS.open("a") as f:
+            f.write(text + "\n")

@@ -79,12 +79,11 @@ def main() -> None:
         "",
         f"Each export on the {check.n_images} validation photos against its reference (the model, or the fp32 ONNX file):",
         "",
-        *table(["file", "size", "reference", "images/s (vs reference)", "accuracy (vs reference)", "same top-1", "max |Δp|", "export"], rows),
+        *table(
+            ["file", "size", "reference", "images/s (vs reference)", "accuracy (vs reference)", "same top-1", "max |Δp|", "export"], rows
+        ),
     ]
-    if args.no_record:
-        print("\n".join(lines))
-    else:
-        publish("export: parity, size and speed of the exported files", lines)
+    publish("export: parity, size and speed of the exported files", lines, record=not args.no_record)
 
 
 if __name__ == "__main__":

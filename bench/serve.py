@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from _common import FLOWERS, HEADSTART, machine, publish, table
+from _common import FLOWERS, HEADSTART, publish, table
 
 SERVER = "import sys; from pathlib import Path; from headstart.server import run; run(Path(sys.argv[1]), port=int(sys.argv[2]), cache_root=Path(sys.argv[3]))"
 
@@ -248,10 +248,7 @@ def main() -> None:
         f"Labels equal to the in-process ones on {agree} of {total} photos both predicted.",
     ]
     title = f"serve: `headstart serve` requests/s and latency by concurrent clients ({args.data.name})"
-    if args.no_record:
-        print("\n".join([f"\n## {title}", machine() + "\n", *lines]))
-    else:
-        publish(title, lines)
+    publish(title, lines, record=not args.no_record)
 
 
 if __name__ == "__main__":

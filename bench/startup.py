@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from _common import FLOWERS, HEADSTART, REPO, machine, publish, table
+from _common import FLOWERS, HEADSTART, REPO, publish, table
 
 MODEL = REPO / "tests" / "fixtures" / "model_v2"  # efficientnet_lite0, frozen, with a linear head
 CATS_DOGS_TINY = REPO.parent / "shared" / "fixtures" / "cats_dogs_tiny"
@@ -86,10 +86,7 @@ def main() -> None:
         "A command at or above 1.00x `import torch` pays for importing torch.",
     ]
     title = f"startup: cold-process wall time per command ({args.data.name})"
-    if args.no_record:
-        print("\n".join([f"\n## {title}", machine() + "\n", *lines]))
-    else:
-        publish(title, lines)
+    publish(title, lines, record=not args.no_record)
 
 
 if __name__ == "__main__":

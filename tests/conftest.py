@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import shutil
+import socket
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -38,6 +42,24 @@ def write_image(path: Path, colour: tuple[int, int, int], size: tuple[int, int] 
     pixels = np.clip(np.array(colour) + rng.integers(-20, 20, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
     Image.fromarray(pixels, "RGB").convert(mode).save(path)
     return path
+
+
+def start_server(app: Any) -> tuple[Any, threading.Thread, str]:
+    """`app` served by uvicorn in a background thread on a free loopback port; returns (server, thread, URL) once it accepts connections."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, ws="none"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.01)
+    return server, thread, f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="session")

@@ -90,6 +90,13 @@ def test_export_is_checked_against_the_model_on_its_validation_photos(tiny_model
     assert check.accuracy == check.reference_accuracy
 
 
+def test_mlp_head_exports_with_parity(cache_dir: Path, tmp_path: Path) -> None:
+    model = headstart.train(CATS_DOGS_TINY, head="mlp", cache_dir=cache_dir, report=False)
+    result = export(model, tmp_path / "mlp.onnx")
+    assert result.check is not None and result.check.agreement == 1.0 and result.check.max_difference < 1e-5
+    assert [n.op_type for n in onnx.load(str(tmp_path / "mlp.onnx")).graph.node][-4:] == ["Gemm", "Relu", "Gemm", "Softmax"]
+
+
 def test_cli_export_writes_beside_the_model_folder(tiny_model_dir: Path, tmp_path: Path) -> None:
     folder = tmp_path / "my model"
     shutil.copytree(tiny_model_dir, folder)

@@ -10,7 +10,6 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -22,10 +21,9 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 
 import headstart
-from conftest import CATS_DOGS_TINY, ODD_FILES, PHOTOS
+from conftest import CATS_DOGS_TINY, ODD_FILES, PHOTOS, start_server
 from headstart.model import Prediction
 from headstart.server import MAX_FILES, MAX_REQUEST_BYTES, create_app
 
@@ -46,22 +44,6 @@ class Served:
     url: str
     model_dir: Path
     model: headstart.Model
-
-
-def start_server(app: Any) -> tuple[uvicorn.Server, threading.Thread, str]:
-    """`app` served by uvicorn in a background thread on a free loopback port; returns once it accepts connections."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, ws="none"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    return server, thread, f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +149,7 @@ def test_health_info_and_page(client: httpx.Client, served: Served) -> None:
     assert info["validation"]["accuracy"] == model.summary.validation.accuracy
     assert info["headstart_version"] == headstart.__version__ and info["report"] is False
     assert info["limits"] == {"field": "file", "max_request_bytes": MAX_REQUEST_BYTES, "max_files": MAX_FILES}
+    assert client.head("/").status_code == client.head("/health").status_code == 200
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'data-testid="file-input"' in page.text and 'name.dataset.testid = "label"' in page.text

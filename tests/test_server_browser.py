@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import shutil
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 
 import headstart
-from conftest import CATS_DOGS_TINY, PHOTOS
+from conftest import CATS_DOGS_TINY, PHOTOS, start_server
 from headstart.server import create_app
 
 pytestmark = [
@@ -39,22 +36,6 @@ CHROMIUM_ARGS = [
 CATS = "<img src=x onerror=window.pwned=1>cats"
 DOGS = "dogs $x$ &amp; [b]"
 PHOTOS_IN = [PHOTOS / "dog.jpg", PHOTOS / "sk_chelsea.png", CATS_DOGS_TINY / "val" / "cats" / "cat.4003.jpg"]
-
-
-def start_server(app: Any) -> tuple[uvicorn.Server, threading.Thread, str]:
-    """`app` served by uvicorn in a background thread on a free loopback port; returns once it accepts connections."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, ws="none"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    return server, thread, f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")

@@ -183,29 +183,19 @@ def onnx_model_bytes(model: Model) -> bytes:
         helper.make_node("Transpose", ["headstart/normalised"], [pixels_input.name], "headstart/channels_first", perm=[0, 3, 1, 2]),
     ]
     state = model.head.weights_
+
+    def dense(layer: str, x: str, out: str) -> onnx.NodeProto:
+        weight, bias = constant(f"w{layer}", state[f"{layer}.weight"]), constant(f"b{layer}", state[f"{layer}.bias"])
+        return helper.make_node("Gemm", [x, weight, bias], [out], f"headstart/dense{layer}", transB=1)
+
     head = [
         helper.make_node("Sub", [features, constant("head_mean", state["0.mean"])], ["headstart/h0"], "headstart/head_centre"),
         helper.make_node("Div", ["headstart/h0", constant("head_scale", state["0.scale"])], ["headstart/h1"], "headstart/head_scale"),
-        helper.make_node(
-            "Gemm",
-            ["headstart/h1", constant("w1", state["1.weight"]), constant("b1", state["1.bias"])],
-            ["headstart/h2"],
-            "headstart/fc1",
-            transB=1,
-        ),
+        dense("1", "headstart/h1", "headstart/h2"),
     ]
     logits = "headstart/h2"
-    if "4.weight" in state:
-        head += [
-            helper.make_node("Relu", ["headstart/h2"], ["headstart/h3"], "headstart/relu"),
-            helper.make_node(
-                "Gemm",
-                ["headstart/h3", constant("w2", state["4.weight"]), constant("b2", state["4.bias"])],
-                ["headstart/h4"],
-                "headstart/fc2",
-                transB=1,
-            ),
-        ]
+    if "4.weight" in state:  # the MLP head: dense, ReLU, dense (dropout is off at inference)
+        head += [helper.make_node("Relu", ["headstart/h2"], ["headstart/h3"], "headstart/relu"), dense("4", "headstart/h3", "headstart/h4")]
         logits = "headstart/h4"
     head.append(helper.make_node("Softmax", [logits], [OUTPUT_NAME], "headstart/softmax", axis=-1))
     nodes = [*preprocessing, *graph.node, *head]

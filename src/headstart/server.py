@@ -150,7 +150,7 @@ def create_app(model_dir: Path, cache_root: Path | None = None) -> FastAPI:
         predictions = await anyio.to_thread.run_sync(_predict, model, uploads, top_k, limiter=limiter)
         return AsciiJSONResponse({"predictions": predictions})
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD for uptime checks
     async def health() -> Response:
         return AsciiJSONResponse({"status": "ok"})
 
@@ -158,7 +158,7 @@ def create_app(model_dir: Path, cache_root: Path | None = None) -> FastAPI:
     async def info() -> Response:
         return AsciiJSONResponse(_info(model, model_dir))
 
-    @app.get("/")
+    @app.api_route("/", methods=["GET", "HEAD"])  # HEAD for uptime checks
     async def index() -> Response:
         return HTMLResponse(page, headers=_PAGE_HEADERS)
 
