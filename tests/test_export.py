@@ -170,10 +170,10 @@ def flowers_model(tmp_path_factory: pytest.TempPathFactory) -> headstart.Model:
 
 @pytest.mark.slow
 def test_flowers_photos_get_the_same_answer_from_the_export(flowers_model: headstart.Model, tmp_path: Path) -> None:
-    """Every 10th flower photo through the standalone example (bench/export.py runs all 1,500)."""
+    """Every 30th flower photo through the standalone example (bench/export.py runs all 1,500)."""
     export(flowers_model, tmp_path / "flowers.onnx")
-    photos = sorted(p for p in FLOWERS.rglob("*") if p.is_file())[::10]
-    assert len(photos) == 150
+    photos = sorted(p for p in FLOWERS.rglob("*") if p.is_file())[::30]
+    assert len(photos) == 50
     assert_same_as_predict(tmp_path / "flowers.onnx", flowers_model, photos)
 
 
@@ -196,4 +196,3 @@ def test_int8_export_of_flowers_agrees_with_fp32(flowers_model: headstart.Model,
     assert check.agreement >= 0.99
     assert check.accuracy >= check.reference_accuracy - 0.01
     assert result.reference_size_bytes is not None and result.size_bytes < result.reference_size_bytes / 3
-    onnx.checker.check_model(onnx.load(str(result.path)), full_check=True)
