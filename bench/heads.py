@@ -1,0 +1,91 @@
+"""heads: headstart's default linear head against scikit-learn's LogisticRegressionCV on identical cached features.
+
+    .venv/bin/python bench/heads.py [--data DATA ...] [--folds 5] [--no-record]
+
+For each dataset (default: flowers and cats_dogs from ../shared/datasets), the
+efficientnet_lite0 features of every image (from headstart's feature cache,
+computed on first use) are split by a seeded StratifiedKFold. Each fold fits
+`HeadClassifier()` (headstart's default: standardised features, softmax, early
+stopping on a 10% hold-out of the training folds) and
+`make_pipeline(StandardScaler(), LogisticRegressionCV())` (L-BFGS, C chosen by
+its own inner 5-fold CV), and scores both on the held-out fold: mean and standard
+deviation of accuracy over the folds, and seconds per fit. This is the baseline
+the accuracy work (issue 13) has to meet: headstart >= scikit-learn - 0.2 points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+from _common import FLOWERS, publish, table
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegressionCV
+from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from headstart.backbone import create_backbone
+from headstart.cache import FeatureCache, extract_with_cache
+from headstart.classifier import HeadClassifier
+from headstart.config import default_cache_dir
+from headstart.data import load_dataset
+from headstart.engine import create_engine
+
+
+def features(data: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Features and labels of every readable image of `data` (train and val together)."""
+    dataset = load_dataset(data, val_split=0.0)
+    records = dataset.train + dataset.val
+    net = create_backbone("efficientnet_lite0")
+    root = default_cache_dir()
+    extraction = extract_with_cache(
+        net, [r.path for r in records], FeatureCache(root, net), 64, None, lambda b: create_engine(b, cache_root=root)
+    )
+    labels = np.asarray([records[i].label for i in extraction.kept.tolist()])
+    return extraction.features, labels
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, nargs="+", default=[FLOWERS, FLOWERS.parent / "cats_dogs"])
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--no-record", action="store_true", help="print only")
+    args = parser.parse_args()
+    rows = []
+    for data in args.data:
+        X, y = features(data)
+        scores: dict[str, list[float]] = {"headstart": [], "sklearn": []}
+        seconds: dict[str, list[float]] = {"headstart": [], "sklearn": []}
+        for train, test in StratifiedKFold(args.folds, shuffle=True, random_state=0).split(X, y):
+            for name, clf in (
+                ("headstart", HeadClassifier()),
+                ("sklearn", make_pipeline(StandardScaler(), LogisticRegressionCV(max_iter=2000))),
+            ):
+                start = time.perf_counter()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", ConvergenceWarning)
+                    clf.fit(X[train], y[train])
+                seconds[name].append(time.perf_counter() - start)
+                scores[name].append(float(np.mean(clf.predict(X[test]) == y[test])))
+        mean = {k: 100 * np.mean(v) for k, v in scores.items()}
+        rows.append(
+            [
+                f"{data.name} ({len(y)} images)",
+                *(f"{mean[k]:.2f} ± {100 * np.std(scores[k]):.2f} ({np.mean(seconds[k]):.1f} s)" for k in ("headstart", "sklearn")),
+                f"{mean['headstart'] - mean['sklearn']:+.2f}",
+            ]
+        )
+    lines = [
+        f"efficientnet_lite0 features, {args.folds}-fold stratified CV (seed 0), accuracy % mean ± std over folds (seconds per fit):",
+        "",
+        *table(["data", "HeadClassifier() (default linear)", "StandardScaler + LogisticRegressionCV", "difference (points)"], rows),
+    ]
+    publish("heads: default linear head vs scikit-learn LogisticRegressionCV (identical features)", lines, record=not args.no_record)
+
+
+if __name__ == "__main__":
+    main()
