@@ -98,14 +98,15 @@ def export(
     if calibration is not None and not int8:
         raise ConfigError("--calibration sets the int8 ranges: give it with --int8.")
     folder = Path(model) if isinstance(model, str | Path) else None
+    suffix = f".{format}"
     if out is None:
         if folder is None:
             raise ConfigError("Give the file to write (out=...) when exporting a model held in memory.")
         if not folder.resolve().name:
             raise ConfigError(f"{folder}: not a model folder; give the folder `headstart train --out` wrote.")
-        out = folder.resolve().with_name(folder.resolve().name + (".int8" if int8 else "") + (".tflite" if format == "tflite" else ".onnx"))
+        out = folder.resolve().with_name(folder.resolve().name + (".int8" if int8 else "") + suffix)
     inputs = [Path(p) for p in (folder, calibration) if p is not None]
-    path = output_file(Path(out), ".tflite" if format == "tflite" else ".onnx", inputs)
+    path = output_file(Path(out), suffix, inputs)
     return export_model(_loaded(model), path, format, int8, Path(calibration) if calibration is not None else None, progress)
 
 

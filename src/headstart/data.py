@@ -298,6 +298,17 @@ def load_image(path: Path, min_size: int | None = None) -> Image.Image:
 _T = TypeVar("_T")
 
 
+def size_problem(width: int, height: int) -> str | None:
+    """Why an image of this size is refused (a decompression bomb, too small, too elongated), or None when it is not."""
+    if width * height > MAX_PIXELS:
+        return f"decompression bomb: {width}x{height} pixels, more than the {MAX_PIXELS:,} allowed"
+    if min(width, height) < MIN_SIDE:
+        return f"too small: {width}x{height} pixels, less than {MIN_SIDE} on a side"
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        return f"extreme aspect ratio: {width}x{height} pixels, more elongated than {MAX_ASPECT_RATIO}:1"
+    return None
+
+
 def load_image_bytes(data: bytes, name: str = "upload", min_size: int | None = None) -> Image.Image:
     """`load_image` for an image held in memory (an upload, say), held to the same limits; `name` labels its errors.
 
@@ -325,13 +336,9 @@ def decode_image(source: Path | bytes, convert: Callable[[Image.Image], _T], min
             io.BytesIO(source) if isinstance(source, bytes) else open_regular(source, MAX_FILE_BYTES) as file,
             open_image(file) as opened,
         ):
-            width, height = opened.size
-            if width * height > MAX_PIXELS:
-                raise UnreadableImageError(path, f"decompression bomb: {width}x{height} pixels, more than the {MAX_PIXELS:,} allowed")
-            if min(width, height) < MIN_SIDE:
-                raise UnreadableImageError(path, f"too small: {width}x{height} pixels, less than {MIN_SIDE} on a side")
-            if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-                raise UnreadableImageError(path, f"extreme aspect ratio: {width}x{height} pixels, more elongated than {MAX_ASPECT_RATIO}:1")
+            problem = size_problem(*opened.size)
+            if problem:
+                raise UnreadableImageError(path, problem)
             if min_size:
                 opened.draft(None, (min_size, min_size))
             opened.load()

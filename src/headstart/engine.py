@@ -97,7 +97,7 @@ class OnnxEngine(Engine):
         self.threads = threads or available_cpus()
         self.mean_pooled = bool((_read_record(path.with_suffix(".json")) or {}).get("mean_pooled"))  # from the export's verdict
         data = read_regular(path, MAX_EXPORT_BYTES)
-        self.sessions = [_session(data, 1) for _ in range(self.threads)]
+        self.sessions = [cpu_session(data, 1) for _ in range(self.threads)]
         self._idle: queue.SimpleQueue[onnxruntime.InferenceSession] = queue.SimpleQueue()
         for session in self.sessions:
             self._idle.put(session)
@@ -229,7 +229,8 @@ def _refuse(backbone: Backbone, record_path: Path, reason: str) -> Path:
     raise ExportError(f"Backbone '{backbone.name}' did not export to ONNX: {reason}")
 
 
-def _session(data: bytes, threads: int) -> onnxruntime.InferenceSession:
+def cpu_session(data: bytes, threads: int) -> onnxruntime.InferenceSession:
+    """An ONNX Runtime CPU session over a model's bytes, with `threads` threads that do not spin when idle."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()

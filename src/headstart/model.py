@@ -19,7 +19,7 @@ from headstart.backbone import Backbone, create_backbone
 from headstart.bundle import HISTORY_CSV_NAME, HISTORY_NAME, BackboneRecord, BundleConfig, read_bundle, save_bundle
 from headstart.classifier import HeadClassifier
 from headstart.config import DataConfig, Progress, default_cache_dir
-from headstart.data import MAX_ASPECT_RATIO, MAX_PIXELS, MIN_SIDE, ImageRecord, Skipped, list_images, load_dataset
+from headstart.data import MAX_ASPECT_RATIO, MAX_PIXELS, MIN_SIDE, ImageRecord, Skipped, list_images, load_dataset, size_problem
 from headstart.engine import Engine, create_engine
 from headstart.errors import BundleError, ConfigError, DataError, UnreadableImageError
 from headstart.features import extract_features
@@ -303,7 +303,7 @@ def _preprocessed(image: Any, cfg: DataConfig) -> NDArray[np.float32]:
     else:
         raise ConfigError(f"Expected an image file or folder, a PIL image or RGB pixels, got {type(image).__name__}.")
     width, height = size
-    if min(width, height) < MIN_SIDE or width * height > MAX_PIXELS or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+    if size_problem(width, height):
         raise ConfigError(
             f"An image of {width}x{height} pixels: images must be at least {MIN_SIDE} pixels on a side, "
             f"at most {MAX_PIXELS:,} pixels and at most {MAX_ASPECT_RATIO}:1."

@@ -26,14 +26,13 @@ from numpy.typing import NDArray
 from headstart import __version__
 from headstart.config import DataConfig, Progress
 from headstart.data import ImageRecord, list_images, load_dataset
-from headstart.engine import exported_model
-from headstart.errors import ConfigError, DataError, UnreadableImageError
+from headstart.engine import cpu_session, exported_model
+from headstart.errors import ConfigError, DataError
 from headstart.files import atomic_write_bytes, read_regular
-from headstart.pipeline import available_cpus, decode_input
+from headstart.pipeline import available_cpus, decode_pixels
 
 if TYPE_CHECKING:
     import onnx
-    import onnxruntime
 
     from headstart.model import Model
 
@@ -139,6 +138,7 @@ def export(
         fp32_path = Path(tmp) / "model.onnx"
         fp32_path.write_bytes(fp32)
         if format == "onnx":
+            assert calibration_pixels is not None  # int8: `_calibration_pixels` raises when it has none
             int8_data = quantize_int8(fp32_path, calibration_pixels, Path(tmp), progress)
             atomic_write_bytes(out, int8_data)
             run = _onnx_runner(int8_data)
@@ -240,7 +240,7 @@ def metadata(model: Model) -> dict[str, str]:
     }
 
 
-def quantize_int8(fp32_path: Path, calibration: NDArray[np.uint8] | None, workdir: Path, progress: Progress | None = None) -> bytes:
+def quantize_int8(fp32_path: Path, calibration: NDArray[np.uint8], workdir: Path, progress: Progress | None = None) -> bytes:
     """Static int8 quantisation (QDQ, per channel) of the backbone, its activation ranges set on `calibration`.
 
     Chosen on flowers by top-1 agreement with fp32 (bench/results.md): unsigned 8-bit weights and activations,
@@ -252,8 +252,6 @@ def quantize_int8(fp32_path: Path, calibration: NDArray[np.uint8] | None, workdi
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    if calibration is None or not len(calibration):
-        raise DataError("int8 needs calibration photos: none could be read.")
     images = calibration
 
     class Reader(CalibrationDataReader):  # type: ignore[misc]
@@ -322,7 +320,7 @@ def _decode_labelled(
     records: Sequence[ImageRecord], classes: Sequence[str], cfg: DataConfig, progress: Progress | None
 ) -> tuple[NDArray[np.uint8], NDArray[np.int64]]:
     """The readable photos' pixels, as the export takes them, and their class indices."""
-    pixels, kept = _decode(records, cfg, progress, "Reading validation photos")
+    pixels, kept = _decode([r.path for r in records], cfg, progress, "Reading validation photos")
     return pixels, np.asarray([classes.index(records[k].label) for k in kept], dtype=np.int64)
 
 
@@ -340,36 +338,30 @@ def _calibration_pixels(model: Model, data: Path | None, progress: Progress | No
             ) from None
         where = f"{model.summary.data}: none of the training photos could be read. Give photos with --calibration DATA."
     chosen = [paths[i] for i in sorted(np.random.default_rng(model.summary.seed).permutation(len(paths))[:CALIBRATION_IMAGES])]
-    pixels, _ = _decode([ImageRecord(p, "") for p in chosen], model.backbone.data_config, progress, "Reading calibration photos")
+    pixels, _ = _decode(chosen, model.backbone.data_config, progress, "Reading calibration photos")
     if not len(pixels):
         raise DataError(where)
     return pixels
 
 
-def _decode(
-    records: Sequence[ImageRecord], cfg: DataConfig, progress: Progress | None, description: str
-) -> tuple[NDArray[np.uint8], list[int]]:
-    """Pixels of the readable photos, decoded as `headstart predict` decodes them, and their indices in `records`."""
+def _decode(paths: Sequence[Path], cfg: DataConfig, progress: Progress | None, description: str) -> tuple[NDArray[np.uint8], list[int]]:
+    """Pixels of the readable photos, decoded as `headstart predict` decodes them, and their positions in `paths`.
+
+    Unreadable ones (moved or changed since training, say) are left out: the others are used.
+    """
     pixels, kept = [], []
-    for k, record in enumerate(records):
-        try:
-            pixels.append(decode_input(record.path, cfg))
-            kept.append(k)
-        except UnreadableImageError:
-            pass  # moved or changed since training: the others are used
+    for start in range(0, len(paths), 32):
+        positions, chunk, _ = decode_pixels(paths[start : start + 32], cfg)
+        pixels.append(chunk)
+        kept += [start + k for k in positions]
         if progress:
-            progress(description, k + 1, len(records))
+            progress(description, min(start + 32, len(paths)), len(paths))
     size = cfg.input_size
-    return (np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)), kept
+    return (np.concatenate(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)), kept
 
 
 def _onnx_runner(data: bytes) -> _Runner:
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = available_cpus()
-    options.log_severity_level = 3
-    session: onnxruntime.InferenceSession = onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    session = cpu_session(data, available_cpus())
 
     def run(pixels: NDArray[np.uint8]) -> NDArray[np.float32]:
         proba: NDArray[np.float32] = session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]

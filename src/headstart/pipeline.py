@@ -101,7 +101,8 @@ def decode_input(path: Path, cfg: DataConfig, reduced_decode: bool = True) -> ND
     return decode_image(path, lambda image: crop_pixels(image, cfg), min_size=2 * cfg.resize_size if reduced_decode else None)
 
 
-def _decode_chunk(paths: Sequence[Path], cfg: DataConfig, reduced_decode: bool) -> _Chunk:
+def decode_pixels(paths: Sequence[Path], cfg: DataConfig, reduced_decode: bool = True) -> _Chunk:
+    """`decode_input` for each path, in this process: the positions decoded, their pixels stacked, and the unreadable files."""
     kept: list[int] = []
     pixels: list[NDArray[np.uint8]] = []
     skipped: list[Skipped] = []
@@ -133,7 +134,7 @@ def decode_batches(
     starts = range(0, len(paths), batch_size)
     if len(paths) <= batch_size:
         for start in starts:
-            yield _batch(start, _decode_chunk(paths[start : start + batch_size], cfg, reduced_decode), cfg)
+            yield _batch(start, decode_pixels(paths[start : start + batch_size], cfg, reduced_decode), cfg)
         return
     workers = workers or decode_workers()
     limit = max_in_flight or PREFETCH_PER_WORKER * workers
@@ -143,7 +144,7 @@ def decode_batches(
 
         def submit_next() -> None:
             for start, chunk in itertools.islice(chunks, 1):
-                pending.append((start, pool.submit(_decode_chunk, chunk, cfg, reduced_decode)))
+                pending.append((start, pool.submit(decode_pixels, chunk, cfg, reduced_decode)))
 
         for _ in range(limit):
             submit_next()

@@ -73,7 +73,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from headstart import __version__
 from headstart.bundle import REPORT_NAME
 from headstart.config import default_cache_dir
-from headstart.data import MAX_ASPECT_RATIO, MAX_PIXELS, MIN_SIDE, load_image_bytes, open_image
+from headstart.data import load_image_bytes, open_image, size_problem
 from headstart.errors import ConfigError, UnreadableImageError
 from headstart.files import display, read_regular
 from headstart.model import Model, Prediction, load
@@ -360,7 +360,7 @@ def _predict(model: Model, uploads: list[tuple[str | None, bytes]], top_k: int) 
     pixels = 0
     for name, data in uploads:  # from the headers, before any image is decoded
         width, height = _image_size(data)
-        if width * height > MAX_PIXELS or min(width, height) < MIN_SIDE or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        if size_problem(width, height):
             continue  # refused when decoded, with its reason (a decompression bomb, say), before any pixel is read
         pixels += width * height
         if width * height > MAX_IMAGE_PIXELS or pixels > MAX_REQUEST_PIXELS:
