@@ -18,7 +18,7 @@ import importlib.util
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from torch import nn
 
 TIMM_PREFIX = "timm:"
+ENSEMBLE_SEPARATOR = "+"
+MAX_MEMBERS = 8  # backbones in one ensemble: each costs a forward pass per image
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 IDENTITY_FORMAT = 1
 MAX_WEIGHTS_BYTES = 4 << 30
@@ -76,6 +78,14 @@ def list_backbones() -> list[BackboneInfo]:
             offline=False,
         )
     )
+    infos.append(
+        BackboneInfo(
+            "<a>+<b>[+...]",
+            f"an ensemble of up to {MAX_MEMBERS} of the above joined by +, e.g. efficientnet_lite0+efficientnet_lite2: the head trains on "
+            "their features concatenated, each computed and cached with its own preprocessing; --weights goes to its one timm: member",
+            offline=all(info.offline for info in infos[: len(_LITE_SOURCES)]),  # as its members: an ensemble of EfficientNet-Lites
+        )
+    )
     return infos
 
 
@@ -93,6 +103,7 @@ class Backbone:
         layer: None for the final features; else the index of the earlier stage
             (as in timm's `feature_info`) whose output is pooled instead.
         finetuned_from: for fine-tuned weights, the hash of the pretrained ones they started from.
+        weights_file: the weights file given to `create_backbone`, if one was.
     """
 
     name: str
@@ -103,6 +114,7 @@ class Backbone:
     stages: tuple[tuple[str, int], ...]
     layer: int | None = None
     finetuned_from: str | None = None
+    weights_file: str | None = None
     _network: Callable[[], Any] = field(default=lambda: None, repr=False)
 
     @property
@@ -190,14 +202,86 @@ def create_backbone(
     Raises:
         UnknownBackboneError: the name is not known.
         BackboneWeightsError: the weights could not be obtained or do not fit.
-        ConfigError: `layer` is outside the backbone's stages.
+        ConfigError: `layer` is outside the backbone's stages, or `name` is an ensemble (see `create_backbones`).
     """
+    if ENSEMBLE_SEPARATOR in name:
+        first = name.split(ENSEMBLE_SEPARATOR)[0].strip() or "efficientnet_lite0"
+        raise ConfigError(f"'{name}' is an ensemble of backbones; this takes one backbone. Give one, e.g. '{first}'.")
     if state is not None:
         backbone = _built(name, _architecture(name), state)
     else:
         path = Path(weights) if weights is not None else _lite_weights_file(name) if name in _LITE_SOURCES else None
         backbone = _built(name, _architecture(name), None) if path is None else _from_file(name, path, cache_root or default_cache_dir())
+        if weights is not None:
+            backbone = dataclasses.replace(backbone, weights_file=str(weights))
     return backbone if layer is None else at_layer(backbone, layer)
+
+
+def parse_backbones(name: str) -> tuple[str, ...]:
+    """The member names of a backbone name: ("efficientnet_lite0",) for one, several for "a+b+c" (an ensemble).
+
+    Raises:
+        ConfigError: an empty member, a member named twice, or more than `MAX_MEMBERS`.
+    """
+    members = tuple(part.strip() for part in name.split(ENSEMBLE_SEPARATOR))
+    if not all(members):
+        raise ConfigError(
+            f"Backbone '{name}': an empty name between '+' signs. Join backbone names with '+', e.g. efficientnet_lite0+efficientnet_lite1."
+        )
+    if len(members) > MAX_MEMBERS:
+        raise ConfigError(f"Backbone '{name}': {len(members)} backbones; an ensemble takes at most {MAX_MEMBERS}. Drop some.")
+    twice = next((m for k, m in enumerate(members) if m in members[:k]), None)
+    if twice is not None:
+        raise ConfigError(f"Backbone '{name}': '{twice}' is named twice; its features would be the same. Name each backbone once.")
+    return members
+
+
+def ensemble_name(backbones: Sequence[Backbone]) -> str:
+    """The name a model's backbones go by: the member names joined by '+' (one backbone: its name)."""
+    return ENSEMBLE_SEPARATOR.join(b.name for b in backbones)
+
+
+def member_weights(members: Sequence[str], weights: str | os.PathLike[str] | None) -> list[str | os.PathLike[str] | None]:
+    """Which member a `weights` file is for: the backbone itself, or an ensemble's one `timm:` member (EfficientNet-Lite brings its own).
+
+    Raises:
+        ConfigError: an ensemble with `weights` and no, or several, `timm:` members.
+    """
+    if weights is None or len(members) == 1:
+        return [weights] * len(members)
+    timm_members = [m for m in members if m.startswith(TIMM_PREFIX)]
+    if len(timm_members) != 1:
+        raise ConfigError(
+            f"--weights is the weights file of an ensemble's one timm: member, and '{ENSEMBLE_SEPARATOR.join(members)}' has "
+            f"{len(timm_members) or 'no'} timm: members. Drop --weights, or train the backbones one at a time."
+        )
+    return [weights if m.startswith(TIMM_PREFIX) else None for m in members]
+
+
+def create_backbones(
+    name: str,
+    weights: str | os.PathLike[str] | None = None,
+    layer: int | None = None,
+    cache_root: Path | None = None,
+) -> tuple[Backbone, ...]:
+    """The backbones a name stands for: one, or each member of an ensemble ("a+b"), in order.
+
+    Args:
+        name: a backbone name (see `create_backbone`), or several joined by "+".
+        weights: the weights file of the backbone, or of an ensemble's one `timm:` member.
+        layer: as for `create_backbone`; a single backbone only.
+        cache_root: as for `create_backbone`.
+
+    Raises:
+        ConfigError: a malformed ensemble name, `layer` with an ensemble, or `weights` that fits no one member.
+        UnknownBackboneError, BackboneWeightsError: as for `create_backbone`.
+    """
+    members = parse_backbones(name)
+    if layer is not None and len(members) > 1:
+        raise ConfigError(f"--layer takes one backbone, and '{name}' is an ensemble. Drop --layer, or train one backbone.")
+    return tuple(
+        create_backbone(m, w, layer, cache_root=cache_root) for m, w in zip(members, member_weights(members, weights), strict=True)
+    )
 
 
 def _architecture(name: str) -> str:

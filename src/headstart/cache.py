@@ -3,6 +3,8 @@
 A cache folder belongs to one backbone (name, weights hash, preprocessing).
 Features live in safetensors shards whose tensor names are the images' sha256
 digests, so the shard headers are the index and a shard is never half-written.
+An ensemble's backbones each use their own cache, so single-backbone runs and
+ensemble runs share features.
 """
 
 from __future__ import annotations
@@ -140,3 +142,54 @@ def extract_with_cache(
     skipped = unreadable + [Skipped(paths[i], bad[d]) for i, d in digests.items() if d in bad]
     features = np.stack([known[digests[i]] for i in kept]) if kept else np.zeros((0, backbone.n_features), np.float32)
     return CachedExtraction(features, np.asarray(kept, dtype=np.int64), skipped, n_extracted, n_cached)
+
+
+def extract_members_with_cache(
+    backbones: Sequence[Backbone],
+    paths: Sequence[Path],
+    caches: Sequence[FeatureCache | None],
+    batch_size: int = 32,
+    progress: Progress | None = None,
+    make_engine: Callable[[Backbone], Engine] = create_engine,
+) -> CachedExtraction:
+    """`extract_with_cache` for each of an ensemble's backbones (each with its own cache, and its own preprocessing).
+
+    Features are concatenated in member order, shape (len(kept), sum of n_features); an
+    image is kept only if every backbone could read it. `n_extracted` is the most images
+    any backbone ran on, `n_cached` the fewest any found in its cache.
+    """
+    if len(backbones) != len(caches):
+        raise ValueError(f"{len(backbones)} backbones for {len(caches)} caches")
+    results = [
+        extract_with_cache(b, paths, c, batch_size, _named(progress, b.name) if len(backbones) > 1 else progress, make_engine)
+        for b, c in zip(backbones, caches, strict=True)
+    ]
+    if len(results) == 1:
+        return results[0]
+    rows = [dict(zip(r.kept.tolist(), range(len(r.kept)))) for r in results]
+    kept = [i for i in rows[0] if all(i in row for row in rows[1:])]
+    features = np.concatenate([r.features[[row[i] for i in kept]] for r, row in zip(results, rows)], axis=1)
+    reasons: dict[Path, str] = {}
+    for r in results:
+        for s in r.skipped:
+            reasons.setdefault(s.path, s.reason)
+    skipped = [Skipped(path, reasons[path]) for path in dict.fromkeys(paths) if path in reasons]
+    return CachedExtraction(
+        features.astype(np.float32, copy=False),
+        np.asarray(kept, dtype=np.int64),
+        skipped,
+        max(r.n_extracted for r in results),
+        min(r.n_cached for r in results),
+    )
+
+
+def _named(progress: Progress | None, name: str) -> Progress | None:
+    """`progress` with `name` added to each description: one bar per backbone."""
+    if progress is None:
+        return None
+    report = progress
+
+    def named(desc: str, done: int, total: int, status: str = "", /) -> None:
+        report(f"{desc} ({name})", done, total, status)
+
+    return named

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
+from PIL import Image
 
 from headstart.config import DataConfig
 from headstart.data import Skipped, decode_image
@@ -29,7 +30,7 @@ from headstart.errors import UnreadableImageError
 from headstart.transforms import crop_pixels, normalize
 
 PREFETCH_PER_WORKER = 2
-_Chunk = tuple[list[int], NDArray[np.uint8], list[Skipped]]  # kept positions, their pixels, the unreadable files
+_Chunk = tuple[list[int], tuple[NDArray[np.uint8], ...], list[Skipped]]  # kept positions, their pixels per config, the unreadable files
 
 
 @dataclass(frozen=True)
@@ -98,22 +99,47 @@ def decode_input(path: Path, cfg: DataConfig, reduced_decode: bool = True) -> ND
     Raises:
         UnreadableImageError: the file cannot be decoded, or decoding or resizing it ran out of time or memory.
     """
-    return decode_image(path, lambda image: crop_pixels(image, cfg), min_size=2 * cfg.resize_size if reduced_decode else None)
+    return decode_inputs(path, (cfg,), reduced_decode)[0]
 
 
-def decode_pixels(paths: Sequence[Path], cfg: DataConfig, reduced_decode: bool = True) -> _Chunk:
+def decode_inputs(path: Path, cfgs: Sequence[DataConfig], reduced_decode: bool = True) -> tuple[NDArray[np.uint8], ...]:
+    """`decode_input` for several preprocessings (an ensemble's backbones) from one decode of the file.
+
+    A large JPEG is decoded at the reduced scale the largest `resize_size` allows; each
+    preprocessing then resizes and crops that image (configs that are equal share the work).
+    """
+
+    def crops(image: Image.Image) -> tuple[NDArray[np.uint8], ...]:
+        done = {cfg: crop_pixels(image, cfg) for cfg in dict.fromkeys(cfgs)}
+        return tuple(done[cfg] for cfg in cfgs)
+
+    return decode_image(path, crops, min_size=2 * max(cfg.resize_size for cfg in cfgs) if reduced_decode else None)
+
+
+def decode_pixels(
+    paths: Sequence[Path], cfg: DataConfig, reduced_decode: bool = True
+) -> tuple[list[int], NDArray[np.uint8], list[Skipped]]:
     """`decode_input` for each path, in this process: the positions decoded, their pixels stacked, and the unreadable files."""
+    kept, (pixels,), skipped = decode_member_pixels(paths, (cfg,), reduced_decode)
+    return kept, pixels, skipped
+
+
+def decode_member_pixels(paths: Sequence[Path], cfgs: Sequence[DataConfig], reduced_decode: bool = True) -> _Chunk:
+    """`decode_inputs` for each path, in this process: the positions decoded, their pixels stacked per config, the unreadable files."""
     kept: list[int] = []
-    pixels: list[NDArray[np.uint8]] = []
+    pixels: list[tuple[NDArray[np.uint8], ...]] = []
     skipped: list[Skipped] = []
     for k, path in enumerate(paths):
         try:
-            pixels.append(decode_input(path, cfg, reduced_decode))
+            pixels.append(decode_inputs(path, cfgs, reduced_decode))
             kept.append(k)
         except UnreadableImageError as e:
             skipped.append(Skipped(e.path, e.reason))
-    size = cfg.input_size
-    return kept, np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8), skipped
+    stacked = tuple(
+        np.stack([p[m] for p in pixels]) if pixels else np.zeros((0, cfg.input_size, cfg.input_size, 3), np.uint8)
+        for m, cfg in enumerate(cfgs)
+    )
+    return kept, stacked, skipped
 
 
 def decode_batches(
@@ -131,10 +157,33 @@ def decode_batches(
     the consumer. Inputs that fit in one batch are decoded in this process.
     Unreadable files are skipped and listed in each batch's `skipped`.
     """
+    for batch in decode_member_batches(paths, (cfg,), batch_size, reduced_decode, workers, max_in_flight):
+        yield Batch(batch.indices, batch.arrays[0], batch.skipped)
+
+
+@dataclass(frozen=True)
+class MemberBatch:
+    """Decoded inputs for several preprocessings: `arrays[m][k]` is item `indices[k]` as config `m` prepares it."""
+
+    indices: list[int]
+    arrays: tuple[NDArray[np.float32], ...]
+    skipped: list[Skipped]
+
+
+def decode_member_batches(
+    paths: Sequence[Path],
+    cfgs: Sequence[DataConfig],
+    batch_size: int,
+    reduced_decode: bool = True,
+    workers: int | None = None,
+    max_in_flight: int | None = None,
+) -> Iterator[MemberBatch]:
+    """`decode_batches` for an ensemble: each file decoded once, then resized, cropped and normalised per config in `cfgs`."""
+    cfgs = tuple(cfgs)
     starts = range(0, len(paths), batch_size)
     if len(paths) <= batch_size:
         for start in starts:
-            yield _batch(start, decode_pixels(paths[start : start + batch_size], cfg, reduced_decode), cfg)
+            yield _batch(start, decode_member_pixels(paths[start : start + batch_size], cfgs, reduced_decode), cfgs)
         return
     workers = workers or decode_workers()
     limit = max_in_flight or PREFETCH_PER_WORKER * workers
@@ -144,19 +193,19 @@ def decode_batches(
 
         def submit_next() -> None:
             for start, chunk in itertools.islice(chunks, 1):
-                pending.append((start, pool.submit(decode_pixels, chunk, cfg, reduced_decode)))
+                pending.append((start, pool.submit(decode_member_pixels, chunk, cfgs, reduced_decode)))
 
         for _ in range(limit):
             submit_next()
         while pending:
             start, future = pending.popleft()
             submit_next()
-            yield _batch(start, future.result(), cfg)
+            yield _batch(start, future.result(), cfgs)
 
 
-def _batch(start: int, chunk: _Chunk, cfg: DataConfig) -> Batch:
+def _batch(start: int, chunk: _Chunk, cfgs: tuple[DataConfig, ...]) -> MemberBatch:
     kept, pixels, skipped = chunk
-    return Batch([start + k for k in kept], normalize(pixels, cfg), skipped)
+    return MemberBatch([start + k for k in kept], tuple(normalize(p, cfg) for p, cfg in zip(pixels, cfgs, strict=True)), skipped)
 
 
 def load_batches(load: Callable[[int], NDArray[np.float32]], indices: Sequence[int], batch_size: int) -> Iterator[Batch]:
