@@ -80,9 +80,9 @@ def test_wrong_class_count_is_refused(bundle: Path) -> None:
 
 def test_missing_field_is_named(bundle: Path) -> None:
     config = json.loads((bundle / "bundle.json").read_text())
-    del config["backbone"]["weights_sha256"]
+    del config["backbones"][0]["weights_sha256"]
     (bundle / "bundle.json").write_text(json.dumps(config))
-    with pytest.raises(BundleError, match="field 'backbone.weights_sha256' must be 64 hex digits"):
+    with pytest.raises(BundleError, match=r"field 'backbones\[0\].weights_sha256' must be 64 hex digits"):
         headstart.load(bundle)
 
 
@@ -96,12 +96,13 @@ def test_missing_weights_and_missing_folder(bundle: Path, tmp_path: Path) -> Non
 
 def test_bundle_json_is_plain_data(tiny_model_dir: Path) -> None:
     config = json.loads((tiny_model_dir / "bundle.json").read_text())
-    assert config["format_version"] == 3
+    assert config["format_version"] == 4
     assert set(config["files"]) == {"model.safetensors", "metrics.json", "history.json", "history.csv"}
-    assert config["backbone"]["name"] == "efficientnet_lite0"
-    assert len(config["backbone"]["weights_sha256"]) == 64
+    (backbone,) = config["backbones"]
+    assert backbone["name"] == "efficientnet_lite0" and backbone["n_features"] == 1280
+    assert len(backbone["weights_sha256"]) == 64
     assert config["classes"] == ["cats", "dogs"]
-    assert config["data_config"]["input_size"] == 224
+    assert backbone["data_config"]["input_size"] == 224
     metrics = json.loads((tiny_model_dir / "metrics.json").read_text())
     assert metrics["accuracy"] == config["summary"]["validation"]["accuracy"]
 
@@ -122,7 +123,7 @@ def test_wrong_tensor_shapes_are_refused(bundle: Path) -> None:
 
 def test_unknown_backbone_is_named(bundle: Path) -> None:
     config = json.loads((bundle / "bundle.json").read_text())
-    config["backbone"]["name"] = "efficientnet_lite9"
+    config["backbones"][0]["name"] = "efficientnet_lite9"
     (bundle / "bundle.json").write_text(json.dumps(config))
     with pytest.raises(headstart.HeadstartError, match="efficientnet_lite9"):
         headstart.load(bundle)

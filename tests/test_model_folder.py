@@ -238,9 +238,9 @@ def edit_config(bundle: Path, text: str) -> None:
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("data_config.input_size", "Infinity", "not valid JSON"),
-        ("data_config.input_size", "1e12", "field 'data_config'"),
-        ("data_config.std", "[0, 1, 1]", "field 'data_config'"),
+        ("backbones.0.data_config.input_size", "Infinity", "not valid JSON"),
+        ("backbones.0.data_config.input_size", "1e12", r"field 'backbones\[0\].data_config'"),
+        ("backbones.0.data_config.std", "[0, 1, 1]", r"field 'backbones\[0\].data_config'"),
         ("head.hidden", "NaN", "not valid JSON"),
         ("head.hidden", '"abc"', "hidden must be an integer"),
         ("head.hidden", "1e12", "hidden must be an integer"),
@@ -259,7 +259,7 @@ def test_tampered_fields_are_refused_in_one_line(bundle: Path, field: str, value
     *parents, leaf = field.split(".")
     target = config
     for name in parents:
-        target = target[name]
+        target = target[int(name)] if isinstance(target, list) else target[name]
     target[leaf] = "@@"
     if field == "head.hidden":
         config["head"]["head"] = "mlp"
@@ -292,7 +292,7 @@ def test_malformed_history_and_metrics_are_refused(bundle: Path, name: str, data
 # Models saved by earlier versions
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_a_model_saved_by_an_earlier_format_still_loads_and_predicts_the_same(version: int) -> None:
     folder = FIXTURES / f"model_v{version}"
     expected = json.loads((FIXTURES / f"model_v{version}_expected.json").read_text())

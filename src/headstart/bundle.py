@@ -20,10 +20,12 @@ import json
 import os
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from headstart.backbone import ENSEMBLE_SEPARATOR, MAX_MEMBERS
 from headstart.config import DataConfig, is_finite_number, is_int
 from headstart.errors import BundleError, FileRefusedError
 from headstart.files import atomic_write_folder, json_bytes, open_regular, read_regular
@@ -33,7 +35,8 @@ if TYPE_CHECKING:  # NumPy is imported only to read or write tensors: `info` rea
     import numpy as np
     from numpy.typing import NDArray
 
-FORMAT_VERSION = 3  # 2: `files` lists the size and sha256 of every file of the model; 3: every summary field present
+FORMAT_VERSION = 4  # 2: `files` lists the size and sha256 of every file of the model; 3: every summary field present;
+# 4: `backbones`, a list of members (an ensemble, or one backbone) each with its own `data_config`, replaces `backbone` and `data_config`
 CONFIG_NAME = "bundle.json"
 WEIGHTS_NAME = "model.safetensors"
 METRICS_NAME = "metrics.json"
@@ -50,14 +53,49 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 @dataclass(frozen=True)
 class BackboneRecord:
-    """The backbone a model was trained on: enough to rebuild it and check it is the same one."""
+    """A backbone a model was trained on: enough to rebuild it and check it is the same one.
+
+    Attributes:
+        name: its name, e.g. "efficientnet_lite0" or "timm:resnet50".
+        weights_sha256: the hash of its weights (see `Backbone.weights_sha256`).
+        data_config: its preprocessing.
+        n_features: the width of its features (None in models saved before format 2 that lack it).
+        layer: the stage pooled (None: the final features).
+        weights_file: the weights file it was created from, if any.
+        finetuned_from: for fine-tuned weights (saved in `model.safetensors`), the hash of the pretrained ones.
+    """
 
     name: str
     weights_sha256: str
+    data_config: DataConfig
     n_features: int | None = None
     layer: int | None = None
     weights_file: str | None = None
     finetuned_from: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "weights_sha256": self.weights_sha256,
+            "n_features": self.n_features,
+            "layer": self.layer,
+            "weights_file": self.weights_file,
+            "finetuned_from": self.finetuned_from,
+            "data_config": self.data_config.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any], data_config: DataConfig) -> BackboneRecord:
+        """From a record `validate_config` accepted; `data_config` is its own (format 4) or the bundle's (formats 1 to 3)."""
+        return cls(
+            name=record["name"],
+            weights_sha256=record["weights_sha256"],
+            data_config=data_config,
+            n_features=record.get("n_features"),
+            layer=record.get("layer"),
+            weights_file=record.get("weights_file"),
+            finetuned_from=record.get("finetuned_from"),
+        )
 
 
 @dataclass(frozen=True)
@@ -65,16 +103,15 @@ class BundleConfig:
     """`bundle.json`: what a model is.
 
     Attributes:
-        backbone: the backbone (its fine-tuned weights, if any, are in `model.safetensors`).
-        data_config: the preprocessing.
+        backbones: the backbone, or an ensemble's backbones in the order their features are concatenated
+            (fine-tuned weights, for a single backbone, are in `model.safetensors`).
         head: the `HeadClassifier` parameters.
         classes: the class names, in output order.
         summary: what training did.
         files: each further model file's size and sha256 (empty for format 1).
     """
 
-    backbone: BackboneRecord
-    data_config: DataConfig
+    backbones: tuple[BackboneRecord, ...]
     head: dict[str, Any]
     classes: tuple[str, ...]
     summary: TrainingSummary
@@ -82,12 +119,16 @@ class BundleConfig:
     format_version: int = FORMAT_VERSION
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    @property
+    def backbone_name(self) -> str:
+        """The backbones' names joined by '+' (one backbone: its name)."""
+        return ENSEMBLE_SEPARATOR.join(b.name for b in self.backbones)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format_version": self.format_version,
             "headstart_version": self.headstart_version,
-            "backbone": dataclasses.asdict(self.backbone),
-            "data_config": self.data_config.to_dict(),
+            "backbones": [b.to_dict() for b in self.backbones],
             "head": self.head,
             "classes": list(self.classes),
             "summary": self.summary.to_dict(),
@@ -102,7 +143,10 @@ class BundleConfig:
             BundleError: names the first field of the wrong type or out of range.
         """
         validate_config(config, directory)
-        backbone = config["backbone"]
+        if config["format_version"] >= 4:
+            backbones = tuple(BackboneRecord.from_dict(b, DataConfig.from_dict(b["data_config"])) for b in config["backbones"])
+        else:
+            backbones = (BackboneRecord.from_dict(config["backbone"], DataConfig.from_dict(config["data_config"])),)
         try:
             summary = TrainingSummary.from_dict(config.get("summary", {}))
         except ValueError as e:
@@ -111,8 +155,7 @@ class BundleConfig:
                 f"{directory / CONFIG_NAME}: {field_name}. The file is damaged or was edited; re-save or retrain the model."
             ) from None
         return cls(
-            backbone=BackboneRecord(**{f.name: backbone.get(f.name) for f in dataclasses.fields(BackboneRecord)}),
-            data_config=DataConfig.from_dict(config["data_config"]),
+            backbones=backbones,
             head=config["head"],
             classes=tuple(config["classes"]),
             summary=summary,
@@ -168,7 +211,11 @@ def is_model_folder(directory: Path) -> bool:
         config = _parse_json(read_regular(directory / CONFIG_NAME, MAX_JSON_BYTES), directory / CONFIG_NAME)
     except (OSError, BundleError):
         return False
-    return isinstance(config, dict) and isinstance(config.get("format_version"), int) and isinstance(config.get("backbone"), dict)
+    return (
+        isinstance(config, dict)
+        and isinstance(config.get("format_version"), int)
+        and (isinstance(config.get("backbone"), dict) or isinstance(config.get("backbones"), list))
+    )
 
 
 def save_bundle(
@@ -252,6 +299,7 @@ def _read(directory: Path, fd: int, load_weights: bool) -> BundleContents:
     weights = contents[WEIGHTS_NAME]
     assert weights is not None  # required above
     shapes = _safetensors_shapes(weights, directory / WEIGHTS_NAME)
+    _check_head_width(config, shapes, directory / CONFIG_NAME)
     tensors = load_safetensors(weights) if load_weights else {}
     metrics = _json_file(contents.get(METRICS_NAME), directory / METRICS_NAME, dict)
     history = _json_file(contents.get(HISTORY_NAME), directory / HISTORY_NAME, list)
@@ -368,20 +416,17 @@ def validate_config(config: Any, directory: Path) -> None:
     need(is_int(version), "format_version", "an integer")
     if version > FORMAT_VERSION:
         raise BundleError(f"{where}: format {version} is newer than this headstart reads ({FORMAT_VERSION}). Upgrade headstart.")
-    backbone = config.get("backbone")
-    need(isinstance(backbone, dict), "backbone", "an object")
-    need(isinstance(backbone.get("name"), str), "backbone.name", "a string")
-    need(isinstance(backbone.get("weights_sha256"), str) and _HEX64.fullmatch(backbone["weights_sha256"]) is not None,
-         "backbone.weights_sha256", "64 hex digits")  # fmt: skip
-    need(backbone.get("weights_file") is None or isinstance(backbone["weights_file"], str), "backbone.weights_file", "a string or null")
-    need(backbone.get("n_features") is None or is_int(backbone["n_features"], 1, 1 << 20), "backbone.n_features", "a positive integer")
-    need(backbone.get("layer") is None or is_int(backbone["layer"], -64, 64), "backbone.layer", "an integer from -64 to 64, or null")
-    tuned = backbone.get("finetuned_from")
-    need(
-        tuned is None or (isinstance(tuned, str) and _HEX64.fullmatch(tuned) is not None),
-        "backbone.finetuned_from",
-        "null or 64 hex digits",
-    )
+    if version >= 4:
+        members = config.get("backbones")
+        need(
+            isinstance(members, list) and 1 <= len(members) <= MAX_MEMBERS,
+            "backbones",
+            f"a list of 1 to {MAX_MEMBERS} backbone records",
+        )
+        for k, member in enumerate(members):
+            _validate_backbone(need, member, f"backbones[{k}]", ensemble=len(members) > 1)
+    else:
+        _validate_backbone(need, config.get("backbone"), "backbone", ensemble=False)
     classes = config.get("classes")
     need(
         isinstance(classes, list)
@@ -397,10 +442,8 @@ def validate_config(config: Any, directory: Path) -> None:
     if version >= 3:
         missing = [f.name for f in dataclasses.fields(TrainingSummary) if f.name != "history" and f.name not in summary]
         need(not missing, f"summary.{missing[0] if missing else ''}", "present")
-    try:
-        DataConfig.from_dict(config.get("data_config"))
-    except (TypeError, KeyError, ValueError, AttributeError, OverflowError):
-        need(False, "data_config", "an object with input_size (16 to 2048), resize_size, interpolation, mean and std")
+    if version < 4:
+        _validate_data_config(need, config.get("data_config"), "data_config")
     if version >= 2:
         files = config.get("files")
         need(
@@ -412,6 +455,51 @@ def validate_config(config: Any, directory: Path) -> None:
             need(name in MODEL_FILES and name != CONFIG_NAME, f"files.{name}", "one of " + ", ".join(MODEL_FILES[1:]))
             ok = isinstance(record, dict) and is_int(record.get("size")) and _HEX64.fullmatch(str(record.get("sha256"))) is not None
             need(ok, f"files.{name}", "an object with size and sha256")
+
+
+def _validate_backbone(need: Callable[[bool, str, str], None], backbone: Any, where: str, ensemble: bool) -> None:
+    """Check one backbone record: `bundle.json`'s `backbone` (formats 1 to 3) or a member of its `backbones` (format 4)."""
+    need(isinstance(backbone, dict), where, "an object")
+    name = backbone.get("name")
+    need(isinstance(name, str) and bool(name) and ENSEMBLE_SEPARATOR not in name, f"{where}.name", "a backbone name (no '+')")
+    need(isinstance(backbone.get("weights_sha256"), str) and _HEX64.fullmatch(backbone["weights_sha256"]) is not None,
+         f"{where}.weights_sha256", "64 hex digits")  # fmt: skip
+    need(backbone.get("weights_file") is None or isinstance(backbone["weights_file"], str), f"{where}.weights_file", "a string or null")
+    if where == "backbone":  # formats 1 to 3 may lack it
+        need(backbone.get("n_features") is None or is_int(backbone["n_features"], 1, 1 << 20), f"{where}.n_features", "a positive integer")
+    else:
+        need(is_int(backbone.get("n_features"), 1, 1 << 20), f"{where}.n_features", "a positive integer")
+    need(backbone.get("layer") is None or is_int(backbone["layer"], -64, 64), f"{where}.layer", "an integer from -64 to 64, or null")
+    tuned = backbone.get("finetuned_from")
+    need(
+        tuned is None or (isinstance(tuned, str) and _HEX64.fullmatch(tuned) is not None and not ensemble),
+        f"{where}.finetuned_from",
+        "null (an ensemble's backbones are not fine-tuned)" if ensemble else "null or 64 hex digits",
+    )
+    if where != "backbone":
+        _validate_data_config(need, backbone.get("data_config"), f"{where}.data_config")
+
+
+def _validate_data_config(need: Callable[[bool, str, str], None], value: Any, where: str) -> None:
+    try:
+        DataConfig.from_dict(value)
+    except (TypeError, KeyError, ValueError, AttributeError, OverflowError):
+        need(False, where, "an object with input_size (16 to 2048), resize_size, interpolation, mean and std")
+
+
+def _check_head_width(config: BundleConfig, shapes: dict[str, list[int]], where: Path) -> None:
+    """The head's input width (from the safetensors header) against the features its backbones give, when all are recorded."""
+    widths = [b.n_features for b in config.backbones]
+    if any(w is None for w in widths):
+        return
+    total = sum(w for w in widths if w is not None)
+    width = shapes.get("head.0.mean")
+    if width != [total]:
+        given = " + ".join(f"{w} ({b.name})" for w, b in zip(widths, config.backbones, strict=True)) if len(widths) > 1 else str(total)
+        raise BundleError(
+            f"{where}: the backbones' n_features, {given}, do not match the head's {width} inputs. "
+            "The file is damaged or was edited; re-save or retrain the model."
+        )
 
 
 def _looks_pickled(head: bytes) -> bool:

@@ -1,4 +1,4 @@
-"""Model: a backbone and a fitted head, ready to predict, evaluate and save."""
+"""Model: a backbone (or an ensemble of backbones) and a fitted head, ready to predict, evaluate and save."""
 
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from headstart import __version__
-from headstart.backbone import Backbone, create_backbone
+from headstart.backbone import Backbone, create_backbone, ensemble_name, member_weights
 from headstart.bundle import HISTORY_CSV_NAME, HISTORY_NAME, BackboneRecord, BundleConfig, read_bundle, save_bundle
 from headstart.classifier import HeadClassifier
 from headstart.config import DataConfig, Progress, default_cache_dir
 from headstart.data import MAX_ASPECT_RATIO, MAX_PIXELS, MIN_SIDE, ImageRecord, Skipped, list_images, load_dataset, size_problem
 from headstart.engine import Engine, create_engine
 from headstart.errors import BundleError, ConfigError, DataError, UnreadableImageError
-from headstart.features import extract_features
+from headstart.features import Extraction, extract_features, run_engines
 from headstart.files import csv_bytes, json_bytes
 from headstart.metrics import Evaluation, evaluate_probabilities
 from headstart.summary import TrainingSummary
@@ -96,29 +96,86 @@ class Scores:
 
 
 class Model:
-    """A trained image classifier: a pretrained backbone and a fitted head.
+    """A trained image classifier: a pretrained backbone, or an ensemble of them, and a fitted head.
+
+    An ensemble's features are its backbones' features concatenated in member order,
+    each backbone seeing the image through its own preprocessing.
 
     Attributes:
-        backbone: the feature extractor.
+        backbones: the feature extractors, in the order their features are concatenated (one for most models).
         head: the fitted `HeadClassifier`.
         classes: the class names, in the order of `predict_proba`'s columns.
         summary: what training did (data counts, skipped files, validation metrics, history).
-        cache_root: where the backbone's exported ONNX engine is kept (default: `default_cache_dir()`).
+        cache_root: where the backbones' exported ONNX engines are kept (default: `default_cache_dir()`).
     """
 
     def __init__(
-        self, backbone: Backbone, head: HeadClassifier, summary: TrainingSummary | None = None, cache_root: Path | None = None
+        self,
+        backbone: Backbone | Sequence[Backbone],
+        head: HeadClassifier,
+        summary: TrainingSummary | None = None,
+        cache_root: Path | None = None,
     ) -> None:
         self.cache_root = cache_root or default_cache_dir()
-        self.backbone = backbone
+        self.backbones: tuple[Backbone, ...] = (backbone,) if isinstance(backbone, Backbone) else tuple(backbone)
+        if not self.backbones:
+            raise ValueError("a model needs at least one backbone")
         self.head = head
         self.classes: list[str] = [str(c) for c in head.classes_]
-        self.summary = summary or TrainingSummary("", backbone.name, head.head, head.head, tuple(self.classes), layer=backbone.layer)
+        layer = self.backbones[0].layer if len(self.backbones) == 1 else None
+        self.summary = summary or TrainingSummary("", self.backbone_name, head.head, head.head, tuple(self.classes), layer=layer)
+
+    @property
+    def backbone_name(self) -> str:
+        """The backbone's name, or an ensemble's member names joined by '+'."""
+        return ensemble_name(self.backbones)
+
+    @property
+    def backbone(self) -> Backbone:
+        """The backbone of a single-backbone model.
+
+        Raises:
+            ConfigError: the model is an ensemble (see `backbones`).
+        """
+        if len(self.backbones) > 1:
+            raise ConfigError(
+                f"This model is an ensemble of {len(self.backbones)} backbones ({self.backbone_name}) and this takes one; "
+                f"use a single-backbone model, or name a backbone, e.g. {self.backbones[0].name}."
+            )
+        return self.backbones[0]
+
+    @property
+    def data_configs(self) -> tuple[DataConfig, ...]:
+        """Each backbone's preprocessing, in member order."""
+        return tuple(b.data_config for b in self.backbones)
 
     @cached_property
+    def engines(self) -> tuple[Engine, ...]:
+        """What runs each backbone for predictions: ONNX Runtime when it exports, else PyTorch."""
+        return tuple(create_engine(b, cache_root=self.cache_root) for b in self.backbones)
+
+    @property
     def engine(self) -> Engine:
-        """What runs the backbone for predictions: ONNX Runtime when the backbone exports, else PyTorch."""
-        return create_engine(self.backbone, cache_root=self.cache_root)
+        """The engine of a single-backbone model (see `engines`).
+
+        Raises:
+            ConfigError: the model is an ensemble.
+        """
+        _ = self.backbone  # ConfigError for an ensemble
+        return self.engines[0]
+
+    def extract(self, paths: Sequence[Path], progress: Progress | None = None) -> Extraction:
+        """The features of image files, shape (n_kept, head's n_features): each decoded once, run through every backbone."""
+        return extract_features(self.engines, paths, progress=progress)
+
+    def inputs(self, image: Image.Image) -> tuple[NDArray[np.float32], ...]:
+        """An RGB image as each backbone's input: float32 arrays of shape (3, S_m, S_m), one per backbone."""
+        done = {cfg: preprocess(image, cfg) for cfg in dict.fromkeys(self.data_configs)}
+        return tuple(done[cfg] for cfg in self.data_configs)
+
+    def features(self, inputs: Sequence[NDArray[np.float32]]) -> NDArray[np.float32]:
+        """Features of a batch of preprocessed images, `inputs[m]` of shape (n, 3, S_m, S_m) for backbone m; shape (n, n_features)."""
+        return run_engines(self.engines, inputs)
 
     def predict_proba(self, images: Sequence[ImageLike], progress: Progress | None = None) -> NDArray[np.float32]:
         """Class probabilities, one row per image (folders expanded), columns in `classes` order.
@@ -147,7 +204,7 @@ class Model:
         """Probabilities of the readable images in input order, each one's path (None in memory), and the skipped files."""
         if isinstance(images, str | os.PathLike | Image.Image | np.ndarray):
             raise ConfigError("Give a list of images, e.g. model.predict([image]).")
-        items: list[Path | NDArray[np.float32]] = []
+        items: list[Path | tuple[NDArray[np.float32], ...]] = []
         skipped: list[Skipped] = []
         for image in images:
             if isinstance(image, str | os.PathLike):
@@ -155,12 +212,12 @@ class Model:
                 items += found
                 skipped += missing
             else:
-                items.append(_preprocessed(image, self.backbone.data_config))
+                items.append(self.inputs(_checked_image(image)))
         paths = [item for item in items if isinstance(item, Path)]
-        extraction = extract_features(self.engine, paths, progress=progress)
+        extraction = self.extract(paths, progress=progress)
         file_rows = dict(zip(extraction.kept.tolist(), extraction.features))
         arrays = [item for item in items if not isinstance(item, Path)]
-        array_rows = iter([row for k in range(0, len(arrays), 32) for row in self.engine(np.stack(arrays[k : k + 32]))])
+        array_rows = iter([row for k in range(0, len(arrays), 32) for row in self.features(_stacked(arrays[k : k + 32]))])
         rows: list[NDArray[np.float32]] = []
         sources: list[Path | None] = []
         n_files = 0
@@ -173,7 +230,7 @@ class Model:
                 rows.append(file_rows[n_files])
                 sources.append(item)
             n_files += 1
-        features = np.stack(rows) if rows else np.zeros((0, self.backbone.n_features), np.float32)
+        features = np.stack(rows) if rows else np.zeros((0, sum(b.n_features for b in self.backbones)), np.float32)
         return self.head.predict_proba(features), sources, skipped + extraction.skipped
 
     def evaluate(self, data: PathLike, progress: Progress | None = None) -> EvaluationResult:
@@ -193,11 +250,11 @@ class Model:
     ) -> Scores:
         """Class probabilities and an evaluation for labelled images; labels must be among `classes`.
 
-        `features`, the backbone's features of `records` when already at hand, spares running the backbone again.
+        `features`, the backbones' features of `records` when already at hand, spares running the backbones again.
         """
         kept, skipped = list(records), []
         if features is None:
-            extraction = extract_features(self.engine, [r.path for r in records], progress=progress)
+            extraction = self.extract([r.path for r in records], progress=progress)
             kept, features, skipped = [records[i] for i in extraction.kept], extraction.features, extraction.skipped
         y_true = np.asarray([self.classes.index(r.label) for r in kept], dtype=np.int64)
         proba = self.head.predict_proba(features)
@@ -206,7 +263,7 @@ class Model:
     def save(self, directory: PathLike, force: bool = False) -> Path:
         """Write the model as a bundle folder (safetensors + JSON), switched in one step. Returns the folder.
 
-        Fine-tuned backbone weights are saved in full; pretrained ones only by name and hash.
+        Fine-tuned backbone weights are saved in full; pretrained ones (every backbone of an ensemble) only by name and hash.
         `directory` must be new, empty or a headstart model; `force` also allows a
         folder of other files, which are kept (the model's own files are replaced).
 
@@ -214,18 +271,24 @@ class Model:
             BundleError: `directory` holds other files and `force` is off.
         """
         tensors = {f"head.{k}": v for k, v in self.head.weights_.items()}
-        if self.backbone.finetuned_from is not None:
-            tensors.update({f"backbone.{k}": v.detach().numpy() for k, v in self.backbone.module.state_dict().items()})
+        tuned = [b for b in self.backbones if b.finetuned_from is not None]
+        if tuned and len(self.backbones) > 1:
+            raise ConfigError("An ensemble's backbones cannot be fine-tuned; train a single backbone to fine-tune it.")
+        if tuned:
+            tensors.update({f"backbone.{k}": v.detach().numpy() for k, v in tuned[0].module.state_dict().items()})
         config = BundleConfig(
-            backbone=BackboneRecord(
-                name=self.backbone.name,
-                weights_sha256=self.backbone.weights_sha256,
-                n_features=self.backbone.n_features,
-                layer=self.backbone.layer,
-                weights_file=self.summary.weights_file,
-                finetuned_from=self.backbone.finetuned_from,
+            backbones=tuple(
+                BackboneRecord(
+                    name=b.name,
+                    weights_sha256=b.weights_sha256,
+                    data_config=b.data_config,
+                    n_features=b.n_features,
+                    layer=b.layer,
+                    weights_file=self.summary.weights_file if len(self.backbones) == 1 else b.weights_file,
+                    finetuned_from=b.finetuned_from,
+                )
+                for b in self.backbones
             ),
-            data_config=self.backbone.data_config,
             head=self.head.get_params(),
             classes=tuple(self.classes),
             summary=self.summary,
@@ -241,7 +304,7 @@ class Model:
         return save_bundle(Path(directory), config, tensors, metrics, extras, force)
 
     def __repr__(self) -> str:
-        return f"Model(backbone={self.backbone.name!r}, head={self.head.head!r}, classes={self.classes})"
+        return f"Model(backbone={self.backbone_name!r}, head={self.head.head!r}, classes={self.classes})"
 
 
 def load(directory: PathLike, weights: PathLike | None = None, cache_root: PathLike | None = None) -> Model:
@@ -259,37 +322,50 @@ def load(directory: PathLike, weights: PathLike | None = None, cache_root: PathL
     root = Path(cache_root) if cache_root is not None else default_cache_dir()
     contents = read_bundle(directory)
     config, tensors = contents.config, contents.tensors
-    recorded = config.backbone
-    if recorded.finetuned_from:
-        import torch
+    records = config.backbones
+    files = member_weights([r.name for r in records], weights) if weights is not None else [r.weights_file for r in records]
+    backbones = []
+    for recorded, file in zip(records, files, strict=True):
+        if recorded.finetuned_from:  # one backbone only (`bundle.validate_config`)
+            import torch
 
-        state = {k.removeprefix("backbone."): torch.from_numpy(v) for k, v in tensors.items() if k.startswith("backbone.")}
-        backbone = create_backbone(recorded.name, state=state, layer=recorded.layer)
-        backbone = dataclasses.replace(backbone, finetuned_from=recorded.finetuned_from)
-    else:
-        backbone = create_backbone(
-            recorded.name, weights if weights is not None else recorded.weights_file, recorded.layer, cache_root=root
-        )
-    if backbone.weights_sha256 != recorded.weights_sha256:
-        raise BundleError(
-            f"{directory}: backbone '{recorded.name}' weights differ from those the model was trained with "
-            f"(sha256 {backbone.weights_sha256[:12]}… vs recorded {recorded.weights_sha256[:12]}…). "
-            "Pass the original weights with --weights, or retrain."
-        )
-    if backbone.data_config != config.data_config:
-        raise BundleError(f"{directory}: preprocessing in bundle.json differs from backbone '{recorded.name}'s. Retrain the model.")
+            state = {k.removeprefix("backbone."): torch.from_numpy(v) for k, v in tensors.items() if k.startswith("backbone.")}
+            backbone = create_backbone(recorded.name, state=state, layer=recorded.layer)
+            backbone = dataclasses.replace(backbone, finetuned_from=recorded.finetuned_from)
+        else:
+            backbone = create_backbone(recorded.name, file, recorded.layer, cache_root=root)
+        if backbone.weights_sha256 != recorded.weights_sha256:
+            raise BundleError(
+                f"{directory}: backbone '{recorded.name}' weights differ from those the model was trained with "
+                f"(sha256 {backbone.weights_sha256[:12]}… vs recorded {recorded.weights_sha256[:12]}…). "
+                "Pass the original weights with --weights, or retrain."
+            )
+        if backbone.data_config != recorded.data_config:
+            raise BundleError(f"{directory}: preprocessing in bundle.json differs from backbone '{recorded.name}'s. Retrain the model.")
+        if recorded.n_features is not None and backbone.n_features != recorded.n_features:
+            raise BundleError(
+                f"{directory}: backbone '{recorded.name}' gives {backbone.n_features} features, bundle.json records {recorded.n_features}. "
+                "The file is damaged or was edited; re-save or retrain the model."
+            )
+        backbones.append(backbone)
     head_state = {k.removeprefix("head."): v for k, v in tensors.items() if k.startswith("head.")}
     try:
         head = HeadClassifier.from_state(config.head, list(config.classes), head_state)
     except (ConfigError, TypeError) as e:
         raise BundleError(f"{directory}: {e}") from None
-    if head.n_features_in_ != backbone.n_features:
-        raise BundleError(f"{directory}: head expects {head.n_features_in_} features, backbone gives {backbone.n_features}.")
-    return Model(backbone, head, config.summary, root)
+    n_features = sum(b.n_features for b in backbones)
+    if head.n_features_in_ != n_features:
+        raise BundleError(f"{directory}: head expects {head.n_features_in_} features, the backbones give {n_features}.")
+    return Model(tuple(backbones), head, config.summary, root)
 
 
-def _preprocessed(image: Any, cfg: DataConfig) -> NDArray[np.float32]:
-    """A PIL image or uint8 RGB pixels (height, width, 3) as the backbone's input, held to the limits image files are.
+def _stacked(inputs: Sequence[tuple[NDArray[np.float32], ...]]) -> list[NDArray[np.float32]]:
+    """Per-image inputs (one array per backbone) as one batch per backbone."""
+    return [np.stack([per_image[m] for per_image in inputs]) for m in range(len(inputs[0]))]
+
+
+def _checked_image(image: Any) -> Image.Image:
+    """A PIL image or uint8 RGB pixels (height, width, 3) as an RGB image, held to the limits image files are.
 
     Raises:
         ConfigError: neither, or too small, too large or too elongated.
@@ -309,4 +385,4 @@ def _preprocessed(image: Any, cfg: DataConfig) -> NDArray[np.float32]:
             f"at most {MAX_PIXELS:,} pixels and at most {MAX_ASPECT_RATIO}:1."
         )
     pil = Image.fromarray(image) if isinstance(image, np.ndarray) else image
-    return preprocess(pil.convert("RGB"), cfg)
+    return pil.convert("RGB")

@@ -13,9 +13,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from headstart.augment import AugmentConfig
-from headstart.backbone import Backbone, at_layer, create_backbone
+from headstart.backbone import Backbone, at_layer, create_backbones, ensemble_name, parse_backbones
 from headstart.bundle import CHECKPOINT_DIR, REPORT_NAME, check_output_folder
-from headstart.cache import CachedExtraction, FeatureCache, extract_with_cache
+from headstart.cache import CachedExtraction, FeatureCache, extract_members_with_cache
 from headstart.checkpoints import remove_checkpoint
 from headstart.classifier import HeadClassifier
 from headstart.config import Progress, default_cache_dir
@@ -68,7 +68,10 @@ def train(
     Args:
         data: a folder with one sub-folder per class, a folder with train/ and val/
             splits of such folders, or a CSV of path,label.
-        backbone: a name from `headstart.backbones()` or "timm:<model>".
+        backbone: a name from `headstart.backbones()` or "timm:<model>"; several joined by "+" (e.g.
+            "efficientnet_lite0+efficientnet_lite1") for an ensemble: the head is fitted on their
+            features concatenated, each backbone's computed with its own preprocessing and cached
+            under its own key (frozen strategies only, no `layer`; `weights` goes to its one timm: member).
         strategy: "linear" or "mlp" (that head on frozen features), "finetune"
             (two phases), or "auto" (chosen from dataset size and similarity to ImageNet).
             None (the default) means frozen features with `head`.
@@ -109,6 +112,13 @@ def train(
         raise ConfigError(f"Strategy '{strategy}' trains a {strategy} head; drop --head {head} or use --strategy finetune.")
     if resume and out is None:
         raise ConfigError("resume needs the output folder of the interrupted run (--out).")
+    members = parse_backbones(backbone)
+    if len(members) > 1 and strategy in ("finetune", "auto"):
+        raise ConfigError(
+            f"Strategy '{strategy}' takes one backbone, and '{backbone}' is an ensemble. Use --strategy linear or mlp, or train one backbone."
+        )
+    if len(members) > 1 and layer is not None:
+        raise ConfigError(f"--layer takes one backbone, and '{backbone}' is an ensemble. Drop --layer, or train one backbone.")
     if out is not None:
         check_output_folder(Path(out), force)
     clf = HeadClassifier(head="mlp" if strategy == "mlp" else head or "linear", class_weight="balanced" if balanced else None, seed=seed)
@@ -126,10 +136,11 @@ def train(
     if strategy in ("finetune", "auto") and presplit_val is None and val_split == 0:
         raise ConfigError(f"Strategy '{strategy}' needs validation images; use a val_split above 0.")
     cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
-    net = create_backbone(backbone, weights, layer, cache_root=cache_root)
+    nets = create_backbones(backbone, weights, layer, cache_root=cache_root)
+    net = nets[0]  # the strategies that change the backbone (auto, finetune) take one
     features_of = partial(_cached_features, cache_root=cache_root, use_cache=cache)
     found = records + (presplit_val or [])
-    extraction = features_of(net, found, batch_size, progress)
+    extraction = features_of(nets, found, batch_size, progress)
     # Unreadable files leave before the split, as in `check`, so both count the same usable images per class.
     dataset = split_dataset(root, records, presplit_val, skipped, val_split, seed, unusable=extraction.skipped)
     warnings = dataset_warnings(data, dataset)
@@ -141,19 +152,20 @@ def train(
     if strategy == "auto":
         final = frozen.features
         used = frozen.dataset.train + frozen.dataset.val
-        early = _split(frozen.dataset, used, features_of(at_layer(net, EARLIER_LAYER), used, batch_size, progress))
+        early = _split(frozen.dataset, used, features_of((at_layer(net, EARLIER_LAYER),), used, batch_size, progress))
         confidence = imagenet_confidence(net, final.X_train) if net.has_imagenet_head and net.layer is None else None
         n_train, n_classes = len(frozen.dataset.train), len(frozen.dataset.classes)
         choice = choose(n_train, n_classes, confidence, probe_loss(final, seed), probe_loss(early, seed))
         if choice.layer is not None:
             net = at_layer(net, choice.layer)
-            frozen = _fit_frozen(net, frozen.dataset, clf, used, features_of(net, used, batch_size, progress))
+            nets = (net,)
+            frozen = _fit_frozen(net, frozen.dataset, clf, used, features_of(nets, used, batch_size, progress))
         tune = dataclasses.replace(tune, unfreeze=choice.unfreeze) if tune is not None else None
 
     dataset, clf = frozen.dataset, frozen.clf
     summary = TrainingSummary(
         data=str(data),
-        backbone=net.name,
+        backbone=ensemble_name(nets),
         layer=net.layer,
         strategy=strategy,
         head=clf.head,
@@ -175,7 +187,8 @@ def train(
     )
     if tune is not None and (strategy == "finetune" or (choice is not None and choice.strategy == "finetune")):
         net, clf, summary = _finetune(net, clf, dataset, tune, summary, Path(out) if out is not None else None, resume, force, progress)
-    model = Model(net, clf, summary.replace(seconds=round(time.perf_counter() - started, 2)), cache_root)
+        nets = (net,)
+    model = Model(nets, clf, summary.replace(seconds=round(time.perf_counter() - started, 2)), cache_root)
     if out is not None:
         model.save(out, force=force)
         remove_checkpoint(Path(out) / CHECKPOINT_DIR)
@@ -201,11 +214,12 @@ class _Frozen:
 
 
 def _cached_features(
-    net: Backbone, records: list[ImageRecord], batch_size: int, progress: Progress | None, cache_root: Path, use_cache: bool
+    nets: tuple[Backbone, ...], records: list[ImageRecord], batch_size: int, progress: Progress | None, cache_root: Path, use_cache: bool
 ) -> CachedExtraction:
-    store = FeatureCache(cache_root, net) if use_cache else None
+    """The backbones' features of `records` (concatenated for an ensemble), each backbone's read from and stored in its own cache."""
+    stores = [FeatureCache(cache_root, net) if use_cache else None for net in nets]
     make_engine = partial(create_engine, cache_root=cache_root)
-    return extract_with_cache(net, [r.path for r in records], store, batch_size, progress, make_engine)
+    return extract_members_with_cache(nets, [r.path for r in records], stores, batch_size, progress, make_engine)
 
 
 def _split(dataset: Dataset, records: list[ImageRecord], extraction: CachedExtraction) -> ProbeData:

@@ -122,24 +122,40 @@ def triage_verdict(result: Triage, listing: Path | None, out: Console | None = N
 def info(directory: Path, contents: BundleContents, out: Console | None = None) -> None:
     out = out or console
     config, metrics = contents.config, contents.metrics
-    backbone, head, data = config.backbone, config.head, config.data_config
-    layer = f", stage {backbone.layer}" if backbone.layer is not None else ""
-    tuned = " (fine-tuned)" if backbone.finetuned_from else ""
+    head = config.head
     n_parameters = sum(math.prod(shape) for shape in contents.shapes.values())
     lines = [
         _text(
             (str(directory), "bold"),
             f": headstart model, format {config.format_version}, saved by headstart {config.headstart_version or '?'}",
-        ),
-        _text(f"backbone: {backbone.name}{layer}{tuned}, weights sha256 {backbone.weights_sha256[:12]}…"),
+        )
+    ]
+    if len(config.backbones) == 1:
+        (backbone,) = config.backbones
+        layer = f", stage {backbone.layer}" if backbone.layer is not None else ""
+        tuned = " (fine-tuned)" if backbone.finetuned_from else ""
+        lines.append(_text(f"backbone: {backbone.name}{layer}{tuned}, weights sha256 {backbone.weights_sha256[:12]}…"))
+    else:
+        lines.append(_text(f"backbones: an ensemble of {len(config.backbones)}, features concatenated in this order:"))
+        for b in config.backbones:
+            d = b.data_config
+            lines.append(
+                _text(
+                    f"  {b.name}: {b.n_features} features, input {d.input_size} px (resize {d.resize_size}, {d.interpolation}), "
+                    f"weights sha256 {b.weights_sha256[:12]}…"
+                )
+            )
+    lines += [
         _text(f"classes ({len(config.classes)}): {', '.join(config.classes)}"),
         _text(
             f"head: {head.get('head')}"
             + (f", hidden {head.get('hidden')}, dropout {head.get('dropout')}" if head.get("head") == "mlp" else "")
         ),
-        _text(f"input: {data.input_size} px (resize {data.resize_size}, {data.interpolation})"),
-        _text(f"tensors: {len(contents.shapes)}, {n_parameters:,} values"),
     ]
+    if len(config.backbones) == 1:
+        data = config.backbones[0].data_config
+        lines.append(_text(f"input: {data.input_size} px (resize {data.resize_size}, {data.interpolation})"))
+    lines.append(_text(f"tensors: {len(contents.shapes)}, {n_parameters:,} values"))
     if "accuracy" in metrics:
         lines.append(_text(f"validation accuracy {metrics['accuracy']:.3f} on {metrics.get('n_images', '?')} images"))
     lines.append(_text("files: " + ", ".join(f"{name} ({size:,} B)" for name, size in contents.files.items())))
