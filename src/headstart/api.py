@@ -233,6 +233,7 @@ def explain(
 ) -> Explanations:
     """Grad-CAM overlays for the predicted class (or `class_name`) of each image, one PNG each in `out`.
 
+    An ensemble's PNG has one overlay per backbone, each from that backbone's share of the features.
     Each PNG is named `{stem}_gradcam.png` (`{stem}_2_gradcam.png`, ... when stems repeat; long stems shortened).
     Unreadable images are skipped and listed.
 
@@ -250,7 +251,7 @@ def explain(
     paths, skipped = list_images(list(images))
     written: list[Path] = []
     taken = existing_names(Path(out))
-    cfg = model.backbone.data_config
+    cfg = model.data_configs[0]
     for done, path in enumerate(paths, start=1):
         try:
             image = load_image(path)
@@ -260,9 +261,10 @@ def explain(
             proba = model.predict_proba([image])[0]
             index = model.classes.index(class_name) if class_name else int(proba.argmax())
             view = resize_and_crop(image, cfg)
-            title = f"{display(path.name)}: Grad-CAM for '{display(model.classes[index])}' (p={proba[index]:.2f})"
-            (cam,) = grad_cam_overlays(model, [image], [index])
-            figure = image_grid([[view, cam]], [[display(path.name), title]], cell_inches=3)
+            what = f"Grad-CAM for '{display(model.classes[index])}' (p={proba[index]:.2f})"
+            (cams,) = grad_cam_overlays(model, [image], [index])
+            titles = [f"{display(path.name)}: {what}"] if len(cams) == 1 else [f"{b.name}: {what}" for b in model.backbones]
+            figure = image_grid([[view, *cams]], [[display(path.name), *titles]], cell_inches=3)
             written.append(save_figure(figure, Path(out) / output_name(path.stem, "_gradcam.png", taken)))
         if progress:
             progress("Explaining", done, len(paths))

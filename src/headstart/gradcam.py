@@ -15,7 +15,7 @@ from headstart.backbone import Backbone
 from headstart.data import Skipped
 from headstart.engine import OnnxEngine
 from headstart.errors import BackboneWeightsError
-from headstart.transforms import preprocess, resize_and_crop
+from headstart.transforms import resize_and_crop
 
 if TYPE_CHECKING:
     import torch
@@ -56,41 +56,64 @@ def output_name(stem: str, suffix: str, taken: set[str]) -> str:
         n += 1
 
 
-def class_activation_maps(model: Model, images: list[Image.Image], class_indices: list[int]) -> list[NDArray[np.float32]]:
-    """Grad-CAM of each image for its class: float32 arrays of shape (h, w) in [0, 1].
+def class_activation_maps(model: Model, images: list[Image.Image], class_indices: list[int]) -> list[list[NDArray[np.float32]]]:
+    """Grad-CAM of each image for its class, one map per backbone (member order): float32 arrays of shape (h, w) in [0, 1].
 
-    When the model's ONNX engine gives the feature map whose spatial mean is the
-    features, the gradient of the class score with respect to the map is the
-    same at every position (the head's gradient at the features over h*w), so
-    Grad-CAM needs only the map and the head: no PyTorch. Otherwise it runs
-    `grad_cam` in PyTorch.
+    Backbone m's map is weighted by the gradient of the class score with respect to
+    m's slice of the (concatenated) features; a single-backbone model has one map.
+    When a backbone's ONNX engine gives the feature map whose spatial mean is its
+    features, that gradient is the same at every position of the map (the head's
+    gradient at the features over h*w), so its Grad-CAM needs only the map and the
+    head: no PyTorch. Otherwise it runs `grad_cam` in PyTorch, the other backbones'
+    features held fixed.
     """
-    engine = model.engine
-    cfg = model.backbone.data_config
+    offsets = np.cumsum([0] + [b.n_features for b in model.backbones])
     cams = []
     for image, index in zip(images, class_indices, strict=True):
-        batch = preprocess(image, cfg)[None]
-        if isinstance(engine, OnnxEngine) and engine.mean_pooled:
-            maps = engine.feature_maps(batch)
-            weights = model.head.logit_gradient(maps.mean((2, 3)), index)[0]
-            cam = np.maximum(np.einsum("c,chw->hw", weights, maps[0]), 0)
-            peak = float(cam.max())
-            cams.append((cam / peak if peak > 0 else cam).astype(np.float32))
-        else:
+        inputs = [x[None] for x in model.inputs(image)]
+        maps = [e.feature_maps(x) if isinstance(e, OnnxEngine) and e.mean_pooled else None for e, x in zip(model.engines, inputs)]
+        if len(maps) == 1 and maps[0] is None:  # one backbone, in PyTorch: `grad_cam` needs nothing else
             import torch
 
-            cams.append(grad_cam(model.backbone, torch.from_numpy(batch), index, model.head.to_torch()))
+            cams.append([grad_cam(model.backbones[0], torch.from_numpy(inputs[0]), index, model.head.to_torch())])
+            continue
+        features = np.concatenate([m.mean((2, 3)) if m is not None else e(x) for m, e, x in zip(maps, model.engines, inputs)], axis=1)
+        gradient = model.head.logit_gradient(features, index)[0]
+        per_backbone = []
+        for k, (backbone, member_maps) in enumerate(zip(model.backbones, maps, strict=True)):
+            start, stop = int(offsets[k]), int(offsets[k + 1])
+            if member_maps is not None:
+                cam = np.maximum(np.einsum("c,chw->hw", gradient[start:stop], member_maps[0]), 0)
+                peak = float(cam.max())
+                per_backbone.append((cam / peak if peak > 0 else cam).astype(np.float32))
+            else:
+                import torch
+
+                context = (features[:, :start], features[:, stop:])
+                per_backbone.append(grad_cam(backbone, torch.from_numpy(inputs[k]), index, model.head.to_torch(), context))
+        cams.append(per_backbone)
     return cams
 
 
-def grad_cam_overlays(model: Model, images: list[Image.Image], class_indices: list[int]) -> list[Image.Image]:
-    """Each image as the backbone sees it (resized, centre-cropped), its Grad-CAM for its class blended over it."""
-    cfg = model.backbone.data_config
+def grad_cam_overlays(model: Model, images: list[Image.Image], class_indices: list[int]) -> list[list[Image.Image]]:
+    """Each image as each backbone sees it (resized, centre-cropped), that backbone's Grad-CAM for its class blended over it.
+
+    One list per image, one overlay per backbone (member order).
+    """
     cams = class_activation_maps(model, images, class_indices)
-    return [overlay(resize_and_crop(image, cfg), cam) for image, cam in zip(images, cams, strict=True)]
+    return [
+        [overlay(resize_and_crop(image, cfg), cam) for cfg, cam in zip(model.data_configs, per_backbone, strict=True)]
+        for image, per_backbone in zip(images, cams, strict=True)
+    ]
 
 
-def grad_cam(backbone: Backbone, batch: torch.Tensor, class_index: int, head: nn.Module | None = None) -> NDArray[np.float32]:
+def grad_cam(
+    backbone: Backbone,
+    batch: torch.Tensor,
+    class_index: int,
+    head: nn.Module | None = None,
+    context: tuple[NDArray[np.float32], NDArray[np.float32]] | None = None,
+) -> NDArray[np.float32]:
     """Grad-CAM of one image for one class: float32 array of shape (h, w) in [0, 1].
 
     The gradient of the class score with respect to the backbone's last feature map
@@ -102,6 +125,9 @@ def grad_cam(backbone: Backbone, batch: torch.Tensor, class_index: int, head: nn
         class_index: column of the classifier's output to explain.
         head: a headstart head on the pooled features; None explains the
             backbone's own ImageNet classifier.
+        context: for a member of an ensemble, the other backbones' features of the image
+            before and after this one's, shapes (1, n_before) and (1, n_after): the head
+            sees them concatenated around this backbone's, held fixed.
     """
     import torch
 
@@ -111,7 +137,15 @@ def grad_cam(backbone: Backbone, batch: torch.Tensor, class_index: int, head: nn
         maps = backbone.feature_map(batch)
     with torch.enable_grad():
         maps = maps.clone().requires_grad_(True)
-        logits = head(backbone.pool(maps)) if head is not None else backbone.module.forward_head(maps)  # type: ignore[operator]
+        if head is None:
+            logits = backbone.module.forward_head(maps)  # type: ignore[operator]
+        else:
+            pooled = backbone.pool(maps)
+            if context is not None:
+                pooled = torch.cat(
+                    [torch.from_numpy(np.ascontiguousarray(context[0])), pooled, torch.from_numpy(np.ascontiguousarray(context[1]))], 1
+                )
+            logits = head(pooled)
         (gradients,) = torch.autograd.grad(logits[0, class_index], maps)
     weights = gradients.mean((2, 3), keepdim=True)
     cam = torch.relu((weights * maps.detach()).sum(1))[0]

@@ -288,7 +288,7 @@ def build_report(model: Model, scores: Scores, out: Path, n_grid: int = 16, n_to
     kept, y_true, proba, evaluation = scores.records, scores.y_true, scores.proba, scores.evaluation
     y_pred = proba.argmax(1) if len(kept) else np.zeros(0, np.int64)
     losses = -np.log(np.clip(proba[np.arange(len(kept)), y_true], 1e-12, 1)) if len(kept) else np.zeros(0)
-    cfg = model.backbone.data_config
+    cfg = model.data_configs[0]
 
     def tile(i: int, view: Image.Image | None = None) -> str:
         if view is None:  # a thumbnail needs no full-size decode
@@ -318,13 +318,18 @@ def build_report(model: Model, scores: Scores, out: Path, n_grid: int = 16, n_to
         chosen = correct + wrong[:n_cam]
         images = [load_image(kept[i].path) for i in chosen]
         pairs = []
-        for i, image, cam in zip(chosen, images, grad_cam_overlays(model, images, [int(y_pred[i]) for i in chosen]), strict=True):
+        for i, image, cams in zip(chosen, images, grad_cam_overlays(model, images, [int(y_pred[i]) for i in chosen]), strict=True):
             predicted = model.classes[y_pred[i]]
-            heatmap = image_tile(cam, [f"Grad-CAM for '{predicted}'"], f"Grad-CAM heatmap for '{predicted}'", bool(y_pred[i] == y_true[i]))
-            pairs.append(f'<div class="pair">{tile(i, resize_and_crop(image, cfg))}{heatmap}</div>')
+            heatmaps = "".join(
+                image_tile(
+                    cam, [f"Grad-CAM{by} for '{predicted}'"], f"Grad-CAM heatmap{by} for '{predicted}'", bool(y_pred[i] == y_true[i])
+                )
+                for cam, by in zip(cams, [""] if len(cams) == 1 else [f" ({b.name})" for b in model.backbones], strict=True)
+            )
+            pairs.append(f'<div class="pair">{tile(i, resize_and_crop(image, cfg))}{heatmaps}</div>')
         caption = "Grad-CAM: where the network looked for the predicted class (red = most), for correct and wrong validation images."
         sections.append(Section("Class activation maps", tiles_html(pairs, caption, "gradcam")))
-    return write_report(out, f"headstart report: {s.backbone or model.backbone.name} on {s.data or 'data'}", sections)
+    return write_report(out, f"headstart report: {s.backbone or model.backbone_name} on {s.data or 'data'}", sections)
 
 
 def _legend() -> str:
@@ -334,7 +339,7 @@ def _legend() -> str:
 def _summary_html(model: Model, evaluation: Evaluation, n_scored: int) -> str:
     s = model.summary
     facts: list[tuple[str, object]] = [
-        ("backbone", f"{model.backbone.name}" + (f" (stage {model.backbone.layer} features)" if model.backbone.layer is not None else "")),
+        ("backbone", _backbone_fact(model)),
         ("strategy", s.strategy + (f" — {s.auto.reason}" if s.auto is not None else "")),
         ("head", model.head.head),
         ("classes", ", ".join(model.classes)),
@@ -352,6 +357,13 @@ def _summary_html(model: Model, evaluation: Evaluation, n_scored: int) -> str:
         )
     body += table(["skipped file", "reason"], [(d.path, d.reason) for d in s.skipped]) if s.skipped else paragraph("No files were skipped.")
     return body
+
+
+def _backbone_fact(model: Model) -> str:
+    if len(model.backbones) > 1:
+        return f"{model.backbone_name} (an ensemble: the {len(model.backbones)} backbones' features concatenated)"
+    backbone = model.backbones[0]
+    return backbone.name + (f" (stage {backbone.layer} features)" if backbone.layer is not None else "")
 
 
 def _per_class_html(evaluation: Evaluation) -> str:
