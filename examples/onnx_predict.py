@@ -1,6 +1,9 @@
 """Classify photos with a model from `headstart export`, using only ONNX Runtime, Pillow and NumPy.
 
 python onnx_predict.py model.onnx photo.jpg [photo2.jpg ...]
+
+An ensemble's file has one input per backbone (metadata `preprocessing.inputs`): each photo is decoded once,
+then resized and cropped for each input.
 """
 
 import json
@@ -13,11 +16,11 @@ from PIL import Image, ImageOps
 session = onnxruntime.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
 meta = session.get_modelmeta().custom_metadata_map
 classes, prep = json.loads(meta["classes"]), json.loads(meta["preprocessing"])
-resize, size = prep["resize_size"], prep["input_size"]
+inputs = prep.get("inputs") or [dict(prep, name="image")]  # files exported before ensembles list no inputs
 resample = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST}
 
 
-def pixels(path: str) -> np.ndarray:
+def decode(path: str) -> Image.Image:
     image = Image.open(path)
     image.draft(None, (prep["jpeg_draft_size"],) * 2)  # JPEGs: decode at reduced scale when far larger than needed
     image = ImageOps.exif_transpose(image)
@@ -26,14 +29,18 @@ def pixels(path: str) -> np.ndarray:
         image = Image.fromarray((grey * (255.0 / (65535.0 if grey.max(initial=0) > 255 else 255.0))).clip(0, 255).astype(np.uint8), "L")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
-    image = image.convert("RGB")
-    w, h = image.size
-    image = image.resize((resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize), resample[prep["interpolation"]])
+    return image.convert("RGB")
+
+
+def pixels(image: Image.Image, spec: dict) -> np.ndarray:
+    resize, size, (w, h) = spec["resize_size"], spec["input_size"], image.size
+    image = image.resize((resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize), resample[spec["interpolation"]])
     left, top = round((image.width - size) / 2), round((image.height - size) / 2)
     return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
 for path in sys.argv[2:]:
-    probabilities = session.run(["probabilities"], {"image": pixels(path)[None]})[0][0]
+    image = decode(path)
+    probabilities = session.run(["probabilities"], {spec["name"]: pixels(image, spec)[None] for spec in inputs})[0][0]
     best = np.argsort(-probabilities)[:3]
     print(path, *(f"{classes[i]} {probabilities[i]:.5f}" for i in best), sep="\t")

@@ -5,6 +5,12 @@ The ONNX file takes what any image library gives: uint8 RGB pixels of shape
 normalisation, the backbone, the head and the softmax are inside the graph, and
 the output "probabilities" has one column per class. Its metadata holds the
 class names, the preprocessing and the headstart version.
+
+An ensemble's backbones each have their own preprocessing, so its file has one
+input per backbone, "image_0", "image_1", ..., each (n, S_k, S_k, 3) for that
+backbone's size: every image is decoded once and resized and cropped once per
+input (`ENSEMBLE_RECIPE`); the metadata's `preprocessing.inputs` lists them.
+TFLite export takes single-backbone models only.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 from numpy.typing import NDArray
@@ -29,7 +35,7 @@ from headstart.data import ImageRecord, list_images, load_dataset
 from headstart.engine import cpu_session, exported_model
 from headstart.errors import ConfigError, DataError
 from headstart.files import atomic_write_bytes, read_regular
-from headstart.pipeline import available_cpus, decode_pixels
+from headstart.pipeline import available_cpus, decode_member_pixels
 
 if TYPE_CHECKING:
     import onnx
@@ -44,7 +50,9 @@ OUTPUT_NAME = "probabilities"
 CALIBRATION_IMAGES = 100  # training photos that set int8 ranges: on flowers 100 and 200 agree with fp32 alike (99.33%), 100 in 2/3 the time
 CHECK_IMAGES = 500  # validation photos an export is checked on at most
 MAX_ONNX_BYTES = 4 << 30
-_Runner = Callable[[NDArray[np.uint8]], NDArray[np.float32]]
+Pixels = tuple[NDArray[np.uint8], ...]
+"""Decoded photos as an export takes them: one uint8 array (n, S_k, S_k, 3) per input (one input, but for an ensemble)."""
+_Runner = Callable[[Pixels], NDArray[np.float32]]
 
 RECIPE = (
     "Decode the image with Pillow; for a JPEG call image.draft(None, (2 * resize_size, 2 * resize_size)) before loading it; "
@@ -53,6 +61,15 @@ RECIPE = (
     "resize it so its short side is resize_size pixels (long side int(resize_size * long / short)) with `interpolation`; "
     "crop the centre input_size square (left = round((width - input_size) / 2), top likewise); "
     "feed the pixels as uint8 of shape (n, input_size, input_size, 3)."
+)
+ENSEMBLE_RECIPE = (
+    "One input per backbone, listed in `inputs` (name, resize_size, input_size, interpolation). Decode each image once "
+    "with Pillow; for a JPEG call image.draft(None, (jpeg_draft_size, jpeg_draft_size)) before loading it; rotate it upright "
+    "per its EXIF orientation (ImageOps.exif_transpose); scale 16- or 32-bit grey to 8 bits (by 255/65535 when its maximum "
+    "is over 255, else as is); convert it to RGB (transparency over white). Then for each input: resize that image so its "
+    "short side is the input's resize_size pixels (long side int(resize_size * long / short)) with its `interpolation`; "
+    "crop the centre input_size square (left = round((width - input_size) / 2), top likewise); feed the pixels as uint8 "
+    "of shape (n, input_size, input_size, 3) to the input of that name."
 )
 
 
@@ -125,10 +142,15 @@ def export(
     """
     if format not in EXPORT_FORMATS:
         raise ConfigError(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {format!r}")
-    cfg = model.backbone.data_config
+    if format == "tflite" and len(model.backbones) > 1:
+        raise ConfigError(
+            f"TFLite export takes one backbone, and this model is an ensemble ({model.backbone_name}); "
+            "export it as ONNX (headstart export MODEL), whose file has one input per backbone."
+        )
+    cfgs = model.data_configs
     fp32 = onnx_model_bytes(model)
     val_records = [r for r in model.summary.val_images if r.label in model.classes][:CHECK_IMAGES]
-    val_pixels, val_labels = _decode_labelled(val_records, model.classes, cfg, progress)
+    val_pixels, val_labels = _decode_labelled(val_records, model.classes, cfgs, progress)
     calibration_pixels = _calibration_pixels(model, calibration, progress) if int8 else None
     if format == "onnx" and not int8:
         atomic_write_bytes(out, fp32)
@@ -145,43 +167,68 @@ def export(
         else:
             from headstart import tflite
 
-            tflite.convert(fp32_path, out, calibration_pixels)
+            tflite.convert(fp32_path, out, calibration_pixels[0] if calibration_pixels is not None else None)
 
-            def run(pixels: NDArray[np.uint8]) -> NDArray[np.float32]:
-                return tflite.run_tflite(out, pixels)
+            def run(pixels: Pixels) -> NDArray[np.float32]:
+                return tflite.run_tflite(out, pixels[0])
 
     check = _compare(run, _onnx_runner(fp32), val_pixels, val_labels, batch=1 if format == "tflite" else 32) if len(val_labels) else None
     return ExportResult(out, format, int8, out.stat().st_size, len(fp32), check, "fp32 onnx")
 
 
-def onnx_model_bytes(model: Model) -> bytes:
-    """`model` as one checked ONNX model: uint8 pixels (n, H, W, 3) in, class probabilities (n, n_classes) out."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+def input_names(n_backbones: int) -> list[str]:
+    """The exported file's inputs: "image" for one backbone, "image_0", "image_1", ... for an ensemble's."""
+    return [INPUT_NAME] if n_backbones == 1 else [f"{INPUT_NAME}_{k}" for k in range(n_backbones)]
 
-    backbone = onnx.load_from_string(read_regular(exported_model(model.backbone, model.cache_root), MAX_ONNX_BYTES))
-    graph = backbone.graph
-    (pixels_input,) = graph.input
-    features = "features"
-    cfg = model.backbone.data_config
-    size = cfg.input_size
+
+def onnx_model_bytes(model: Model) -> bytes:
+    """`model` as one checked ONNX model: uint8 pixels (n, H, W, 3) in (one input per backbone), class probabilities (n, n_classes) out."""
+    import onnx
+    from onnx import TensorProto, compose, helper, numpy_helper
+
+    members = [onnx.load_from_string(read_regular(exported_model(b, model.cache_root), MAX_ONNX_BYTES)) for b in model.backbones]
+    if len(members) > 1:  # each backbone's names kept apart
+        members = [compose.add_prefix(m, f"backbone{k}/") for k, m in enumerate(members)]
+        if len({tuple((o.domain, o.version) for o in m.opset_import) for m in members}) > 1:
+            raise ConfigError(
+                f"The backbones of {model.backbone_name} were exported with different ONNX opsets; clear the cache's onnx/ folder."
+            )
+    container = members[0]
+    graph = container.graph
+    names = input_names(len(members))
+    ensemble = len(members) > 1
 
     def constant(name: str, value: NDArray[np.float32]) -> str:
         graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=np.float32), f"headstart/{name}"))
         return f"headstart/{name}"
 
     channel = (1, 1, 1, 3)
-    preprocessing = [
-        helper.make_node("Cast", [INPUT_NAME], ["headstart/float"], "headstart/cast", to=TensorProto.FLOAT),
-        helper.make_node("Div", ["headstart/float", constant("255", np.array(255.0, np.float32))], ["headstart/unit"], "headstart/scale"),
-        helper.make_node(
-            "Sub", ["headstart/unit", constant("mean", np.reshape(cfg.mean, channel))], ["headstart/centred"], "headstart/centre"
-        ),
-        helper.make_node(
-            "Div", ["headstart/centred", constant("std", np.reshape(cfg.std, channel))], ["headstart/normalised"], "headstart/normalise"
-        ),
-        helper.make_node("Transpose", ["headstart/normalised"], [pixels_input.name], "headstart/channels_first", perm=[0, 3, 1, 2]),
-    ]
+    preprocessing: list[onnx.NodeProto] = []
+    backbone_nodes: list[onnx.NodeProto] = []
+    features = []
+    for k, (member, cfg, name) in enumerate(zip(members, model.data_configs, names, strict=True)):
+        (pixels_input,) = member.graph.input
+        (member_features,) = [o.name for o in member.graph.output if o.name.endswith("features")]
+        features.append(member_features)
+        p = f"headstart/m{k}/" if ensemble else "headstart/"
+        c = f"m{k}/" if ensemble else ""
+        preprocessing += [
+            helper.make_node("Cast", [name], [f"{p}float"], f"{p}cast", to=TensorProto.FLOAT),
+            helper.make_node("Div", [f"{p}float", constant(f"{c}255", np.array(255.0, np.float32))], [f"{p}unit"], f"{p}scale"),
+            helper.make_node("Sub", [f"{p}unit", constant(f"{c}mean", np.reshape(cfg.mean, channel))], [f"{p}centred"], f"{p}centre"),
+            helper.make_node(
+                "Div", [f"{p}centred", constant(f"{c}std", np.reshape(cfg.std, channel))], [f"{p}normalised"], f"{p}normalise"
+            ),
+            helper.make_node("Transpose", [f"{p}normalised"], [pixels_input.name], f"{p}channels_first", perm=[0, 3, 1, 2]),
+        ]
+        backbone_nodes += member.graph.node
+        if k:
+            graph.initializer.extend(member.graph.initializer)
+            graph.value_info.extend(member.graph.value_info)
+    joined = features[0]
+    if ensemble:
+        joined = "headstart/features"
+        backbone_nodes.append(helper.make_node("Concat", features, [joined], "headstart/concat", axis=1))
     state = model.head.weights_
 
     def dense(layer: str, x: str, out: str) -> onnx.NodeProto:
@@ -189,7 +236,7 @@ def onnx_model_bytes(model: Model) -> bytes:
         return helper.make_node("Gemm", [x, weight, bias], [out], f"headstart/dense{layer}", transB=1)
 
     head = [
-        helper.make_node("Sub", [features, constant("head_mean", state["0.mean"])], ["headstart/h0"], "headstart/head_centre"),
+        helper.make_node("Sub", [joined, constant("head_mean", state["0.mean"])], ["headstart/h0"], "headstart/head_centre"),
         helper.make_node("Div", ["headstart/h0", constant("head_scale", state["0.scale"])], ["headstart/h1"], "headstart/head_scale"),
         dense("1", "headstart/h1", "headstart/h2"),
     ]
@@ -198,73 +245,104 @@ def onnx_model_bytes(model: Model) -> bytes:
         head += [helper.make_node("Relu", ["headstart/h2"], ["headstart/h3"], "headstart/relu"), dense("4", "headstart/h3", "headstart/h4")]
         logits = "headstart/h4"
     head.append(helper.make_node("Softmax", [logits], [OUTPUT_NAME], "headstart/softmax", axis=-1))
-    nodes = [*preprocessing, *graph.node, *head]
+    nodes = [*preprocessing, *backbone_nodes, *head]
     del graph.node[:]
     graph.node.extend(nodes)
     del graph.input[:]
-    graph.input.append(helper.make_tensor_value_info(INPUT_NAME, TensorProto.UINT8, ["batch", size, size, 3]))
+    for name, cfg in zip(names, model.data_configs, strict=True):
+        size = cfg.input_size
+        graph.input.append(helper.make_tensor_value_info(name, TensorProto.UINT8, ["batch", size, size, 3]))
     del graph.output[:]
     graph.output.append(helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", len(model.classes)]))
     graph.name = "headstart"
     _prune(graph)
-    backbone.producer_name = "headstart"
-    backbone.producer_version = __version__
-    backbone.doc_string = f"{model.backbone.name} + {model.head.head} head. Input: {RECIPE}"
-    onnx.helper.set_model_props(backbone, metadata(model))
-    onnx.checker.check_model(backbone, full_check=True)
-    data: bytes = backbone.SerializeToString()
+    container.producer_name = "headstart"
+    container.producer_version = __version__
+    container.doc_string = f"{model.backbone_name} + {model.head.head} head. Input: {ENSEMBLE_RECIPE if ensemble else RECIPE}"
+    onnx.helper.set_model_props(container, metadata(model))
+    onnx.checker.check_model(container, full_check=True)
+    data: bytes = container.SerializeToString()
     return data
 
 
 def metadata(model: Model) -> dict[str, str]:
-    """What a caller needs beside the graph: class names, preprocessing, provenance (all strings, as ONNX requires)."""
-    cfg = model.backbone.data_config
+    """What a caller needs beside the graph: class names, preprocessing, provenance (all strings, as ONNX requires).
+
+    `preprocessing.inputs` lists each input (one per backbone) with its sizes; a single-backbone file
+    also has them at the top of `preprocessing`, as before ensembles.
+    """
+    inputs = [
+        {
+            "name": name,
+            "backbone": backbone.name,
+            "resize_size": backbone.data_config.resize_size,
+            "input_size": backbone.data_config.input_size,
+            "interpolation": backbone.data_config.interpolation,
+            "mean": list(backbone.data_config.mean),
+            "std": list(backbone.data_config.std),
+        }
+        for name, backbone in zip(input_names(len(model.backbones)), model.backbones, strict=True)
+    ]
+    draft = 2 * max(cfg.resize_size for cfg in model.data_configs)
+    if len(model.backbones) == 1:
+        cfg = model.backbones[0].data_config
+        preprocessing: dict[str, Any] = {
+            "input": "uint8 RGB, shape (n, input_size, input_size, 3)",
+            "resize_size": cfg.resize_size,
+            "input_size": cfg.input_size,
+            "interpolation": cfg.interpolation,
+            "crop": "centre",
+            "jpeg_draft_size": draft,
+            "mean": list(cfg.mean),
+            "std": list(cfg.std),
+            "inputs": inputs,
+            "recipe": RECIPE,
+        }
+    else:
+        preprocessing = {
+            "input": "one uint8 RGB input per backbone (see inputs), each of shape (n, input_size, input_size, 3)",
+            "crop": "centre",
+            "jpeg_draft_size": draft,
+            "inputs": inputs,
+            "recipe": ENSEMBLE_RECIPE,
+        }
     return {
         "classes": json.dumps(model.classes),
-        "preprocessing": json.dumps(
-            {
-                "input": "uint8 RGB, shape (n, input_size, input_size, 3)",
-                "resize_size": cfg.resize_size,
-                "input_size": cfg.input_size,
-                "interpolation": cfg.interpolation,
-                "crop": "centre",
-                "jpeg_draft_size": 2 * cfg.resize_size,
-                "mean": list(cfg.mean),
-                "std": list(cfg.std),
-                "recipe": RECIPE,
-            }
-        ),
-        "backbone": model.backbone.name,
+        "preprocessing": json.dumps(preprocessing),
+        "backbone": model.backbone_name,
         "head": model.head.head,
         "headstart_version": __version__,
     }
 
 
-def quantize_int8(fp32_path: Path, calibration: NDArray[np.uint8], workdir: Path, progress: Progress | None = None) -> bytes:
+def quantize_int8(fp32_path: Path, calibration: NDArray[np.uint8] | Pixels, workdir: Path, progress: Progress | None = None) -> bytes:
     """Static int8 quantisation (QDQ, per channel) of the backbone, its activation ranges set on `calibration`.
 
     Chosen on flowers by top-1 agreement with fp32 (bench/results.md): unsigned 8-bit weights and activations,
     because x86 CPUs without VNNI multiply unsigned by signed bytes in pairs that can saturate (ONNX Runtime's
     known issue; signed weights agreed on 95%), and ranges from the 99.999th percentile rather than the extremes
     (99.3% vs 99.0%). The preprocessing and the head stay in float: they cost little, and keep the probabilities smooth.
+    `calibration` holds the photos as the file's input takes them: one array, or one per input of an ensemble's file.
     """
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    images = calibration
+    inputs = (calibration,) if isinstance(calibration, np.ndarray) else tuple(calibration)
+    names = input_names(len(inputs))
+    n_images = len(inputs[0])
 
     class Reader(CalibrationDataReader):  # type: ignore[misc]
-        batch = min(10, len(images))  # equal batches: the percentile calibrator stacks them (a short last one is left out)
+        batch = min(10, n_images)  # equal batches: the percentile calibrator stacks them (a short last one is left out)
 
         def __init__(self) -> None:
-            self.starts = iter(range(0, len(images) - self.batch + 1, self.batch))
+            self.starts = iter(range(0, n_images - self.batch + 1, self.batch))
 
         def get_next(self) -> dict[str, NDArray[np.uint8]] | None:
             start = next(self.starts, None)
             if progress:
-                progress("Calibrating int8 ranges", len(images) if start is None else start, len(images))
-            return None if start is None else {INPUT_NAME: images[start : start + self.batch]}
+                progress("Calibrating int8 ranges", n_images if start is None else start, n_images)
+            return None if start is None else {name: x[start : start + self.batch] for name, x in zip(names, inputs, strict=True)}
 
     prepared, quantized = workdir / "prepared.onnx", workdir / "int8.onnx"
     with _quiet():  # the quantiser logs a line per tensor through the root logger, and prints its progress
@@ -317,14 +395,14 @@ def _prune(graph: onnx.GraphProto) -> None:
 
 
 def _decode_labelled(
-    records: Sequence[ImageRecord], classes: Sequence[str], cfg: DataConfig, progress: Progress | None
-) -> tuple[NDArray[np.uint8], NDArray[np.int64]]:
+    records: Sequence[ImageRecord], classes: Sequence[str], cfgs: Sequence[DataConfig], progress: Progress | None
+) -> tuple[Pixels, NDArray[np.int64]]:
     """The readable photos' pixels, as the export takes them, and their class indices."""
-    pixels, kept = _decode([r.path for r in records], cfg, progress, "Reading validation photos")
+    pixels, kept = _decode([r.path for r in records], cfgs, progress, "Reading validation photos")
     return pixels, np.asarray([classes.index(records[k].label) for k in kept], dtype=np.int64)
 
 
-def _calibration_pixels(model: Model, data: Path | None, progress: Progress | None) -> NDArray[np.uint8]:
+def _calibration_pixels(model: Model, data: Path | None, progress: Progress | None) -> Pixels:
     """Up to `CALIBRATION_IMAGES` photos, a seeded sample: the images in `data` (labels not needed), or the model's training split."""
     if data is not None:
         paths, _ = list_images([data])
@@ -338,62 +416,68 @@ def _calibration_pixels(model: Model, data: Path | None, progress: Progress | No
             ) from None
         where = f"{model.summary.data}: none of the training photos could be read. Give photos with --calibration DATA."
     chosen = [paths[i] for i in sorted(np.random.default_rng(model.summary.seed).permutation(len(paths))[:CALIBRATION_IMAGES])]
-    pixels, _ = _decode(chosen, model.backbone.data_config, progress, "Reading calibration photos")
-    if not len(pixels):
+    pixels, _ = _decode(chosen, model.data_configs, progress, "Reading calibration photos")
+    if not len(pixels[0]):
         raise DataError(where)
     return pixels
 
 
-def _decode(paths: Sequence[Path], cfg: DataConfig, progress: Progress | None, description: str) -> tuple[NDArray[np.uint8], list[int]]:
-    """Pixels of the readable photos, decoded as `headstart predict` decodes them, and their positions in `paths`.
+def _decode(paths: Sequence[Path], cfgs: Sequence[DataConfig], progress: Progress | None, description: str) -> tuple[Pixels, list[int]]:
+    """Pixels of the readable photos, decoded as `headstart predict` decodes them (once, then per config), and their positions in `paths`.
 
     Unreadable ones (moved or changed since training, say) are left out: the others are used.
     """
-    pixels, kept = [], []
+    pixels: list[Pixels] = []
+    kept: list[int] = []
     for start in range(0, len(paths), 32):
-        positions, chunk, _ = decode_pixels(paths[start : start + 32], cfg)
+        positions, chunk, _ = decode_member_pixels(paths[start : start + 32], cfgs)
         pixels.append(chunk)
         kept += [start + k for k in positions]
         if progress:
             progress(description, min(start + 32, len(paths)), len(paths))
-    size = cfg.input_size
-    return (np.concatenate(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)), kept
+    stacked = tuple(
+        np.concatenate([p[m] for p in pixels]) if pixels else np.zeros((0, cfg.input_size, cfg.input_size, 3), np.uint8)
+        for m, cfg in enumerate(cfgs)
+    )
+    return stacked, kept
 
 
 def _onnx_runner(data: bytes) -> _Runner:
     session = cpu_session(data, available_cpus())
+    names = [i.name for i in session.get_inputs()]
 
-    def run(pixels: NDArray[np.uint8]) -> NDArray[np.float32]:
-        proba: NDArray[np.float32] = session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]
+    def run(pixels: Pixels) -> NDArray[np.float32]:
+        proba: NDArray[np.float32] = session.run([OUTPUT_NAME], dict(zip(names, pixels, strict=True)))[0]
         return proba
 
     return run
 
 
-def _timed(run: _Runner, pixels: NDArray[np.uint8], batch: int) -> tuple[NDArray[np.float32], float]:
+def _timed(run: _Runner, pixels: Pixels, batch: int) -> tuple[NDArray[np.float32], float]:
     """`run` over `pixels` in batches, and images per second (the first batch, a warm-up, run twice and timed once)."""
-    run(pixels[:batch])
+    n = len(pixels[0])
+    run(tuple(p[:batch] for p in pixels))
     start = time.perf_counter()
-    proba = np.concatenate([run(pixels[k : k + batch]) for k in range(0, len(pixels), batch)])
-    return proba, len(pixels) / (time.perf_counter() - start)
+    proba = np.concatenate([run(tuple(p[k : k + batch] for p in pixels)) for k in range(0, n, batch)])
+    return proba, n / (time.perf_counter() - start)
 
 
-def _compare(run: _Runner, reference: _Runner, pixels: NDArray[np.uint8], labels: NDArray[np.int64], batch: int) -> ExportCheck:
+def _compare(run: _Runner, reference: _Runner, pixels: Pixels, labels: NDArray[np.int64], batch: int) -> ExportCheck:
     proba, speed = _timed(run, pixels, batch)
     expected, reference_speed = _timed(reference, pixels, batch)
     return _summarise(proba, expected, labels, speed, reference_speed)
 
 
-def _check_against_model(model: Model, data: bytes, pixels: NDArray[np.uint8], labels: NDArray[np.int64]) -> ExportCheck:
+def _check_against_model(model: Model, data: bytes, pixels: Pixels, labels: NDArray[np.int64]) -> ExportCheck:
     """The fp32 export against the model's own engine and head on the same decoded photos."""
     return _compare(_onnx_runner(data), lambda batch: _predict_pixels(model, batch), pixels, labels, batch=32)
 
 
-def _predict_pixels(model: Model, pixels: NDArray[np.uint8]) -> NDArray[np.float32]:
-    """What `Model.predict_proba` computes once a photo is decoded, resized and cropped."""
+def _predict_pixels(model: Model, pixels: Pixels) -> NDArray[np.float32]:
+    """What `Model.predict_proba` computes once a photo is decoded, resized and cropped (per backbone)."""
     from headstart.transforms import normalize
 
-    return model.head.predict_proba(model.engine(normalize(pixels, model.backbone.data_config)))
+    return model.head.predict_proba(model.features([normalize(p, cfg) for p, cfg in zip(pixels, model.data_configs, strict=True)]))
 
 
 def _summarise(

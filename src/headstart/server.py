@@ -3,6 +3,7 @@
 The model is loaded once, its ONNX Runtime engine warmed up, and each request
 is decoded exactly as `headstart predict FILE` decodes a file (the same limits,
 large JPEGs at reduced scale), so the server's probabilities equal the CLI's.
+An ensemble's uploads are decoded once and preprocessed for each backbone.
 No PyTorch is imported for a frozen-backbone model whose engine is already
 exported (a first use exports it once, which imports PyTorch).
 
@@ -13,8 +14,9 @@ Endpoints:
         `{"predictions": [{"filename", "label", "probability", "top_k": [{"label", "probability"}, ...]}]}`,
         in upload order; `filename` is null for a raw body. `top_k` defaults to 3 (at most the classes).
     GET /health  `{"status": "ok"}`.
-    GET /info  classes, backbone, head, input size, validation scores (null when none),
-        headstart version, whether there is a report, and the upload limits.
+    GET /info  classes, backbone ("a+b" for an ensemble), head, input size (null for an ensemble),
+        each backbone's name and sizes, validation scores (null when none), headstart version,
+        whether there is a report, and the upload limits.
     GET /  the page: drop, pick or photograph images and see their top classes.
     GET /report  the model folder's report.html.
 
@@ -78,7 +80,6 @@ from headstart.errors import ConfigError, UnreadableImageError
 from headstart.files import display, read_regular
 from headstart.model import Model, Prediction, load
 from headstart.pipeline import available_cpus
-from headstart.transforms import preprocess
 
 MAX_REQUEST_BYTES = 20 * 1024 * 1024
 MAX_FILES = 16
@@ -131,8 +132,9 @@ def create_app(model_dir: Path, cache_root: Path | None = None) -> FastAPI:
     """
     model_dir = Path(model_dir)
     model = load(model_dir, cache_root=cache_root if cache_root is not None else default_cache_dir())
-    cfg = model.backbone.data_config
-    model.engine(np.zeros((1, 3, cfg.input_size, cfg.input_size), np.float32))  # sessions created, first run's allocations made
+    model.features(
+        [np.zeros((1, 3, c.input_size, c.input_size), np.float32) for c in model.data_configs]
+    )  # sessions created, first run's allocations made
     page = importlib.resources.files("headstart").joinpath("page.html").read_text(encoding="utf-8")
     limiter = anyio.CapacityLimiter(available_cpus())  # decoding and inference at once; the rest wait without a thread
     n_classes = len(model.classes)
@@ -234,17 +236,21 @@ def _log_config() -> dict[str, Any]:
 
 
 def _info(model: Model, model_dir: Path) -> dict[str, Any]:
-    cfg = model.backbone.data_config
+    single = model.backbones[0] if len(model.backbones) == 1 else None
     validation = model.summary.validation
     return {
         "classes": model.classes,
         "n_classes": len(model.classes),
-        "backbone": model.backbone.name,
-        "layer": model.backbone.layer,
+        "backbone": model.backbone_name,
+        "layer": single.layer if single else None,
         "head": model.head.head,
         "strategy": model.summary.strategy,
-        "input_size": cfg.input_size,
-        "resize_size": cfg.resize_size,
+        "input_size": single.data_config.input_size if single else None,
+        "resize_size": single.data_config.resize_size if single else None,
+        "backbones": [
+            {"name": b.name, "n_features": b.n_features, "input_size": b.data_config.input_size, "resize_size": b.data_config.resize_size}
+            for b in model.backbones
+        ],
         "validation": validation.to_dict() if validation else None,
         "headstart_version": __version__,
         "report": (model_dir / REPORT_NAME).is_file(),
@@ -350,13 +356,13 @@ def _counting(receive: Receive, limit: int) -> Receive:
 def _predict(model: Model, uploads: list[tuple[str | None, bytes]], top_k: int) -> list[dict[str, Any]]:
     """Decode each upload as `headstart predict` decodes a file, and predict them as one batch.
 
-    Each image is reduced to the backbone's input as soon as it is decoded, so
-    memory holds one full-size image at a time.
+    Each image is reduced to the backbone's input (each backbone's, for an ensemble) as soon
+    as it is decoded, so memory holds one full-size image at a time.
 
     Raises:
         HTTPException: 422 naming the first upload that is not a decodable image.
     """
-    cfg = model.backbone.data_config
+    min_size = 2 * max(cfg.resize_size for cfg in model.data_configs)  # as `pipeline.decode_inputs` decodes a file
     pixels = 0
     for name, data in uploads:  # from the headers, before any image is decoded
         width, height = _image_size(data)
@@ -373,13 +379,13 @@ def _predict(model: Model, uploads: list[tuple[str | None, bytes]], top_k: int) 
     inputs = []
     for name, data in uploads:
         try:
-            image = load_image_bytes(data, name="upload", min_size=2 * cfg.resize_size)
-            inputs.append(preprocess(image, cfg))
+            image = load_image_bytes(data, name="upload", min_size=min_size)
+            inputs.append(model.inputs(image))
         except UnreadableImageError as e:
             what = f"The file '{display(name)}'" if name is not None else "The request body"
             raise HTTPException(422, f"{what} is not a readable image: {display(e.reason)}.") from None
         del image
-    proba = model.head.predict_proba(model.engine(np.stack(inputs)))
+    proba = model.head.predict_proba(model.features([np.stack([x[m] for x in inputs]) for m in range(len(model.backbones))]))
     return [
         _prediction_json(name, Prediction.from_probabilities(None, row, model.classes, top_k)) for (name, _), row in zip(uploads, proba)
     ]
