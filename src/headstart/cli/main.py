@@ -39,6 +39,21 @@ class Augment(StrEnum):
 
 Backbone = Annotated[str, typer.Option(help="efficientnet_lite0/1/2 or timm:<model>; see `headstart backbones`.")]
 Weights = Annotated[Path | None, typer.Option(help="Backbone weights file (safetensors or state dict) instead of downloading.")]
+Backbones = Annotated[
+    str,
+    typer.Option(
+        "--backbone",
+        help="efficientnet_lite0/1/2 or timm:<model>, or several joined by + for an ensemble (features concatenated), "
+        "e.g. efficientnet_lite0+efficientnet_lite1; see `headstart backbones`.",
+    ),
+]
+TrainWeights = Annotated[
+    Path | None,
+    typer.Option(
+        "--weights",
+        help="Backbone weights file (safetensors or state dict) instead of downloading; for an ensemble, its one timm: member's.",
+    ),
+]
 
 
 @app.callback()
@@ -82,14 +97,14 @@ def train(
     ctx: typer.Context,
     data: Annotated[Path, typer.Argument(help="Folder with one sub-folder per class (or train/ and val/), or a CSV of path,label.")],
     out: Annotated[Path, typer.Option(help="Folder to save the model in.")] = Path("model"),
-    backbone: Backbone = "efficientnet_lite0",
+    backbone: Backbones = "efficientnet_lite0",
     strategy: Annotated[
         Strategy | None,
         typer.Option(help="linear/mlp: that head on frozen features; finetune: then train the top blocks too; auto: choose."),
     ] = None,
     head: Annotated[Head | None, typer.Option(help="linear (softmax) or mlp (Dense 512 + dropout 0.5) [default: linear].")] = None,
     layer: Annotated[int | None, typer.Option(help="Pool an earlier stage's output instead of the final features, e.g. -2.")] = None,
-    weights: Weights = None,
+    weights: TrainWeights = None,
     val_split: Annotated[float, typer.Option(help="Fraction of each class held out for validation.")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the split, training and augmentation.", min=0, max=2**32 - 1)] = 0,
     balanced: Annotated[bool, typer.Option(help="Weight classes inversely to their frequency.")] = False,
