@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
@@ -294,6 +295,24 @@ def test_int8_export_of_an_ensemble_calibrates_every_input(pair_dir: Path, tmp_p
     assert sum(n.op_type == "QuantizeLinear" for n in proto.graph.node) > 50
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("onnx2tf") is None or importlib.util.find_spec("ai_edge_litert") is None,
+    reason="the tflite extra is not installed: pip install 'headstart[tflite]'",
+)
+def test_tflite_export_of_an_ensemble_has_an_input_per_backbone(pair_dir: Path, tmp_path: Path) -> None:
+    from ai_edge_litert.interpreter import Interpreter
+
+    result = headstart.export(pair_dir, tmp_path / "pair.tflite", format="tflite")
+    assert result.check is not None and result.check.n_images == 20  # LiteRT against the fp32 ONNX file
+    assert result.check.agreement == 1.0 and result.check.max_difference < 1e-4
+    inputs = Interpreter(model_path=str(tmp_path / "pair.tflite")).get_input_details()
+    assert sorted((d["name"], tuple(d["shape_signature"][1:])) for d in inputs) == [
+        ("serving_default_image_0:0", (224, 224, 3)),
+        ("serving_default_image_1:0", (240, 240, 3)),
+    ]
+
+
 def test_the_server_serves_an_ensemble(pair: headstart.Model, pair_dir: Path, cache_dir: Path, flowers: Path, tmp_path: Path) -> None:
     import httpx
 
@@ -351,9 +370,6 @@ def test_malformed_ensemble_names_are_refused(name: str, message: str) -> None:
 def test_one_backbone_commands_refuse_an_ensemble(pair_dir: Path, tmp_path: Path) -> None:
     assert "is an ensemble of backbones; this takes one backbone" in one_line_error(
         ["imagenet", str(PHOTOS / "dog.jpg"), "--backbone", PAIR]
-    )
-    assert "TFLite export takes one backbone" in one_line_error(
-        ["export", str(pair_dir), "--format", "tflite", "--out", str(tmp_path / "m.tflite")]
     )
     assert "ensemble of 2 backbones" in one_line_error(["activations", str(pair_dir), str(PHOTOS / "dog.jpg"), "--out", str(tmp_path)])
     with pytest.raises(ConfigError, match="is an ensemble"):

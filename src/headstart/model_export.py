@@ -10,7 +10,7 @@ An ensemble's backbones each have their own preprocessing, so its file has one
 input per backbone, "image_0", "image_1", ..., each (n, S_k, S_k, 3) for that
 backbone's size: every image is decoded once and resized and cropped once per
 input (`ENSEMBLE_RECIPE`); the metadata's `preprocessing.inputs` lists them.
-TFLite export takes single-backbone models only.
+Its TFLite file has the same inputs.
 """
 
 from __future__ import annotations
@@ -142,11 +142,6 @@ def export(
     """
     if format not in EXPORT_FORMATS:
         raise ConfigError(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {format!r}")
-    if format == "tflite" and len(model.backbones) > 1:
-        raise ConfigError(
-            f"TFLite export takes one backbone, and this model is an ensemble ({model.backbone_name}); "
-            "export it as ONNX (headstart export MODEL), whose file has one input per backbone."
-        )
     cfgs = model.data_configs
     fp32 = onnx_model_bytes(model)
     val_records = [r for r in model.summary.val_images if r.label in model.classes][:CHECK_IMAGES]
@@ -167,10 +162,10 @@ def export(
         else:
             from headstart import tflite
 
-            tflite.convert(fp32_path, out, calibration_pixels[0] if calibration_pixels is not None else None)
+            tflite.convert(fp32_path, out, calibration_pixels)
 
             def run(pixels: Pixels) -> NDArray[np.float32]:
-                return tflite.run_tflite(out, pixels[0])
+                return tflite.run_tflite(out, pixels)
 
     check = _compare(run, _onnx_runner(fp32), val_pixels, val_labels, batch=1 if format == "tflite" else 32) if len(val_labels) else None
     return ExportResult(out, format, int8, out.stat().st_size, len(fp32), check, "fp32 onnx")

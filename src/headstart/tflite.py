@@ -5,7 +5,8 @@ in "image", probabilities in "probabilities", normalisation and a Transpose to
 channels-first inside the graph. The .tflite file keeps that contract: its input
 is uint8 (n, H, W, 3) (any n; LiteRT resizes it), its output float32
 (n, n_classes), and its signature "serving_default" maps "image" to
-"probabilities".
+"probabilities". An ensemble's file has one such input per backbone
+("image_0", "image_1", ...), and so has its .tflite file.
 
 The conversion needs the optional extra (`pip install 'headstart[tflite]'`):
 onnx2tf turns the graph into TensorFlow ops, TensorFlow's converter writes the
@@ -22,7 +23,7 @@ import re
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -42,7 +43,7 @@ _FAILURE_LOG_LINES = 40
 _CONVERTER_MODULES = ("onnx2tf", "tensorflow", "tf_keras", "onnx_graphsurgeon", "sng4onnx", "psutil")
 
 
-def convert(onnx_path: Path, out: Path, calibration: NDArray[np.uint8] | None = None) -> Path:
+def convert(onnx_path: Path, out: Path, calibration: NDArray[np.uint8] | Sequence[NDArray[np.uint8]] | None = None) -> Path:
     """Convert a headstart ONNX model to a .tflite file at `out`: fp32, or int8 when `calibration` is given.
 
     int8 is TFLite's "integer quantization" with float fallback: weights int8 per
@@ -51,9 +52,11 @@ def convert(onnx_path: Path, out: Path, calibration: NDArray[np.uint8] | None = 
     both files the same way.
 
     Args:
-        onnx_path: the ONNX file, input uint8 (n, H, W, 3) named "image", output float32 (n, n_classes).
+        onnx_path: the ONNX file, input uint8 (n, H, W, 3) named "image" (an ensemble's: one per backbone,
+            "image_0", "image_1", ...), output float32 (n, n_classes).
         out: the .tflite file to write; written under a temporary name, then renamed, so it is never half-written.
-        calibration: uint8 pixels of shape (n_images, H, W, 3) for int8; None (the default) for fp32.
+        calibration: uint8 pixels of shape (n_images, H, W, 3) for int8, one array per input (in input order);
+            None (the default) for fp32.
 
     Returns:
         `out`.
@@ -63,21 +66,24 @@ def convert(onnx_path: Path, out: Path, calibration: NDArray[np.uint8] | None = 
             or the ONNX model does not have headstart's input.
         TFLiteConversionError: the converter failed (its log goes to stderr).
     """
+    inputs = None
     if calibration is not None:
-        calibration = _check_pixels(calibration, "calibration")
-        if not len(calibration):
-            raise ConfigError("int8 needs calibration photos: got none.")
+        inputs = [_check_pixels(c, "calibration") for c in ([calibration] if isinstance(calibration, np.ndarray) else calibration)]
+        if not inputs or not len(inputs[0]) or any(len(c) != len(inputs[0]) for c in inputs):
+            raise ConfigError("int8 needs calibration photos, as many for each input: got none, or unequal numbers.")
     missing = [name for name in _CONVERTER_MODULES if importlib.util.find_spec(name) is None]
     if missing:  # looked up, not imported: importing TensorFlow takes seconds and talks on stderr
         raise ConfigError(f"TFLite export needs {', '.join(missing)}, which is not installed: {INSTALL_HINT}")
     with tempfile.TemporaryDirectory(prefix="headstart-tflite-") as tmp:
         work = Path(tmp)
-        prepared = _prepare(onnx_path, work)
+        prepared, names = _prepare(onnx_path, work)
+        if inputs is not None and len(inputs) != len(names):
+            raise ConfigError(f"{onnx_path.name} has {len(names)} inputs; calibration gives pixels for {len(inputs)}.")
         failure: BaseException | None = None
         with open(work / "converter.log", "w+b") as log:
             with _silenced_fds(log):
                 try:
-                    data = _to_tflite(prepared, work, calibration)
+                    data = _to_tflite(prepared, work, names, inputs)
                 except (Exception, SystemExit) as e:  # onnx2tf calls sys.exit(1) on some failures
                     failure = e
             if failure is not None:
@@ -88,12 +94,13 @@ def convert(onnx_path: Path, out: Path, calibration: NDArray[np.uint8] | None = 
     return atomic_write_bytes(out, data)
 
 
-def run_tflite(path: Path, images: NDArray[np.uint8]) -> NDArray[np.float32]:
+def run_tflite(path: Path, images: NDArray[np.uint8] | Sequence[NDArray[np.uint8]]) -> NDArray[np.float32]:
     """Class probabilities from a .tflite file written by `convert`, one image at a time (as on a phone), in LiteRT.
 
     Args:
         path: the .tflite file.
-        images: uint8 RGB pixels of shape (n_images, H, W, 3), resized and cropped as for the ONNX export.
+        images: uint8 RGB pixels of shape (n_images, H, W, 3), resized and cropped as for the ONNX export;
+            for an ensemble's file, one such array per input, in input order ("image_0", "image_1", ...).
 
     Returns:
         float32 array of shape (n_images, n_classes).
@@ -105,23 +112,32 @@ def run_tflite(path: Path, images: NDArray[np.uint8]) -> NDArray[np.float32]:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
         raise ConfigError(f"Running a .tflite file needs LiteRT, which is not installed: {INSTALL_HINT}") from None
-    images = _check_pixels(images, "images")
+    arrays = [_check_pixels(x, "images") for x in ([images] if isinstance(images, np.ndarray) else images)]
     with tempfile.TemporaryFile() as log, _silenced_fds(log):  # LiteRT announces its XNNPACK delegate on stderr
         interpreter = Interpreter(model_path=str(path), num_threads=len(os.sched_getaffinity(0)))
-    (inp,) = interpreter.get_input_details()
+    details = interpreter.get_input_details()
     (output,) = interpreter.get_output_details()
-    expected = tuple(int(d) for d in inp["shape_signature"][1:])
-    if inp["dtype"] is not np.uint8 or images.shape[1:] != expected:
+    if len(details) > 1:  # an ensemble's: "serving_default_image_0:0", ... in the order of the names
+        by_name = {re.sub(r"^serving_default_|:\d+$", "", d["name"]): d for d in details}
+        details = [by_name.get(f"{INPUT_NAME}_{k}", details[k]) for k in range(len(details))]
+    if len(arrays) != len(details) or any(len(x) != len(arrays[0]) for x in arrays):
         raise ConfigError(
-            f"{path.name} takes {np.dtype(inp['dtype']).name} pixels of shape (n, {', '.join(map(str, expected))}); got uint8 {images.shape}."
+            f"{path.name} takes {len(details)} input(s) of as many images each; got {len(arrays)} of {[len(x) for x in arrays]}."
         )
-    interpreter.resize_tensor_input(inp["index"], [1, *expected])
+    for inp, x in zip(details, arrays, strict=True):
+        expected = tuple(int(d) for d in inp["shape_signature"][1:])
+        if inp["dtype"] is not np.uint8 or x.shape[1:] != expected:
+            raise ConfigError(
+                f"{path.name} takes {np.dtype(inp['dtype']).name} pixels of shape (n, {', '.join(map(str, expected))}); got uint8 {x.shape}."
+            )
+        interpreter.resize_tensor_input(inp["index"], [1, *expected])
     with tempfile.TemporaryFile() as log, _silenced_fds(log):
         interpreter.allocate_tensors()
     scale, zero_point = output["quantization"]
     rows = []
-    for image in images:
-        interpreter.set_tensor(inp["index"], image[None])
+    for k in range(len(arrays[0])):
+        for inp, x in zip(details, arrays, strict=True):
+            interpreter.set_tensor(inp["index"], x[k : k + 1])
         interpreter.invoke()
         row = interpreter.get_tensor(output["index"])[0]
         rows.append((row.astype(np.float32) - zero_point) * scale if scale else row.astype(np.float32))
@@ -136,8 +152,8 @@ def _check_pixels(pixels: NDArray[np.uint8], name: str) -> NDArray[np.uint8]:
     return np.ascontiguousarray(pixels)
 
 
-def _prepare(onnx_path: Path, work: Path) -> Path:
-    """The model with a channels-first input and its constants folded, as onnx2tf converts it cleanly.
+def _prepare(onnx_path: Path, work: Path) -> tuple[Path, list[str]]:
+    """The model with channels-first inputs and its constants folded, as onnx2tf converts it cleanly; and its input names.
 
     onnx2tf turns a 4-D channels-first input into a channels-last one itself, but
     mistakes a channels-last input followed by a Transpose for a channels-first one.
@@ -149,7 +165,7 @@ def _prepare(onnx_path: Path, work: Path) -> Path:
     import onnxruntime
 
     model = onnx.load(str(onnx_path))
-    _channels_first_input(model, onnx_path.name)
+    names = _channels_first_inputs(model, onnx_path.name)
     moved = work / "channels_first.onnx"
     onnx.save(model, str(moved))
     folded = work / "model.onnx"
@@ -158,20 +174,37 @@ def _prepare(onnx_path: Path, work: Path) -> Path:
     options.optimized_model_filepath = str(folded)
     options.log_severity_level = 3
     onnxruntime.InferenceSession(str(moved), options, providers=["CPUExecutionProvider"])
-    return folded
+    return folded, names
 
 
-def _channels_first_input(model: onnx.ModelProto, name: str) -> None:
-    """Move the Transpose(0, 3, 1, 2) that follows the uint8 (n, H, W, 3) input up to the input, in place."""
-    from onnx import TensorProto, numpy_helper
+def _channels_first_inputs(model: onnx.ModelProto, name: str) -> list[str]:
+    """`_channels_first_input` for each input (one, or one per backbone of an ensemble); returns their names in order."""
+    from onnx import TensorProto
 
     graph = model.graph
     inputs = [i for i in graph.input if i.name not in {t.name for t in graph.initializer}]
-    dims = inputs[0].type.tensor_type.shape.dim if len(inputs) == 1 else []
-    if len(dims) != 4 or dims[3].dim_value != 3 or inputs[0].type.tensor_type.elem_type != TensorProto.UINT8:
+    for value in inputs:
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) != 4 or dims[3].dim_value != 3 or value.type.tensor_type.elem_type != TensorProto.UINT8:
+            raise ConfigError(
+                f"{name}: TFLite export takes a model with one uint8 input of shape (n, H, W, 3) (an ensemble: one per backbone), "
+                "as `headstart export` writes."
+            )
+    if not inputs:
         raise ConfigError(f"{name}: TFLite export takes a model with one uint8 input of shape (n, H, W, 3), as `headstart export` writes.")
+    for value in inputs:
+        _channels_first_input(model, value, name)
+    return [value.name for value in inputs]
+
+
+def _channels_first_input(model: onnx.ModelProto, value: onnx.ValueInfoProto, name: str) -> None:
+    """Move the Transpose(0, 3, 1, 2) that follows the uint8 (n, H, W, 3) input `value` up to that input, in place."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    dims = value.type.tensor_type.shape.dim
     initializers = {t.name: t for t in graph.initializer}
-    chain, tensor = [], inputs[0].name
+    chain, tensor = [], value.name
     while True:
         users = [node for node in graph.node if tensor in node.input]
         node = users[0] if len(users) == 1 else None
@@ -184,10 +217,10 @@ def _channels_first_input(model: onnx.ModelProto, name: str) -> None:
     transpose = node
     for node in chain:
         for k, x in enumerate(node.input):
-            value = numpy_helper.to_array(initializers[x]) if x in initializers else None
-            if value is not None and value.size > 1:
-                value = value.reshape((1,) * (4 - value.ndim) + value.shape).transpose(0, 3, 1, 2)
-                turned = numpy_helper.from_array(np.ascontiguousarray(value), f"{x}/channels_first")
+            constant = numpy_helper.to_array(initializers[x]) if x in initializers else None
+            if constant is not None and constant.size > 1:
+                constant = constant.reshape((1,) * (4 - constant.ndim) + constant.shape).transpose(0, 3, 1, 2)
+                turned = numpy_helper.from_array(np.ascontiguousarray(constant), f"{x}/channels_first")
                 graph.initializer.append(turned)
                 node.input[k] = turned.name
     for node in graph.node:
@@ -207,8 +240,11 @@ def _channels_first_input(model: onnx.ModelProto, name: str) -> None:
     dims.extend(new_dims)
 
 
-def _to_tflite(prepared: Path, work: Path, calibration: NDArray[np.uint8] | None) -> bytes:
-    """onnx2tf to a Keras model in memory (no SavedModel: writing one takes most of a minute), then TFLite's converter."""
+def _to_tflite(prepared: Path, work: Path, names: list[str], calibration: list[NDArray[np.uint8]] | None) -> bytes:
+    """onnx2tf to a Keras model in memory (no SavedModel: writing one takes most of a minute), then TFLite's converter.
+
+    `names` are the model's inputs, in order; `calibration`, for int8, pixels for each.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TensorFlow's and onnx2tf's deprecation notices are about their internals, not ours
         import onnx2tf
@@ -221,22 +257,25 @@ def _to_tflite(prepared: Path, work: Path, calibration: NDArray[np.uint8] | None
             disable_model_save=True,
             non_verbose=True,
         )
-        (spec,) = keras_model.inputs
+        specs = keras_model.inputs
+        if len(specs) != len(names):
+            raise TFLiteConversionError(f"onnx2tf made a model of {len(specs)} inputs from one of {len(names)}")
+        signature = [tf.TensorSpec(spec.shape, spec.dtype, name=n) for spec, n in zip(specs, names, strict=True)]
 
-        @tf.function(input_signature=[tf.TensorSpec(spec.shape, spec.dtype, name=INPUT_NAME)])  # type: ignore[untyped-decorator]
-        def serve(image: Any) -> dict[str, Any]:
-            return {OUTPUT_NAME: keras_model(image)}
+        @tf.function(input_signature=signature)  # type: ignore[untyped-decorator]
+        def serve(*images: Any) -> dict[str, Any]:
+            return {OUTPUT_NAME: keras_model(images[0] if len(images) == 1 else list(images))}
 
         holder = tf.Module()  # the function alone: saving the Keras model's layer configs would take most of a minute
         holder.serve = serve
         converter = tf.lite.TFLiteConverter.from_concrete_functions([serve.get_concrete_function()], holder)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         if calibration is not None:
-            images = calibration
+            inputs = calibration
 
             def representative() -> Iterator[list[NDArray[np.uint8]]]:
-                for k in range(len(images)):
-                    yield [images[k : k + 1]]
+                for k in range(len(inputs[0])):
+                    yield [x[k : k + 1] for x in inputs]
 
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
             converter.representative_dataset = representative
