@@ -292,7 +292,7 @@ def test_malformed_history_and_metrics_are_refused(bundle: Path, name: str, data
 # Models saved by earlier versions
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_a_model_saved_by_an_earlier_format_still_loads_and_predicts_the_same(version: int) -> None:
     folder = FIXTURES / f"model_v{version}"
     expected = json.loads((FIXTURES / f"model_v{version}_expected.json").read_text())

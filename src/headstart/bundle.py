@@ -33,7 +33,9 @@ if TYPE_CHECKING:  # NumPy is imported only to read or write tensors: `info` rea
     import numpy as np
     from numpy.typing import NDArray
 
-FORMAT_VERSION = 3  # 2: `files` lists the size and sha256 of every file of the model; 3: every summary field present
+FORMAT_VERSION = 4  # 2: `files` lists the size and sha256 of every file of the model; 3: every summary field present; 4: test split, refit
+SUMMARY_ADDED_IN_4 = ("scored_on", "refit", "test_split", "n_test", "test_images", "test")
+"""Summary fields a format-3 bundle lacks (they take their defaults)."""
 CONFIG_NAME = "bundle.json"
 WEIGHTS_NAME = "model.safetensors"
 METRICS_NAME = "metrics.json"
@@ -395,7 +397,8 @@ def validate_config(config: Any, directory: Path) -> None:
     summary = config.get("summary", {})
     need(isinstance(summary, dict), "summary", "an object")
     if version >= 3:
-        missing = [f.name for f in dataclasses.fields(TrainingSummary) if f.name != "history" and f.name not in summary]
+        optional = ("history",) + (SUMMARY_ADDED_IN_4 if version < 4 else ())
+        missing = [f.name for f in dataclasses.fields(TrainingSummary) if f.name not in optional and f.name not in summary]
         need(not missing, f"summary.{missing[0] if missing else ''}", "present")
     try:
         DataConfig.from_dict(config.get("data_config"))

@@ -29,11 +29,12 @@ class AutoChoice:
 @dataclass(frozen=True)
 class FinetuneRecord:
     """The fine-tuning phase: its settings (`FinetuneConfig.to_dict()`), the epoch kept (0: none beat the frozen backbone),
-    and the validation scores of the frozen-backbone head it started from."""
+    and the validation and test scores of the frozen-backbone head it started from."""
 
     config: dict[str, Any]
     best_epoch: int
     frozen_validation: Evaluation | None
+    frozen_test: Evaluation | None = None
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,12 @@ class TrainingSummary:
         n_extracted, n_cached: images run through the backbone, and read from the feature cache.
         history: one row per epoch of every phase ("phase", "epoch", "loss", "accuracy", "val_loss", ...).
         best_epoch: the head's epoch kept.
-        validation: scores on the validation split (None without one).
+        validation: held-out scores: out-of-fold predictions of the cross-validation after a refit,
+            else the validation split's (which early stopping and fine-tuning chose on); None without either.
+        scored_on: where `validation` comes from: "5-fold cross-validation" or "validation split".
+        refit: whether the head was refitted on all labelled images after cross-validation.
+        test_split, n_test, test_images: the test split held out first and used for nothing but `test`.
+        test: the final model's scores on the test split (None without one).
         auto: what `--strategy auto` chose.
         finetune: the fine-tuning phase, when there was one.
         seconds: wall time of training.
@@ -78,6 +84,12 @@ class TrainingSummary:
     history: tuple[dict[str, Any], ...] = ()
     best_epoch: int = 0
     validation: Evaluation | None = None
+    scored_on: str = "validation split"
+    refit: bool = False
+    test_split: float = 0.0
+    n_test: dict[str, int] = field(default_factory=dict)
+    test_images: tuple[ImageRecord, ...] = ()
+    test: Evaluation | None = None
     auto: AutoChoice | None = None
     finetune: FinetuneRecord | None = None
     seconds: float = 0.0
@@ -106,12 +118,19 @@ class TrainingSummary:
             "n_cached": self.n_cached,
             "best_epoch": self.best_epoch,
             "validation": self.validation.to_dict() if self.validation else None,
+            "scored_on": self.scored_on,
+            "refit": self.refit,
+            "test_split": self.test_split,
+            "n_test": self.n_test,
+            "test_images": [[str(r.path), r.label] for r in self.test_images],
+            "test": self.test.to_dict() if self.test else None,
             "auto": {"chose": self.auto.chose, "reason": self.auto.reason, **self.auto.measurements} if self.auto else None,
             "finetune": (
                 {
                     "config": self.finetune.config,
                     "best_epoch": self.finetune.best_epoch,
                     "frozen_validation": self.finetune.frozen_validation.to_dict() if self.finetune.frozen_validation else None,
+                    "frozen_test": self.finetune.frozen_test.to_dict() if self.finetune.frozen_test else None,
                 }
                 if self.finetune
                 else None
@@ -162,6 +181,12 @@ class TrainingSummary:
             n_cached=_count(get("n_cached", 0), "n_cached"),
             best_epoch=_count(get("best_epoch", 0), "best_epoch"),
             validation=_evaluation(get("validation"), "validation"),
+            scored_on=_string(get("scored_on", "validation split"), "scored_on"),
+            refit=_flag(get("refit", False), "refit"),
+            test_split=_number(get("test_split", 0.0), "test_split"),
+            n_test=_counts(get("n_test", {}), "n_test"),
+            test_images=tuple(ImageRecord(Path(p), label) for p, label in _pairs(get("test_images", []), None, "test_images")),
+            test=_evaluation(get("test"), "test"),
             auto=AutoChoice(
                 auto["chose"], auto["reason"], {k: _number(v, f"auto.{k}") for k, v in auto.items() if k not in ("chose", "reason")}
             )
@@ -171,6 +196,7 @@ class TrainingSummary:
                 tune["config"],
                 _count(tune.get("best_epoch", 0), "finetune.best_epoch"),
                 _evaluation(tune.get("frozen_validation"), "finetune"),
+                _evaluation(tune.get("frozen_test"), "finetune.frozen_test"),
             )
             if tune
             else None,
@@ -202,6 +228,11 @@ def _list(value: Any, name: str) -> list[Any]:
 def _optional(value: Any, ok: bool, name: str, expected: str) -> Any:
     need(value is None or ok, name, f"{expected}, or null")
     return value
+
+
+def _flag(value: Any, name: str) -> bool:
+    need(isinstance(value, bool), name, "true or false")
+    return bool(value)
 
 
 def _number(value: Any, name: str) -> float:

@@ -116,6 +116,12 @@ def train(
     cache: Annotated[bool, typer.Option(help="Read and write the feature cache.")] = True,
     batch_size: Annotated[int, typer.Option(help="Images per backbone forward pass or training step.")] = 32,
     report: Annotated[bool, typer.Option(help="Also write OUT/report.html (curves, confusion matrix, Grad-CAM).")] = True,
+    refit: Annotated[
+        bool,
+        typer.Option(help="Frozen heads: choose settings by cross-validation, score out-of-fold, refit on all labelled images."),
+    ] = True,
+    folds: Annotated[int, typer.Option(help="Cross-validation folds.", min=2, max=100)] = 5,
+    test_split: Annotated[float, typer.Option(help="Fraction of each class held out as a test split used for nothing else.")] = 0.0,
 ) -> None:
     """Train a classifier on a folder of photos and save it."""
     from headstart import api
@@ -154,6 +160,9 @@ def train(
             cache=cache,
             report=report,
             batch_size=batch_size,
+            refit=refit,
+            folds=folds,
+            test_split=test_split,
             progress=progress,
         )
     render.training(model, out)
