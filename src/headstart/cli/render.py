@@ -194,8 +194,8 @@ def training(model: Model, saved_to: Path, out: Console | None = None) -> None:
             table.add_row(_text(name), f"{recall:.3f}", str(support))
         out.print(table)
     if s.test:
-        frozen = s.finetune.frozen_test if s.finetune else None
-        versus = f" (frozen backbone: {frozen.accuracy:.3f})" if frozen else ""
+        frozen_test = s.finetune.frozen_test if s.finetune else None
+        versus = f" (frozen backbone: {frozen_test.accuracy:.3f})" if frozen_test else ""
         out.print(
             _text("Test accuracy ", (f"{s.test.accuracy:.3f}", "bold"), f" on {s.test.n_images} images used for nothing else{versus}.")
         )
