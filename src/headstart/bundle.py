@@ -395,7 +395,8 @@ def validate_config(config: Any, directory: Path) -> None:
     summary = config.get("summary", {})
     need(isinstance(summary, dict), "summary", "an object")
     if version >= 3:
-        missing = [f.name for f in dataclasses.fields(TrainingSummary) if f.name != "history" and f.name not in summary]
+        optional = ("history", "calibration")  # calibration: optional, so that bundles written before it still load
+        missing = [f.name for f in dataclasses.fields(TrainingSummary) if f.name not in optional and f.name not in summary]
         need(not missing, f"summary.{missing[0] if missing else ''}", "present")
     try:
         DataConfig.from_dict(config.get("data_config"))

@@ -175,7 +175,18 @@ def train(
     )
     if tune is not None and (strategy == "finetune" or (choice is not None and choice.strategy == "finetune")):
         net, clf, summary = _finetune(net, clf, dataset, tune, summary, Path(out) if out is not None else None, resume, force, progress)
-    model = Model(net, clf, summary.replace(seconds=round(time.perf_counter() - started, 2)), cache_root)
+    detector = None
+    if net.finetuned_from is None and len(frozen.features.y_val):  # calibration and unknown detection on the frozen features
+        from headstart.unknown import calibrate, fit_detector
+
+        probe, classes = frozen.features, clf.classes_
+        y_train, y_val = np.searchsorted(classes, probe.y_train), np.searchsorted(classes, probe.y_val)
+        standardization = (clf.weights_["0.mean"], clf.weights_["0.scale"])
+        detector = fit_detector(probe.X_train, y_train, len(classes), standardization=standardization, seed=seed)
+        logits = clf.decision_function(probe.X_val)
+        record, detector = calibrate(detector, logits, y_val, detector.score(probe.X_val, logits))
+        summary = summary.replace(calibration=record)
+    model = Model(net, clf, summary.replace(seconds=round(time.perf_counter() - started, 2)), cache_root, detector)
     if out is not None:
         model.save(out, force=force)
         remove_checkpoint(Path(out) / CHECKPOINT_DIR)

@@ -16,6 +16,7 @@ Pure NumPy; fitted on (training features, labels), thresholded on held-out score
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,8 +25,10 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from headstart.calibration import expected_calibration_error, fit_temperature, softmax
 from headstart.config import is_finite_number
 from headstart.errors import ConfigError
+from headstart.summary import CalibrationRecord
 
 ScoreKind = Literal["msp", "energy", "mahalanobis", "relative_mahalanobis", "knn"]
 SCORE_KINDS: tuple[str, ...] = ("msp", "energy", "mahalanobis", "relative_mahalanobis", "knn")
@@ -105,7 +108,7 @@ class UnknownDetector:
         """
         if kind not in SCORE_KINDS:
             raise ConfigError(f"Unknown score kind {kind!r}; expected one of {', '.join(SCORE_KINDS)}.")
-        if not (is_finite_number(threshold) or threshold == math.inf) or isinstance(threshold, bool):
+        if not is_finite_number(threshold):
             raise ConfigError(f"The unknown threshold must be a finite number, got {threshold!r}.")
         if not (isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= MAX_REFERENCES):
             raise ConfigError(f"The kNN k must be an integer from 1 to {MAX_REFERENCES}, got {k!r}.")
@@ -212,6 +215,44 @@ def choose_threshold(heldout_scores: ArrayLike, rate: float = DEFAULT_RATE) -> f
         raise ConfigError("Choosing an unknown threshold needs finite held-out scores; got none, or NaN.")
     n_allowed = math.floor(rate * len(scores))  # at most this many held-out scores may lie above the threshold
     return float(np.nextafter(np.float32(scores[len(scores) - 1 - n_allowed]), np.float32(np.inf)))
+
+
+def calibrate(
+    detector: UnknownDetector | None,
+    heldout_logits: ArrayLike,
+    heldout_y: ArrayLike,
+    heldout_scores: ArrayLike | None = None,
+    rate: float = DEFAULT_RATE,
+) -> tuple[CalibrationRecord, UnknownDetector | None]:
+    """Fit the temperature on held-out logits and labels, and the detector's threshold on held-out scores.
+
+    The held-out rows may be a validation split (scores from a detector fitted on the training
+    split) or out-of-fold predictions (scores from each fold's own detector).
+
+    Args:
+        detector: fitted on training features (`fit_detector`), or None for temperature scaling alone.
+        heldout_logits: shape (n_heldout, n_classes); heldout_y: their class indices, shape (n_heldout,).
+        heldout_scores: the detector's scores of the held-out images, shape (n_heldout,).
+        rate: the share of held-out images the threshold may call unknown.
+
+    Returns:
+        What was measured, and the detector with its threshold.
+    """
+    logits = np.asarray(heldout_logits, dtype=np.float32)
+    temperature = fit_temperature(logits, heldout_y)
+    before = expected_calibration_error(softmax(logits), heldout_y)
+    after = expected_calibration_error(softmax(logits, temperature), heldout_y)
+    record = CalibrationRecord(temperature, before, after, len(logits))
+    if detector is None:
+        return record, None
+    if heldout_scores is None:
+        raise ConfigError("Pass the detector's held-out scores to choose its threshold.")
+    scores = np.asarray(heldout_scores, dtype=np.float32)
+    detector = detector.with_threshold(choose_threshold(scores, rate))
+    unknown_rate = float(detector.is_unknown(scores).mean())
+    return dataclasses.replace(
+        record, score=detector.kind, threshold=detector.threshold, heldout_unknown_rate=unknown_rate, k=detector.k
+    ), detector
 
 
 def ledoit_wolf(X: NDArray[np.float64]) -> tuple[NDArray[np.float64], float]:
