@@ -248,3 +248,59 @@ def test_old_bundles_load_without_calibration(version: int) -> None:
     images = [SHARED / p for p in reference["images"]]
     np.testing.assert_allclose(model.predict_proba(images), reference["proba"], atol=1e-5)
     assert not any(p.unknown or p.unknown_score is not None for p in model.predict(images))
+
+
+# The service and the ONNX export
+
+
+def test_the_service_answers_unknown_as_predict_does(flowers_dir: Path) -> None:
+    import httpx
+
+    from conftest import start_server
+    from headstart.server import create_app
+
+    model = headstart.load(flowers_dir, cache_root=SHARED_CACHE)
+    paths = [CATS_DOGS[0], UNSEEN_FLOWERS[0]]
+    want = model.predict(paths).predictions
+    server, thread, url = start_server(create_app(flowers_dir, cache_root=SHARED_CACHE))
+    try:
+        files = [("file", (p.name, p.read_bytes(), "application/octet-stream")) for p in paths]
+        response = httpx.post(f"{url}/predict", files=files, timeout=120)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    assert response.status_code == 200, response.text
+    got = response.json()["predictions"]
+    assert [g["unknown"] for g in got] == [w.unknown for w in want] == [True, False]
+    np.testing.assert_allclose([g["unknown_score"] for g in got], [w.unknown_score for w in want], atol=1e-5)
+    page = (Path(headstart.__file__).parent / "page.html").read_text()
+    assert "prediction.unknown" in page and 'dataset.testid = "unknown"' in page
+
+
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=[] if k == "knn" else [pytest.mark.slow]) for k in SCORE_KINDS])
+def test_the_onnx_export_carries_the_same_probabilities_and_unknown_score_as_predict(
+    flowers_model: headstart.Model, tmp_path: Path, kind: str
+) -> None:
+    import onnxruntime
+
+    from headstart.features import extract_features
+    from headstart.model_export import UNKNOWN_OUTPUT, _decode, onnx_model_bytes
+
+    model = flowers_model
+    if kind != "knn":  # the same model with another detector, fitted on a few flowers' features
+        features = extract_features(model.engine, UNSEEN_FLOWERS * 3).features
+        y = np.tile(np.repeat(np.arange(5), 4), 3)  # UNSEEN_FLOWERS: 4 photos of each class in turn
+        w = model.head.weights_
+        detector = fit_detector(features, y, 5, kind, (w["0.mean"], w["0.scale"])).with_threshold(0.5)  # type: ignore[arg-type]
+        model = headstart.Model(model.backbone, model.head, model.summary, SHARED_CACHE, detector)
+    assert model.detector is not None and model.temperature != 1.0
+    session = onnxruntime.InferenceSession(onnx_model_bytes(model), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["unknown"])["threshold"] == model.detector.threshold and json.loads(meta["temperature"]) == model.temperature
+    paths = [*CATS_DOGS[:3], *UNSEEN_FLOWERS[:3]]
+    pixels, kept = _decode(paths, model.backbone.data_config, None, "")
+    proba, scores = session.run(["probabilities", UNKNOWN_OUTPUT], {"image": pixels})
+    predictions = model.predict(paths, top_k=5).predictions
+    np.testing.assert_allclose(proba, model.predict_proba(paths), atol=2e-6)
+    np.testing.assert_allclose(scores, [p.unknown_score for p in predictions], rtol=1e-4, atol=1e-4)
+    assert list(scores > model.detector.threshold) == [p.unknown for p in predictions]
