@@ -304,3 +304,15 @@ def test_the_onnx_export_carries_the_same_probabilities_and_unknown_score_as_pre
     np.testing.assert_allclose(proba, model.predict_proba(paths), atol=2e-6)
     np.testing.assert_allclose(scores, [p.unknown_score for p in predictions], rtol=1e-4, atol=1e-4)
     assert list(scores > model.detector.threshold) == [p.unknown for p in predictions]
+
+
+def test_the_report_shows_a_reliability_diagram_and_the_ece(flowers_model: headstart.Model) -> None:
+    from headstart.data import ImageRecord
+    from headstart.html_report import _calibration_html
+
+    scores = flowers_model.score([ImageRecord(p, p.parent.name) for p in UNSEEN_FLOWERS])
+    record = flowers_model.summary.calibration
+    assert record is not None
+    html = _calibration_html(flowers_model, scores.proba, scores.y_true)
+    assert 'id="reliability"' in html and "data:image/png;base64," in html
+    assert f"{record.ece_before:.4f} before, {record.ece_after:.4f} after" in html and "&#x27;knn&#x27; score" in html
