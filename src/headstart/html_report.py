@@ -134,7 +134,7 @@ def reliability_diagram(before: ReliabilityBins, after: ReliabilityBins) -> Figu
             "o",
             color=TRAIN_COLOUR,
             markersize=3,
-            label="mean confidence",
+            label="accuracy at the mean confidence",
         )
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
