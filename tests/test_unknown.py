@@ -294,7 +294,7 @@ def test_the_onnx_export_carries_the_same_probabilities_and_unknown_score_as_pre
         detector = fit_detector(features, y, 5, kind, (w["0.mean"], w["0.scale"])).with_threshold(0.5)  # type: ignore[arg-type]
         model = headstart.Model(model.backbone, model.head, model.summary, SHARED_CACHE, detector)
     assert model.detector is not None and model.temperature != 1.0
-    session = onnxruntime.InferenceSession(onnx_model_bytes(model), providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(onnx_model_bytes(model, unknown=True), providers=["CPUExecutionProvider"])
     meta = session.get_modelmeta().custom_metadata_map
     assert json.loads(meta["unknown"])["threshold"] == model.detector.threshold and json.loads(meta["temperature"]) == model.temperature
     paths = [*CATS_DOGS[:3], *UNSEEN_FLOWERS[:3]]
@@ -316,3 +316,15 @@ def test_the_report_shows_a_reliability_diagram_and_the_ece(flowers_model: heads
     html = _calibration_html(flowers_model, scores.proba, scores.y_true)
     assert 'id="reliability"' in html and "data:image/png;base64," in html
     assert f"{record.ece_before:.4f} before, {record.ece_after:.4f} after" in html and "&#x27;knn&#x27; score" in html
+
+
+@pytest.mark.slow
+def test_headstart_export_writes_the_unknown_output_and_checks_the_calibrated_probabilities(flowers_dir: Path, tmp_path: Path) -> None:
+    import onnxruntime
+
+    from headstart import api
+
+    result = api.export(flowers_dir, tmp_path / "flowers.onnx")
+    assert result.check is not None and result.check.agreement == 1.0 and result.check.max_difference < 1e-5
+    session = onnxruntime.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["probabilities", "unknown_score"]

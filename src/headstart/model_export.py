@@ -160,7 +160,7 @@ def export(
     return ExportResult(out, format, int8, out.stat().st_size, len(fp32), check, "fp32 onnx")
 
 
-def onnx_model_bytes(model: Model, unknown: bool = True) -> bytes:
+def onnx_model_bytes(model: Model, unknown: bool = False) -> bytes:
     """`model` as one checked ONNX model: uint8 pixels (n, H, W, 3) in, class probabilities (n, n_classes) out,
     and with `unknown` and a detector, unknown scores (n,)."""
     import onnx
@@ -303,7 +303,7 @@ def _unknown_nodes(detector: UnknownDetector, features: str, logits: str, consta
     return nodes
 
 
-def metadata(model: Model, unknown: bool = True) -> dict[str, str]:
+def metadata(model: Model, unknown: bool = False) -> dict[str, str]:
     """What a caller needs beside the graph: class names, preprocessing, temperature, unknown score, provenance (all strings, as ONNX requires)."""
     cfg = model.backbone.data_config
     detector = model.detector if unknown else None
