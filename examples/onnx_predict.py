@@ -1,6 +1,8 @@
 """Classify photos with a model from `headstart export`, using only ONNX Runtime, Pillow and NumPy.
 
 python onnx_predict.py model.onnx photo.jpg [photo2.jpg ...]
+
+Prints the top 3 classes of each photo and, for a model with an unknown detector, whether it looks like none of them.
 """
 
 import json
@@ -33,7 +35,14 @@ def pixels(path: str) -> np.ndarray:
     return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
+unknown = json.loads(meta["unknown"]) if "unknown" in meta else None  # models with an unknown detector have a second output
+
 for path in sys.argv[2:]:
-    probabilities = session.run(["probabilities"], {"image": pixels(path)[None]})[0][0]
+    outputs = session.run(["probabilities"] + ([unknown["output"]] if unknown else []), {"image": pixels(path)[None]})
+    probabilities = outputs[0][0]
     best = np.argsort(-probabilities)[:3]
-    print(path, *(f"{classes[i]} {probabilities[i]:.5f}" for i in best), sep="\t")
+    verdict = []
+    if unknown:  # past the threshold: the photo looks like none of the model's classes
+        score = float(outputs[1][0])
+        verdict = [("UNKNOWN" if score > unknown["threshold"] else "known") + f" (unknown_score {score:.4f})"]
+    print(path, *(f"{classes[i]} {probabilities[i]:.5f}" for i in best), *verdict, sep="\t")

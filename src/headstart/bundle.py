@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # NumPy is imported only to read or write tensors: `info` rea
     from numpy.typing import NDArray
 
 FORMAT_VERSION = 4  # 2: `files` lists the size and sha256 of every file of the model; 3: every summary field present; 4: test split, refit
-SUMMARY_ADDED_IN_4 = ("scored_on", "refit", "test_split", "n_test", "test_images", "test")
+SUMMARY_ADDED_IN_4 = ("scored_on", "refit", "test_split", "n_test", "test_images", "test", "calibration")
 """Summary fields a format-3 bundle lacks (they take their defaults)."""
 CONFIG_NAME = "bundle.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -379,9 +379,12 @@ def _predict(model: Model, uploads: list[tuple[str | None, bytes]], top_k: int) 
             what = f"The file '{display(name)}'" if name is not None else "The request body"
             raise HTTPException(422, f"{what} is not a readable image: {display(e.reason)}.") from None
         del image
-    proba = model.head.predict_proba(model.engine(np.stack(inputs)))
+    proba, scores = model.outputs(model.engine(np.stack(inputs)))
+    threshold = model.unknown_threshold()
+    score_of = [None] * len(proba) if scores is None else [float(v) for v in scores]
     return [
-        _prediction_json(name, Prediction.from_probabilities(None, row, model.classes, top_k)) for (name, _), row in zip(uploads, proba)
+        _prediction_json(name, Prediction.from_probabilities(None, row, model.classes, top_k, score, threshold))
+        for (name, _), row, score in zip(uploads, proba, score_of)
     ]
 
 
@@ -400,6 +403,8 @@ def _prediction_json(filename: str | None, prediction: Prediction) -> dict[str, 
         "label": prediction.label,
         "probability": prediction.probability,
         "top_k": [{"label": label, "probability": p} for label, p in prediction.top_k],
+        "unknown": prediction.unknown,
+        "unknown_score": prediction.unknown_score,
     }
 
 

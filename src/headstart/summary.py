@@ -38,6 +38,63 @@ class FinetuneRecord:
 
 
 @dataclass(frozen=True)
+class CalibrationRecord:
+    """Temperature scaling and the unknown detector, as training fitted and measured them on held-out images.
+
+    Attributes:
+        temperature: the model's probabilities are softmax(logits / temperature).
+        ece_before, ece_after: the held-out expected calibration error (15 bins) at temperature 1 and at `temperature`.
+        n_heldout: the held-out images they were measured on.
+        score: the unknown score's kind (see `headstart.unknown`), or None without a detector.
+        threshold: scores above it are called unknown.
+        heldout_unknown_rate: the share of held-out images past `threshold`.
+        k: for the "knn" score, the neighbour whose similarity counts.
+    """
+
+    temperature: float
+    ece_before: float
+    ece_after: float
+    n_heldout: int
+    score: str | None = None
+    threshold: float | None = None
+    heldout_unknown_rate: float | None = None
+    k: int = 10
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> CalibrationRecord:
+        """The inverse of `to_dict`, every field checked.
+
+        Raises:
+            ValueError: names the field of the wrong type or out of range.
+        """
+        need(isinstance(d, dict), "calibration", "an object")
+        temperature = _number(d.get("temperature"), "calibration.temperature")
+        need(0.01 <= temperature <= 100, "calibration.temperature", "a number from 0.01 to 100")
+        ece = [_number(d.get(name, 0.0), f"calibration.{name}") for name in ("ece_before", "ece_after")]
+        need(all(0 <= e <= 1 for e in ece), "calibration.ece_before", "numbers from 0 to 1")
+        score, threshold, rate = d.get("score"), d.get("threshold"), d.get("heldout_unknown_rate")
+        need(score is None or isinstance(score, str), "calibration.score", "a string or null")
+        need(threshold is None or is_finite_number(threshold), "calibration.threshold", "a finite number or null")
+        need(score is None or threshold is not None, "calibration.threshold", "a finite number with a score")
+        need(rate is None or (is_finite_number(rate) and 0 <= rate <= 1), "calibration.heldout_unknown_rate", "a number from 0 to 1")
+        k = d.get("k", 10)
+        need(is_int(k, 1, 100_000), "calibration.k", "an integer from 1 to 100000")
+        return cls(
+            temperature,
+            ece[0],
+            ece[1],
+            _count(d.get("n_heldout", 0), "calibration.n_heldout"),
+            score,
+            None if threshold is None else float(threshold),
+            None if rate is None else float(rate),
+            int(k),
+        )
+
+
+@dataclass(frozen=True)
 class TrainingSummary:
     """What `train` did and how the model scored.
 
@@ -62,6 +119,7 @@ class TrainingSummary:
         test: the final model's scores on the test split (None without one).
         auto: what `--strategy auto` chose.
         finetune: the fine-tuning phase, when there was one.
+        calibration: the temperature and unknown detector fitted on held-out images (None: neither, as in older models).
         seconds: wall time of training.
     """
 
@@ -93,6 +151,7 @@ class TrainingSummary:
     auto: AutoChoice | None = None
     finetune: FinetuneRecord | None = None
     seconds: float = 0.0
+    calibration: CalibrationRecord | None = None
 
     def replace(self, **changes: Any) -> TrainingSummary:
         return dataclasses.replace(self, **changes)
@@ -136,6 +195,7 @@ class TrainingSummary:
                 else None
             ),
             "seconds": self.seconds,
+            "calibration": self.calibration.to_dict() if self.calibration else None,
         }
 
     def with_history(self, rows: Any) -> TrainingSummary:
@@ -201,6 +261,7 @@ class TrainingSummary:
             if tune
             else None,
             seconds=_number(get("seconds", 0.0), "seconds"),
+            calibration=CalibrationRecord.from_dict(get("calibration")) if get("calibration") is not None else None,
         )
 
 

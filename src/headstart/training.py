@@ -37,11 +37,12 @@ from headstart.model import Model, PathLike, Scores
 from headstart.selection import N_FOLDS, CrossValidation, cross_validate
 from headstart.selection import refit as refit_head
 from headstart.strategy import EARLIER_LAYER, ProbeData, choose, imagenet_confidence, probe_loss
-from headstart.summary import AutoChoice, FinetuneRecord, TrainingSummary
+from headstart.summary import AutoChoice, CalibrationRecord, FinetuneRecord, TrainingSummary
 from headstart.triage import dataset_warnings
 
 if TYPE_CHECKING:
     from headstart.finetune import FinetuneConfig, FinetuneResult
+    from headstart.unknown import UnknownDetector
 
 Strategy = Literal["linear", "mlp", "finetune", "auto"]
 STRATEGIES = ("linear", "mlp", "finetune", "auto")
@@ -218,7 +219,11 @@ def train(
         if test:
             tuned = Model(net, clf, summary, cache_root).score(test, progress)
             summary = summary.replace(test=tuned.evaluation)
-    model = Model(net, clf, summary.replace(seconds=round(time.perf_counter() - started, 2)), cache_root)
+    detector = None
+    if net.finetuned_from is None and (frozen.cv is not None or len(frozen.features.y_val)):
+        record, detector = _calibration(frozen, seed)
+        summary = summary.replace(calibration=record)
+    model = Model(net, clf, summary.replace(seconds=round(time.perf_counter() - started, 2)), cache_root, detector)
     if out is not None:
         model.save(out, force=force)
         remove_checkpoint(Path(out) / CHECKPOINT_DIR)
@@ -227,6 +232,33 @@ def train(
 
             build_report(model, _report_scores(model, frozen, progress), Path(out) / REPORT_NAME)
     return model
+
+
+def _calibration(frozen: _Frozen, seed: int) -> tuple[CalibrationRecord, UnknownDetector | None]:
+    """Temperature and unknown detector for a frozen head, each fitted on predictions of images the head held out.
+
+    After a refit those are the out-of-fold predictions, with each fold's images scored by a
+    detector fitted on the other folds; else the validation split's, scored by one fitted on training.
+    """
+    from headstart.unknown import calibrate, fit_detector
+
+    clf, probe = frozen.clf, frozen.features
+    standardization = (clf.weights_["0.mean"], clf.weights_["0.scale"])
+
+    def detector_on(X: NDArray[np.float32], y: NDArray[np.int64]) -> UnknownDetector:
+        return fit_detector(X, y, len(clf.classes_), standardization=standardization, seed=seed)
+
+    if frozen.cv is None:
+        y_train, y_val = np.searchsorted(clf.classes_, probe.y_train), np.searchsorted(clf.classes_, probe.y_val)
+        detector, logits = detector_on(probe.X_train, y_train), clf.decision_function(probe.X_val)
+        return calibrate(detector, logits, y_val, detector.score(probe.X_val, logits))
+    cv = frozen.cv
+    X = np.concatenate([probe.X_train, probe.X_val])
+    scores = np.zeros(len(X), dtype=np.float32)
+    for k in range(cv.n_folds):
+        held_out = cv.folds == k
+        scores[held_out] = detector_on(X[~held_out], cv.y[~held_out]).score(X[held_out], cv.logits[held_out])
+    return calibrate(detector_on(X, cv.y), cv.logits, cv.y, scores)
 
 
 def _report_scores(model: Model, frozen: _Frozen, progress: Progress | None) -> Scores:

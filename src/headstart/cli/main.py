@@ -7,9 +7,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from headstart.model import UnknownOption
 
 app = typer.Typer(
     help="Turn a folder of labelled photos into an image classifier, by transfer learning.",
@@ -252,18 +255,36 @@ def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
     top_k: Annotated[int, typer.Option(min=1, help="How many classes to show per image.")] = 3,
     csv: Annotated[Path | None, typer.Option(help="Also write the predictions to this CSV file.")] = None,
+    unknown: Annotated[
+        str, typer.Option(help="Mark images unlike any class as unknown: auto (the model's threshold), off, or a score threshold.")
+    ] = "auto",
 ) -> None:
     """Predict the classes of new images."""
     from headstart import api
     from headstart.cli import render
 
     with handled(ctx), render.progress_bar() as progress:
-        result = api.predict(model, images, top_k=top_k, progress=progress)
+        result = api.predict(model, images, top_k=top_k, progress=progress, unknown=_unknown_option(unknown))
         if csv:
             api.save_predictions_csv(result.predictions, csv)
     render.predictions(result)
     if csv:
         render.message(f"Wrote {len(result.predictions)} rows to {csv}.")
+
+
+def _unknown_option(value: str) -> UnknownOption:
+    """--unknown's value: auto, off or a finite number."""
+    import math
+
+    if value in ("auto", "off"):
+        return value  # type: ignore[return-value]
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise typer.BadParameter(f"{value!r}: give auto, off or a number such as 0.5.", param_hint="--unknown")
+    return number
 
 
 @app.command()

@@ -226,11 +226,21 @@ def predictions(result: Predictions, out: Console | None = None) -> None:
     table.add_column("image", overflow="fold")
     table.add_column("prediction")
     table.add_column("next")
+    scored = any(p.unknown_score is not None for p in result.predictions)
+    if scored:
+        table.add_column("unknown score")
     for p in result.predictions:
-        table.add_row(
-            _text(str(p.path)), _text(f"{p.label} ({p.probability:.3f})"), _text(", ".join(f"{c} {v:.3f}" for c, v in p.top_k[1:]))
-        )
+        label = f"unknown (closest: {p.label} {p.probability:.3f})" if p.unknown else f"{p.label} ({p.probability:.3f})"
+        cells = [_text(str(p.path)), _text(label), _text(", ".join(f"{c} {v:.3f}" for c, v in p.top_k[1:]))]
+        if scored:
+            cells.append(_text("" if p.unknown_score is None else f"{p.unknown_score:.3f}"))
+        table.add_row(*cells)
     out.print(table)
+    n_unknown = sum(p.unknown for p in result.predictions)
+    if n_unknown:
+        out.print(
+            _text(f"{n_unknown} of {len(result.predictions)} image(s) look like none of the model's classes (unknown)."), soft_wrap=True
+        )
     skipped(result.skipped, out)
 
 
