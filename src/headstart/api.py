@@ -224,17 +224,22 @@ def report(model: PathLike, data: PathLike | None = None, out: PathLike | None =
     from headstart.html_report import build_report
 
     loaded = _loaded(model)
+    s = loaded.summary
     if data is not None:
         dataset = load_dataset(data, val_split=0.0)
-        records = dataset.val or dataset.train
+        records, scored_on = dataset.val or dataset.train, f"the labelled images of {display(str(data))}"
+    elif s.test_images:
+        records, scored_on = list(s.test_images), "the test split, held out of training and of every choice"
     else:
-        records = list(loaded.summary.val_images)
+        records = list(s.val_images)
+        refitted = " (the head was refitted on these images too: optimistic; the cross-validated score is in metrics.json)"
+        scored_on = "the validation split" + (refitted if s.refit else "")
         if not records:
             raise ConfigError(f"{model}: no validation images are recorded; give labelled images: headstart report {model} DATA.")
     scores = loaded.score([r for r in records if r.label in loaded.classes])
     if not scores.records:
         raise _no_readable_images([model], scores.skipped, f"Give labelled images: headstart report {model} DATA.")
-    return build_report(loaded, scores, output_file(Path(out), ".html") if out is not None else Path(model) / REPORT_NAME)
+    return build_report(loaded, scores, output_file(Path(out), ".html") if out is not None else Path(model) / REPORT_NAME, scored_on)
 
 
 def explain(

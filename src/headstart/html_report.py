@@ -307,8 +307,10 @@ def write_report(path: Path, title: str, sections: Sequence[Section]) -> Path:
     return atomic_write_bytes(path, render_html(title, sections).encode())
 
 
-def build_report(model: Model, scores: Scores, out: Path, n_grid: int = 16, n_top: int = 8, n_cam: int = 3, seed: int = 0) -> Path:
-    """Write `report.html` for `model` from its `scores` on labelled images (usually its validation split).
+def build_report(
+    model: Model, scores: Scores, out: Path, scored_on: str, n_grid: int = 16, n_top: int = 8, n_cam: int = 3, seed: int = 0
+) -> Path:
+    """Write `report.html` for `model` from its `scores` on labelled images; `scored_on` says which images and predictions those are.
 
     Returns the path written.
     """
@@ -328,7 +330,7 @@ def build_report(model: Model, scores: Scores, out: Path, n_grid: int = 16, n_to
         name = kept[i].path.name
         return image_tile(view, lines, f"{name}: true {kept[i].label}, predicted {predicted}", bool(y_pred[i] == y_true[i]), note=name)
 
-    sections = [Section("Summary", _summary_html(model, evaluation, len(kept)))]
+    sections = [Section("Summary", _summary_html(model, evaluation, len(kept), scored_on))]
     if s.history:
         sections.append(
             Section("Training curves", figure_html(curves(s.history), "Loss and accuracy per epoch, training vs validation.", "curves"))
@@ -385,7 +387,7 @@ def _legend() -> str:
     return f'<p><span class="key" style="background:{CORRECT}">✓ correct</span> <span class="key" style="background:{WRONG}">✗ wrong</span></p>'
 
 
-def _summary_html(model: Model, evaluation: Evaluation, n_scored: int) -> str:
+def _summary_html(model: Model, evaluation: Evaluation, n_scored: int, scored_on: str) -> str:
     s = model.summary
     facts: list[tuple[str, object]] = [
         ("backbone", f"{model.backbone.name}" + (f" (stage {model.backbone.layer} features)" if model.backbone.layer is not None else "")),
@@ -393,8 +395,13 @@ def _summary_html(model: Model, evaluation: Evaluation, n_scored: int) -> str:
         ("head", model.head.head),
         ("classes", ", ".join(model.classes)),
         ("scored images", n_scored),
+        ("scored on", scored_on),
         ("accuracy", f"{evaluation.accuracy:.4f}"),
     ]
+    if s.test is not None:
+        facts.append((f"test accuracy ({s.test.n_images} images held out first, used for nothing else)", f"{s.test.accuracy:.4f}"))
+    if s.finetune is not None and s.finetune.frozen_test is not None:
+        facts.append(("test accuracy of the frozen-backbone head", f"{s.finetune.frozen_test.accuracy:.4f}"))
     if s.finetune is not None and s.finetune.frozen_validation is not None:
         facts.append(("accuracy of the frozen-backbone head", f"{s.finetune.frozen_validation.accuracy:.4f}"))
     if s.seconds:

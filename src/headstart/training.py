@@ -230,7 +230,12 @@ def train(
         if report and (dataset.val or frozen.cv is not None):
             from headstart.html_report import build_report
 
-            build_report(model, _report_scores(model, frozen, progress), Path(out) / REPORT_NAME)
+            scored_on = (
+                f"out-of-fold predictions of {summary.scored_on}: each image scored by a head fitted without it (C chosen on the same folds)"
+                if frozen.cv is not None
+                else "the validation split (early stopping and fine-tuning chose on it)"
+            )
+            build_report(model, _report_scores(model, frozen, progress), Path(out) / REPORT_NAME, scored_on)
     return model
 
 
