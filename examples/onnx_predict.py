@@ -2,6 +2,7 @@
 
 python onnx_predict.py model.onnx photo.jpg [photo2.jpg ...]
 
+Prints the top 3 classes of each photo and, for a model with an unknown detector, whether it looks like none of them.
 An ensemble's file has one input per backbone (metadata `preprocessing.inputs`): each photo is decoded once,
 then resized and cropped for each input.
 """
@@ -39,8 +40,16 @@ def pixels(image: Image.Image, spec: dict) -> np.ndarray:
     return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
+unknown = json.loads(meta["unknown"]) if "unknown" in meta else None  # models with an unknown detector have a second output
+
 for path in sys.argv[2:]:
     image = decode(path)
-    probabilities = session.run(["probabilities"], {spec["name"]: pixels(image, spec)[None] for spec in inputs})[0][0]
+    feeds = {spec["name"]: pixels(image, spec)[None] for spec in inputs}
+    outputs = session.run(["probabilities"] + ([unknown["output"]] if unknown else []), feeds)
+    probabilities = outputs[0][0]
     best = np.argsort(-probabilities)[:3]
-    print(path, *(f"{classes[i]} {probabilities[i]:.5f}" for i in best), sep="\t")
+    verdict = []
+    if unknown:  # past the threshold: the photo looks like none of the model's classes
+        score = float(outputs[1][0])
+        verdict = [("UNKNOWN" if score > unknown["threshold"] else "known") + f" (unknown_score {score:.4f})"]
+    print(path, *(f"{classes[i]} {probabilities[i]:.5f}" for i in best), *verdict, sep="\t")

@@ -52,7 +52,7 @@ def test_without_a_hold_out_all_epochs_run_and_the_lowest_training_loss_is_kept(
     X, y = gaussians(5, n_classes=2, n_features=8, seed=1)
     if not params:  # a class with a single row: nothing can be held out
         X, y = X[:6], y[:6]
-    head = HeadClassifier(max_epochs=12, patience=2, **params).fit(X, y)  # type: ignore[arg-type]
+    head = HeadClassifier(solver="adamw", max_epochs=12, patience=2, **params).fit(X, y)  # type: ignore[arg-type]
     assert len(head.history_) == 12 and "val_loss" not in head.history_[0]
     losses = [r["loss"] for r in head.history_]
     assert losses[head.best_epoch_ - 1] == min(losses)
@@ -60,14 +60,14 @@ def test_without_a_hold_out_all_epochs_run_and_the_lowest_training_loss_is_kept(
 
 def test_empty_explicit_validation_means_no_hold_out() -> None:
     X, y = gaussians(10, n_classes=2, n_features=8)
-    head = HeadClassifier(max_epochs=4).fit(X, y, X[:0], y[:0])
+    head = HeadClassifier(solver="adamw", max_epochs=4).fit(X, y, X[:0], y[:0])
     assert len(head.history_) == 4 and "val_loss" not in head.history_[0]
 
 
 @pytest.mark.parametrize("kind", HEAD_KINDS)
 def test_the_same_seed_gives_the_same_head(kind: str) -> None:
     X, y = gaussians(20, n_features=16)
-    a, b, c = (HeadClassifier(head=kind, hidden=16, max_epochs=5, seed=s).fit(X, y) for s in (3, 3, 4))
+    a, b, c = (HeadClassifier(head=kind, solver="adamw", hidden=16, max_epochs=5, seed=s).fit(X, y) for s in (3, 3, 4))
     assert a.history_ == b.history_
     assert all(np.array_equal(a.weights_[k], b.weights_[k]) for k in a.weights_)
     assert not np.array_equal(a.weights_["1.weight"], c.weights_["1.weight"])
@@ -86,3 +86,28 @@ def test_logit_gradient_matches_finite_differences(kind: str) -> None:
         shift[:, j] = step
         numeric = (head.decision_function(x + shift)[:, 2] - head.decision_function(x - shift)[:, 2]) / (2 * step)
         np.testing.assert_allclose(gradient[:, j], numeric, rtol=1e-2, atol=2e-3)
+
+
+def test_the_lbfgs_linear_head_matches_scikit_learns_logistic_regression() -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    from headstart.heads import fit_standardization
+
+    X, y = gaussians(30, n_classes=3, n_features=10, spread=0.5, seed=4)
+    head = HeadClassifier(C=0.5).fit(X, y)
+    mean, scale = fit_standardization(X)
+    reference = LogisticRegression(C=0.5, max_iter=1000, tol=1e-4).fit((X - mean) / scale, y)
+    np.testing.assert_allclose(head.predict_proba(X), reference.predict_proba((X - mean) / scale), atol=1e-4)
+    assert head.history_ == [] and head.best_epoch_ == 0
+    weaker = HeadClassifier(C=0.001).fit(X, y)
+    assert np.abs(weaker.weights_["1.weight"]).sum() < np.abs(head.weights_["1.weight"]).sum()  # C is the regularisation
+
+
+def test_a_two_class_lbfgs_head_gives_two_logits_with_scikit_learns_probabilities() -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    X, y = gaussians(20, n_classes=2, n_features=6, seed=5)
+    head = HeadClassifier(C=1.0).fit(X, y)
+    assert head.weights_["1.weight"].shape == (2, 6)
+    z = (X - head.weights_["0.mean"]) / head.weights_["0.scale"]
+    np.testing.assert_allclose(head.predict_proba(X), LogisticRegression(C=1.0, max_iter=1000).fit(z, y).predict_proba(z), atol=1e-4)

@@ -31,7 +31,7 @@ def test_predict_writes_csv(tiny_model_dir: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["predict", str(tiny_model_dir), str(CATS_DOGS_TINY / "val" / "cats"), "--top-k", "2", "--csv", str(out)])
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(out.read_text().splitlines()))
-    assert len(rows) == 10 and set(rows[0]) == {"path", "label", "probability", "label_2", "probability_2"}
+    assert len(rows) == 10 and set(rows[0]) == {"path", "label", "probability", "label_2", "probability_2", "unknown", "unknown_score"}
     assert sum(r["label"] == "cats" for r in rows) >= 8
     assert "Wrote 10 rows" in result.output
 

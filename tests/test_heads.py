@@ -93,7 +93,11 @@ def test_invalid_parameters_are_refused_at_fit() -> None:
     with pytest.raises(ConfigError, match="both X_val and y_val"):
         HeadClassifier().fit(X, y, X_val=X)
     with pytest.raises(ConfigError, match="do not occur in the training labels"):
-        HeadClassifier().fit(X, y, X, ["wasp"] * len(X))
+        HeadClassifier(solver="adamw").fit(X, y, X, ["wasp"] * len(X))
+    with pytest.raises(ConfigError, match="C must be a finite number above 0"):
+        HeadClassifier(C=0.0).fit(X, y)
+    with pytest.raises(ConfigError, match="'lbfgs' \\(linear head only\\)"):
+        HeadClassifier(head="mlp", solver="lbfgs").fit(X, y)
     with pytest.raises(ConfigError, match="NaN"):
         HeadClassifier().fit(np.full_like(X, np.nan), y)
     fitted = HeadClassifier(max_epochs=2).fit(X, y)

@@ -292,11 +292,11 @@ def test_malformed_history_and_metrics_are_refused(bundle: Path, name: str, data
 # Models saved by earlier versions
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 def test_a_model_saved_by_an_earlier_format_still_loads_and_predicts_the_same(version: int) -> None:
     folder = FIXTURES / f"model_v{version}"
     expected = json.loads((FIXTURES / f"model_v{version}_expected.json").read_text())
     model = headstart.load(folder)
     proba = model.predict_proba([SHARED / p for p in expected["images"]])
     np.testing.assert_allclose(proba, expected["proba"], atol=1e-5)
-    assert model.classes == ["cats", "dogs"] and model.summary.history
+    assert model.classes == ["cats", "dogs"] and (model.summary.history or version >= 4)  # format 4's refit L-BFGS head has no epochs

@@ -21,7 +21,7 @@ from headstart.triage import Triage, triage
 if TYPE_CHECKING:
     from headstart.augment import AugmentConfig
     from headstart.gradcam import Explanations
-    from headstart.model import EvaluationResult, ImageLike, Model, PathLike, Prediction, Predictions
+    from headstart.model import EvaluationResult, ImageLike, Model, PathLike, Prediction, Predictions, UnknownOption
     from headstart.model_export import ExportFormat, ExportResult
     from headstart.training import train
 
@@ -54,14 +54,18 @@ def info(model: PathLike) -> BundleContents:
     return read_bundle(Path(model), load_weights=False)
 
 
-def predict(model: PathLike | Model, images: Sequence[ImageLike], top_k: int = 3, progress: Progress | None = None) -> Predictions:
+def predict(
+    model: PathLike | Model, images: Sequence[ImageLike], top_k: int = 3, progress: Progress | None = None, unknown: UnknownOption = "auto"
+) -> Predictions:
     """Top-k predictions for image files, folders (searched recursively), PIL images or RGB arrays; unreadable files are skipped.
+
+    `unknown`: "auto" (default) marks images past the model's unknown threshold, a number past that score, "off" none.
 
     Raises:
         DataError: none of the images could be read (the message gives the first reason).
     """
     model = _loaded(model)
-    result = model.predict(images, top_k, progress)
+    result = model.predict(images, top_k, progress, unknown)
     if not result.predictions:
         raise _no_readable_images([i for i in images if isinstance(i, str | Path)], result.skipped)
     return result
@@ -158,13 +162,18 @@ def imagenet(
 
 
 def save_predictions_csv(predictions: Sequence[Prediction], path: PathLike) -> Path:
-    """Write one row per image: path, label, probability, then label_2, probability_2, ... (atomically).
+    """Write one row per image: path, label, probability, then label_2, probability_2, ... (atomically);
+    then unknown (true/false) and unknown_score when the model has an unknown detector.
 
     Paths are written as their bytes on disk, so non-UTF-8 file names read back as the same files.
     """
     k = max((len(p.top_k) for p in predictions), default=1)
     header = ["path", "label", "probability"] + [f"{c}_{i}" for i in range(2, k + 1) for c in ("label", "probability")]
     rows = [[str(p.path), *(f"{v:.6f}" if isinstance(v, float) else v for pair in p.top_k for v in pair)] for p in predictions]
+    if any(p.unknown_score is not None for p in predictions):
+        header += ["unknown", "unknown_score"]
+        for row, p in zip(rows, predictions):
+            row += [str(p.unknown).lower(), "" if p.unknown_score is None else f"{p.unknown_score:.6f}"]
     return atomic_write_bytes(output_file(Path(path), ".csv"), csv_bytes(header, rows))
 
 
@@ -215,17 +224,22 @@ def report(model: PathLike, data: PathLike | None = None, out: PathLike | None =
     from headstart.html_report import build_report
 
     loaded = _loaded(model)
+    s = loaded.summary
     if data is not None:
         dataset = load_dataset(data, val_split=0.0)
-        records = dataset.val or dataset.train
+        records, scored_on = dataset.val or dataset.train, f"the labelled images of {display(str(data))}"
+    elif s.test_images:
+        records, scored_on = list(s.test_images), "the test split, held out of training and of every choice"
     else:
-        records = list(loaded.summary.val_images)
+        records = list(s.val_images)
+        refitted = " (the head was refitted on these images too: optimistic; the cross-validated score is in metrics.json)"
+        scored_on = "the validation split" + (refitted if s.refit else "")
         if not records:
             raise ConfigError(f"{model}: no validation images are recorded; give labelled images: headstart report {model} DATA.")
     scores = loaded.score([r for r in records if r.label in loaded.classes])
     if not scores.records:
         raise _no_readable_images([model], scores.skipped, f"Give labelled images: headstart report {model} DATA.")
-    return build_report(loaded, scores, output_file(Path(out), ".html") if out is not None else Path(model) / REPORT_NAME)
+    return build_report(loaded, scores, output_file(Path(out), ".html") if out is not None else Path(model) / REPORT_NAME, scored_on)
 
 
 def explain(

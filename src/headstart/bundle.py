@@ -35,8 +35,10 @@ if TYPE_CHECKING:  # NumPy is imported only to read or write tensors: `info` rea
     import numpy as np
     from numpy.typing import NDArray
 
-FORMAT_VERSION = 4  # 2: `files` lists the size and sha256 of every file of the model; 3: every summary field present;
-# 4: `backbones`, a list of members (an ensemble, or one backbone) each with its own `data_config`, replaces `backbone` and `data_config`
+FORMAT_VERSION = 5  # 2: `files` lists the size and sha256 of every file of the model; 3: every summary field present; 4: test split, refit;
+# 5: `backbones`, a list of members (an ensemble, or one backbone) each with its own `data_config`, replaces `backbone` and `data_config`
+SUMMARY_ADDED_IN_4 = ("scored_on", "refit", "test_split", "n_test", "test_images", "test", "calibration")
+"""Summary fields a format-3 bundle lacks (they take their defaults)."""
 CONFIG_NAME = "bundle.json"
 WEIGHTS_NAME = "model.safetensors"
 METRICS_NAME = "metrics.json"
@@ -86,7 +88,7 @@ class BackboneRecord:
 
     @classmethod
     def from_dict(cls, record: dict[str, Any], data_config: DataConfig) -> BackboneRecord:
-        """From a record `validate_config` accepted; `data_config` is its own (format 4) or the bundle's (formats 1 to 3)."""
+        """From a record `validate_config` accepted; `data_config` is its own (format 5) or the bundle's (formats 1 to 4)."""
         return cls(
             name=record["name"],
             weights_sha256=record["weights_sha256"],
@@ -143,7 +145,7 @@ class BundleConfig:
             BundleError: names the first field of the wrong type or out of range.
         """
         validate_config(config, directory)
-        if config["format_version"] >= 4:
+        if config["format_version"] >= 5:
             backbones = tuple(BackboneRecord.from_dict(b, DataConfig.from_dict(b["data_config"])) for b in config["backbones"])
         else:
             backbones = (BackboneRecord.from_dict(config["backbone"], DataConfig.from_dict(config["data_config"])),)
@@ -416,7 +418,7 @@ def validate_config(config: Any, directory: Path) -> None:
     need(is_int(version), "format_version", "an integer")
     if version > FORMAT_VERSION:
         raise BundleError(f"{where}: format {version} is newer than this headstart reads ({FORMAT_VERSION}). Upgrade headstart.")
-    if version >= 4:
+    if version >= 5:
         members = config.get("backbones")
         need(
             isinstance(members, list) and 1 <= len(members) <= MAX_MEMBERS,
@@ -440,9 +442,10 @@ def validate_config(config: Any, directory: Path) -> None:
     summary = config.get("summary", {})
     need(isinstance(summary, dict), "summary", "an object")
     if version >= 3:
-        missing = [f.name for f in dataclasses.fields(TrainingSummary) if f.name != "history" and f.name not in summary]
+        optional = ("history",) + (SUMMARY_ADDED_IN_4 if version < 4 else ())
+        missing = [f.name for f in dataclasses.fields(TrainingSummary) if f.name not in optional and f.name not in summary]
         need(not missing, f"summary.{missing[0] if missing else ''}", "present")
-    if version < 4:
+    if version < 5:
         _validate_data_config(need, config.get("data_config"), "data_config")
     if version >= 2:
         files = config.get("files")
@@ -458,14 +461,14 @@ def validate_config(config: Any, directory: Path) -> None:
 
 
 def _validate_backbone(need: Callable[[bool, str, str], None], backbone: Any, where: str, ensemble: bool) -> None:
-    """Check one backbone record: `bundle.json`'s `backbone` (formats 1 to 3) or a member of its `backbones` (format 4)."""
+    """Check one backbone record: `bundle.json`'s `backbone` (formats 1 to 4) or a member of its `backbones` (format 5)."""
     need(isinstance(backbone, dict), where, "an object")
     name = backbone.get("name")
     need(isinstance(name, str) and bool(name) and ENSEMBLE_SEPARATOR not in name, f"{where}.name", "a backbone name (no '+')")
     need(isinstance(backbone.get("weights_sha256"), str) and _HEX64.fullmatch(backbone["weights_sha256"]) is not None,
          f"{where}.weights_sha256", "64 hex digits")  # fmt: skip
     need(backbone.get("weights_file") is None or isinstance(backbone["weights_file"], str), f"{where}.weights_file", "a string or null")
-    if where == "backbone":  # formats 1 to 3 may lack it
+    if where == "backbone":  # formats 1 to 4 may lack it
         need(backbone.get("n_features") is None or is_int(backbone["n_features"], 1, 1 << 20), f"{where}.n_features", "a positive integer")
     else:
         need(is_int(backbone.get("n_features"), 1, 1 << 20), f"{where}.n_features", "a positive integer")

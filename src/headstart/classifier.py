@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -33,13 +34,18 @@ _EPS = 1e-8
 
 
 class HeadClassifier:
-    """A linear or MLP head fitted on pooled features, with early stopping on validation loss.
+    """A linear or MLP head fitted on pooled features standardised with the training statistics.
 
-    Training runs in NumPy (float32): AdamW on mini-batches of features standardised once
-    with the training statistics, softmax cross-entropy, and torch's nn.Linear initialisation.
+    The linear head is L2-regularised softmax regression fitted to convergence by
+    scikit-learn's L-BFGS (`solver="lbfgs"`, strength `C`; see `headstart.selection` for
+    choosing `C` by cross-validation). The MLP, and the linear head with `solver="adamw"`,
+    train in NumPy (float32): AdamW on mini-batches, softmax cross-entropy, torch's
+    nn.Linear initialisation, and early stopping on validation loss.
 
     Args:
         head: "linear" (softmax regression) or "mlp" (Dense(hidden) + ReLU + Dropout + Dense).
+        C: inverse L2 regularisation strength of the L-BFGS linear head, as scikit-learn's.
+        solver: "lbfgs" (linear head only), "adamw", or "auto": L-BFGS for the linear head, AdamW for the MLP.
         hidden: width of the MLP's hidden layer.
         dropout: dropout rate of the MLP, in [0, 1).
         lr: AdamW learning rate.
@@ -59,7 +65,7 @@ class HeadClassifier:
         n_features_in_: the number of features `fit` saw.
         weights_: the head's float32 arrays by name (see `headstart.heads`).
         history_: one dict per epoch: epoch, loss, accuracy, and val_loss / val_accuracy with validation data.
-        best_epoch_: the epoch whose weights were kept (1-based; 0 for a head loaded from a state).
+        best_epoch_: the epoch whose weights were kept (1-based; 0 for L-BFGS and for a head loaded from a state).
 
     Examples:
         >>> import numpy as np
@@ -72,6 +78,8 @@ class HeadClassifier:
     def __init__(
         self,
         head: Literal["linear", "mlp"] = "linear",
+        C: float = 0.1,
+        solver: Literal["auto", "lbfgs", "adamw"] = "auto",
         hidden: int = 512,
         dropout: float = 0.5,
         lr: float = 1e-3,
@@ -84,6 +92,8 @@ class HeadClassifier:
         validation_fraction: float = 0.1,
     ) -> None:
         self.head = head
+        self.C = C
+        self.solver = solver
         self.hidden = hidden
         self.dropout = dropout
         self.lr = lr
@@ -115,9 +125,10 @@ class HeadClassifier:
     ) -> HeadClassifier:
         """Fit on features X of shape (n_samples, n_features) and labels y of shape (n_samples,).
 
-        Training stops after `patience` epochs without a lower validation loss and the best
-        epoch's weights are kept. The validation data is `X_val`, `y_val` when given (an
-        empty pair means none), else a `validation_fraction` hold-out of X, y.
+        The L-BFGS linear head is fitted on all of X, y to convergence (validation data unused).
+        Other heads stop after `patience` epochs without a lower validation loss and keep the
+        best epoch's weights; the validation data is `X_val`, `y_val` when given (an empty
+        pair means none), else a `validation_fraction` hold-out of X, y.
 
         Raises:
             ConfigError: a parameter is out of range, or the arrays do not fit together.
@@ -133,6 +144,12 @@ class HeadClassifier:
         if len(classes) < 2:
             raise ConfigError(f"Need at least two classes to fit, got {classes.tolist()}.")
         targets = np.searchsorted(classes, labels)
+        if (X_val is None) != (y_val is None):
+            raise ConfigError("Pass both X_val and y_val, or neither.")
+        if self._uses_lbfgs():  # fitted to convergence: validation data is not needed
+            self.classes_, self.n_features_in_ = classes, features.shape[1]
+            self.weights_, self.history_, self.best_epoch_ = self._fit_lbfgs(features, targets, len(classes)), [], 0
+            return self
         # independent streams: the hold-out, the initial weights, the batch order and dropout do not shift one another
         split_rng, init_rng, shuffle_rng, dropout_rng = np.random.default_rng(self.seed).spawn(4)
         val: tuple[NDArray[np.float32], NDArray[np.intp]] | None = None
@@ -141,9 +158,7 @@ class HeadClassifier:
             if held_out.any():
                 val = (features[held_out], targets[held_out])
                 features, targets = features[~held_out], targets[~held_out]
-        elif X_val is None or y_val is None:
-            raise ConfigError("Pass both X_val and y_val, or neither.")
-        else:
+        elif X_val is not None and y_val is not None:
             val_labels = np.asarray(y_val)
             if len(val_labels):
                 val_features = _as_features(X_val, "X_val", features.shape[1])
@@ -160,6 +175,25 @@ class HeadClassifier:
         self.history_ = history
         self.best_epoch_ = best_epoch
         return self
+
+    def _uses_lbfgs(self) -> bool:
+        return self.head == "linear" and self.solver in ("auto", "lbfgs")
+
+    def _fit_lbfgs(self, X: NDArray[np.float32], y: NDArray[np.intp], n_classes: int) -> HeadState:
+        """Softmax regression on standardised features by scikit-learn's L-BFGS, as a linear head's state."""
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.linear_model import LogisticRegression
+
+        mean, scale = fit_standardization(X)
+        class_weight = "balanced" if self.class_weight == "balanced" else None
+        lr = LogisticRegression(C=self.C, class_weight=class_weight, max_iter=self.max_epochs * 10, tol=1e-4)
+        with warnings.catch_warnings():  # stopping at max_iter is a result, not a failure: the best weights found so far
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            lr.fit((X - mean) / scale, y)
+        weight, bias = lr.coef_.astype(np.float32), lr.intercept_.astype(np.float32)
+        if n_classes == 2:  # one logit for the second class: as two, softmax gives the same probabilities
+            weight, bias = np.r_[-weight, weight] / 2, np.r_[-bias, bias] / 2
+        return {"0.mean": mean, "0.scale": scale, "1.weight": weight, "1.bias": bias}
 
     def _train(
         self,
@@ -290,6 +324,10 @@ class HeadClassifier:
         """Raise ConfigError for a parameter outside what it accepts; return self."""
         if self.head not in HEAD_KINDS:
             raise ConfigError(f"Unknown head '{self.head}'. Choose one of: {', '.join(HEAD_KINDS)}.")
+        if self.solver not in ("auto", "lbfgs", "adamw") or (self.solver == "lbfgs" and self.head != "linear"):
+            raise ConfigError(f"solver must be 'auto', 'lbfgs' (linear head only) or 'adamw', got {self.solver!r} for a {self.head} head.")
+        if not is_finite_number(self.C) or not self.C > 0:
+            raise ConfigError(f"C must be a finite number above 0, got {self.C!r}.")
         if self.class_weight not in (None, "balanced"):
             raise ConfigError(f"class_weight must be None or 'balanced', got {self.class_weight!r}.")
         for name, high in (

@@ -31,6 +31,7 @@ from headstart.transforms import resize_and_crop
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from headstart.calibration import ReliabilityBins
     from headstart.model import Model, Scores
 
 CORRECT = "#1a7f37"  # green
@@ -112,6 +113,35 @@ def curves(history: Sequence[dict[str, Any]]) -> Figure:
         ax.set_title(key.capitalize(), parse_math=False)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    return figure
+
+
+def reliability_diagram(before: ReliabilityBins, after: ReliabilityBins) -> Figure:
+    """Accuracy against confidence per bin, before and after temperature scaling; the diagonal is perfect calibration."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 3.6))
+    figure.subplots_adjust(left=0.06, right=0.985, bottom=0.14, top=0.9, wspace=0.18)
+    for ax, bins, name in zip(figure.subplots(1, 2), (before, after), ("Before (temperature 1)", "After temperature scaling")):
+        edges = np.asarray(bins.edges)
+        filled = np.asarray(bins.counts) > 0
+        ax.bar(edges[:-1][filled], np.asarray(bins.accuracy)[filled], width=np.diff(edges)[filled], align="edge",
+               color=VAL_COLOUR, edgecolor="white", alpha=0.85, label="accuracy")  # fmt: skip
+        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
+        ax.plot(
+            np.asarray(bins.confidence)[filled],
+            np.asarray(bins.accuracy)[filled],
+            "o",
+            color=TRAIN_COLOUR,
+            markersize=3,
+            label="accuracy at the mean confidence",
+        )
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence (top-class probability)")
+        ax.set_title(f"{name}: ECE {bins.ece:.3f}", parse_math=False)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
     return figure
 
 
@@ -277,8 +307,10 @@ def write_report(path: Path, title: str, sections: Sequence[Section]) -> Path:
     return atomic_write_bytes(path, render_html(title, sections).encode())
 
 
-def build_report(model: Model, scores: Scores, out: Path, n_grid: int = 16, n_top: int = 8, n_cam: int = 3, seed: int = 0) -> Path:
-    """Write `report.html` for `model` from its `scores` on labelled images (usually its validation split).
+def build_report(
+    model: Model, scores: Scores, out: Path, scored_on: str, n_grid: int = 16, n_top: int = 8, n_cam: int = 3, seed: int = 0
+) -> Path:
+    """Write `report.html` for `model` from its `scores` on labelled images; `scored_on` says which images and predictions those are.
 
     Returns the path written.
     """
@@ -298,7 +330,7 @@ def build_report(model: Model, scores: Scores, out: Path, n_grid: int = 16, n_to
         name = kept[i].path.name
         return image_tile(view, lines, f"{name}: true {kept[i].label}, predicted {predicted}", bool(y_pred[i] == y_true[i]), note=name)
 
-    sections = [Section("Summary", _summary_html(model, evaluation, len(kept)))]
+    sections = [Section("Summary", _summary_html(model, evaluation, len(kept), scored_on))]
     if s.history:
         sections.append(
             Section("Training curves", figure_html(curves(s.history), "Loss and accuracy per epoch, training vs validation.", "curves"))
@@ -306,6 +338,8 @@ def build_report(model: Model, scores: Scores, out: Path, n_grid: int = 16, n_to
     if len(kept):
         sections.append(Section("Confusion matrix", confusion_table(evaluation)))
         sections.append(Section("Per-class scores", _per_class_html(evaluation)))
+        if s.calibration is not None:
+            sections.append(Section("Calibration", _calibration_html(model, proba, y_true)))
         rng = np.random.default_rng(seed)
         sample = sorted(rng.choice(len(kept), size=min(n_grid, len(kept)), replace=False).tolist())
         caption = "A sample of validation images: true and predicted class, correct in green (✓), wrong in red (✗)."
@@ -332,11 +366,33 @@ def build_report(model: Model, scores: Scores, out: Path, n_grid: int = 16, n_to
     return write_report(out, f"headstart report: {s.backbone or model.backbone_name} on {s.data or 'data'}", sections)
 
 
+def _calibration_html(model: Model, proba: NDArray[np.float32], y_true: NDArray[np.int64]) -> str:
+    """The reliability diagram of these images before and after temperature scaling, and what training measured."""
+    from headstart.calibration import reliability_bins, softmax
+
+    record = model.summary.calibration
+    assert record is not None
+    before = softmax(np.log(np.clip(proba, 1e-30, 1)) * record.temperature)  # the probabilities at temperature 1
+    lines = [
+        f"Temperature {record.temperature:.3f}, fitted on {record.n_heldout} held-out images: "
+        f"expected calibration error (15 bins) {record.ece_before:.4f} before, {record.ece_after:.4f} after."
+    ]
+    if record.score is not None and record.threshold is not None:
+        rate = f"{record.heldout_unknown_rate:.1%}" if record.heldout_unknown_rate is not None else "?"
+        lines.append(
+            f"Unknown detection: '{record.score}' score, threshold {record.threshold:.4g}; {rate} of the held-out images are past it "
+            "(an image past it is called unknown: it looks like none of the classes)."
+        )
+    caption = "Reliability: accuracy against confidence in 15 bins, before and after temperature scaling, on these images."
+    figure = reliability_diagram(reliability_bins(before, y_true), reliability_bins(proba, y_true))
+    return "".join(paragraph(line) for line in lines) + figure_html(figure, caption, "reliability")
+
+
 def _legend() -> str:
     return f'<p><span class="key" style="background:{CORRECT}">✓ correct</span> <span class="key" style="background:{WRONG}">✗ wrong</span></p>'
 
 
-def _summary_html(model: Model, evaluation: Evaluation, n_scored: int) -> str:
+def _summary_html(model: Model, evaluation: Evaluation, n_scored: int, scored_on: str) -> str:
     s = model.summary
     facts: list[tuple[str, object]] = [
         ("backbone", _backbone_fact(model)),
@@ -344,8 +400,13 @@ def _summary_html(model: Model, evaluation: Evaluation, n_scored: int) -> str:
         ("head", model.head.head),
         ("classes", ", ".join(model.classes)),
         ("scored images", n_scored),
+        ("scored on", scored_on),
         ("accuracy", f"{evaluation.accuracy:.4f}"),
     ]
+    if s.test is not None:
+        facts.append((f"test accuracy ({s.test.n_images} images held out first, used for nothing else)", f"{s.test.accuracy:.4f}"))
+    if s.finetune is not None and s.finetune.frozen_test is not None:
+        facts.append(("test accuracy of the frozen-backbone head", f"{s.finetune.frozen_test.accuracy:.4f}"))
     if s.finetune is not None and s.finetune.frozen_validation is not None:
         facts.append(("accuracy of the frozen-backbone head", f"{s.finetune.frozen_validation.accuracy:.4f}"))
     if s.seconds:

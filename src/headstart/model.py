@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -27,6 +27,10 @@ from headstart.files import csv_bytes, json_bytes
 from headstart.metrics import Evaluation, evaluate_probabilities
 from headstart.summary import TrainingSummary
 from headstart.transforms import preprocess
+from headstart.unknown import UnknownDetector
+
+UnknownOption = Literal["auto", "off"] | float
+"""When an image is called unknown: "auto" past the model's own threshold, "off" never, a number past that score."""
 
 PathLike = str | os.PathLike[str]
 ImageLike = PathLike | Image.Image | NDArray[np.uint8]
@@ -35,15 +39,30 @@ ImageLike = PathLike | Image.Image | NDArray[np.uint8]
 
 @dataclass(frozen=True)
 class Prediction:
-    """The top classes for one image, most probable first; `path` is None for an image given in memory."""
+    """The top classes for one image, most probable first; `path` is None for an image given in memory.
+
+    `unknown` says the image looks like none of the model's classes (its `unknown_score`, when the
+    model has a detector, is past the threshold); the classes are still ranked.
+    """
 
     path: Path | None
     top_k: list[tuple[str, float]]
+    unknown: bool = False
+    unknown_score: float | None = None
 
     @classmethod
-    def from_probabilities(cls, path: Path | None, proba: NDArray[np.float32], names: Sequence[str], top_k: int) -> Prediction:
-        """The `top_k` most probable of `names` given one row of class probabilities."""
-        return cls(path, [(names[j], float(proba[j])) for j in np.argsort(-proba, kind="stable")[:top_k]])
+    def from_probabilities(
+        cls,
+        path: Path | None,
+        proba: NDArray[np.float32],
+        names: Sequence[str],
+        top_k: int,
+        unknown_score: float | None = None,
+        threshold: float | None = None,
+    ) -> Prediction:
+        """The `top_k` most probable of `names` given one row of class probabilities; unknown when the score is past `threshold`."""
+        unknown = unknown_score is not None and threshold is not None and unknown_score > threshold
+        return cls(path, [(names[j], float(proba[j])) for j in np.argsort(-proba, kind="stable")[:top_k]], unknown, unknown_score)
 
     @property
     def label(self) -> str:
@@ -107,6 +126,7 @@ class Model:
         classes: the class names, in the order of `predict_proba`'s columns.
         summary: what training did (data counts, skipped files, validation metrics, history).
         cache_root: where the backbones' exported ONNX engines are kept (default: `default_cache_dir()`).
+        detector: scores how unlike the training images an image is, with its threshold (None: no unknown detection).
     """
 
     def __init__(
@@ -115,12 +135,14 @@ class Model:
         head: HeadClassifier,
         summary: TrainingSummary | None = None,
         cache_root: Path | None = None,
+        detector: UnknownDetector | None = None,
     ) -> None:
         self.cache_root = cache_root or default_cache_dir()
         self.backbones: tuple[Backbone, ...] = (backbone,) if isinstance(backbone, Backbone) else tuple(backbone)
         if not self.backbones:
             raise ValueError("a model needs at least one backbone")
         self.head = head
+        self.detector = detector
         self.classes: list[str] = [str(c) for c in head.classes_]
         layer = self.backbones[0].layer if len(self.backbones) == 1 else None
         self.summary = summary or TrainingSummary("", self.backbone_name, head.head, head.head, tuple(self.classes), layer=layer)
@@ -148,6 +170,36 @@ class Model:
     def data_configs(self) -> tuple[DataConfig, ...]:
         """Each backbone's preprocessing, in member order."""
         return tuple(b.data_config for b in self.backbones)
+
+    @property
+    def temperature(self) -> float:
+        """The probabilities are softmax(logits / temperature): fitted on held-out images in training, 1 for older models."""
+        return self.summary.calibration.temperature if self.summary.calibration else 1.0
+
+    def outputs(self, features: NDArray[np.float32]) -> tuple[NDArray[np.float32], NDArray[np.float32] | None]:
+        """Calibrated class probabilities (n_images, n_classes) and unknown scores (n_images,) (None without a detector)
+        of backbone features (n_images, n_features)."""
+        if self.summary.calibration is None and self.detector is None:
+            return self.head.predict_proba(features), None
+        from headstart.calibration import softmax
+
+        logits = self.head.decision_function(features)
+        scores = self.detector.score(features, logits) if self.detector is not None else None
+        return softmax(logits, self.temperature), scores
+
+    def unknown_threshold(self, unknown: UnknownOption = "auto") -> float | None:
+        """The score past which an image is called unknown under the option `unknown`; None: none is.
+
+        Raises:
+            ConfigError: not "auto", "off" or a finite number.
+        """
+        if unknown == "off":
+            return None
+        if unknown == "auto":
+            return self.detector.threshold if self.detector is not None else None
+        if isinstance(unknown, bool) or not isinstance(unknown, int | float) or not np.isfinite(unknown):
+            raise ConfigError(f"unknown must be 'auto', 'off' or a finite number, got {unknown!r}.")
+        return float(unknown)
 
     @cached_property
     def engines(self) -> tuple[Engine, ...]:
@@ -183,25 +235,36 @@ class Model:
         Raises:
             UnreadableImageError: an image could not be decoded.
         """
-        proba, _, skipped = self._probabilities(images, progress)
+        proba, _, _, skipped = self._probabilities(images, progress)
         if skipped:
             raise UnreadableImageError(skipped[0].path, skipped[0].reason)
         return proba
 
-    def predict(self, images: Sequence[ImageLike], top_k: int = 3, progress: Progress | None = None) -> Predictions:
+    def predict(
+        self, images: Sequence[ImageLike], top_k: int = 3, progress: Progress | None = None, unknown: UnknownOption = "auto"
+    ) -> Predictions:
         """The `top_k` classes of each image (files, folders searched recursively, PIL images or RGB arrays).
 
-        Unreadable files are skipped and listed in `Predictions.skipped`, never fatal.
+        Unreadable files are skipped and listed in `Predictions.skipped`, never fatal. `unknown`: "auto"
+        marks images past the model's threshold as unknown, a number past that score, "off" none.
         """
         if top_k < 1:
             raise ConfigError(f"top_k must be at least 1, got {top_k}.")
-        proba, sources, skipped = self._probabilities(images, progress)
-        return Predictions([Prediction.from_probabilities(p, row, self.classes, top_k) for p, row in zip(sources, proba)], skipped)
+        threshold = self.unknown_threshold(unknown)
+        proba, scores, sources, skipped = self._probabilities(images, progress)
+        score_of = [None] * len(proba) if scores is None else [float(v) for v in scores]
+        return Predictions(
+            [
+                Prediction.from_probabilities(p, row, self.classes, top_k, score, threshold)
+                for p, row, score in zip(sources, proba, score_of)
+            ],
+            skipped,
+        )
 
     def _probabilities(
         self, images: Sequence[ImageLike], progress: Progress | None
-    ) -> tuple[NDArray[np.float32], list[Path | None], list[Skipped]]:
-        """Probabilities of the readable images in input order, each one's path (None in memory), and the skipped files."""
+    ) -> tuple[NDArray[np.float32], NDArray[np.float32] | None, list[Path | None], list[Skipped]]:
+        """Probabilities and unknown scores of the readable images in input order, each one's path (None in memory), and the skipped files."""
         if isinstance(images, str | os.PathLike | Image.Image | np.ndarray):
             raise ConfigError("Give a list of images, e.g. model.predict([image]).")
         items: list[Path | tuple[NDArray[np.float32], ...]] = []
@@ -231,7 +294,8 @@ class Model:
                 sources.append(item)
             n_files += 1
         features = np.stack(rows) if rows else np.zeros((0, sum(b.n_features for b in self.backbones)), np.float32)
-        return self.head.predict_proba(features), sources, skipped + extraction.skipped
+        proba, scores = self.outputs(features)
+        return proba, scores, sources, skipped + extraction.skipped
 
     def evaluate(self, data: PathLike, progress: Progress | None = None) -> EvaluationResult:
         """Score the model on labelled images: all of `data`, or its val/ folder if it has train/ and val/."""
@@ -257,7 +321,7 @@ class Model:
             extraction = self.extract([r.path for r in records], progress=progress)
             kept, features, skipped = [records[i] for i in extraction.kept], extraction.features, extraction.skipped
         y_true = np.asarray([self.classes.index(r.label) for r in kept], dtype=np.int64)
-        proba = self.head.predict_proba(features)
+        proba, _ = self.outputs(features)
         return Scores(kept, y_true, proba, evaluate_probabilities(y_true, proba, self.classes), skipped)
 
     def save(self, directory: PathLike, force: bool = False) -> Path:
@@ -271,6 +335,8 @@ class Model:
             BundleError: `directory` holds other files and `force` is off.
         """
         tensors = {f"head.{k}": v for k, v in self.head.weights_.items()}
+        if self.detector is not None:
+            tensors.update({f"unknown.{k}": np.asarray(v) for k, v in self.detector.tensors.items()})
         tuned = [b for b in self.backbones if b.finetuned_from is not None]
         if tuned and len(self.backbones) > 1:
             raise ConfigError("An ensemble's backbones cannot be fine-tuned; train a single backbone to fine-tune it.")
@@ -356,7 +422,25 @@ def load(directory: PathLike, weights: PathLike | None = None, cache_root: PathL
     n_features = sum(b.n_features for b in backbones)
     if head.n_features_in_ != n_features:
         raise BundleError(f"{directory}: head expects {head.n_features_in_} features, the backbones give {n_features}.")
-    return Model(tuple(backbones), head, config.summary, root)
+    return Model(tuple(backbones), head, config.summary, root, _detector(directory, config.summary, tensors, head))
+
+
+def _detector(
+    directory: Path, summary: TrainingSummary, tensors: dict[str, NDArray[np.float32]], head: HeadClassifier
+) -> UnknownDetector | None:
+    """The unknown detector a bundle records (None for older bundles), its tensors checked against the head's features and classes."""
+    state = {k.removeprefix("unknown."): v for k, v in tensors.items() if k.startswith("unknown.")}
+    record = summary.calibration
+    if record is None or record.score is None:
+        if state:
+            raise BundleError(
+                f"{directory}: model.safetensors holds unknown-detector tensors that bundle.json does not describe. Re-save or retrain the model."
+            )
+        return None
+    try:
+        return UnknownDetector.from_tensors(record.score, record.threshold, state, head.n_features_in_, len(head.classes_), record.k)
+    except ConfigError as e:
+        raise BundleError(f"{directory}: {e} The model folder is damaged or was edited; re-save or retrain it.") from None
 
 
 def _stacked(inputs: Sequence[tuple[NDArray[np.float32], ...]]) -> list[NDArray[np.float32]]:

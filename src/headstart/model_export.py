@@ -2,9 +2,13 @@
 
 The ONNX file takes what any image library gives: uint8 RGB pixels of shape
 (n, input_size, input_size, 3), already resized and cropped by `RECIPE`. The
-normalisation, the backbone, the head and the softmax are inside the graph, and
-the output "probabilities" has one column per class. Its metadata holds the
-class names, the preprocessing and the headstart version.
+normalisation, the backbone, the head and the softmax (of the logits divided by the
+model's temperature) are inside the graph, and the output "probabilities" has one
+column per class. A model with an unknown detector has a second output,
+"unknown_score" (n,): an image scoring above the metadata's `unknown.threshold`
+looks like none of the classes. Its metadata holds the class names, the
+preprocessing, the temperature, the unknown score and the headstart version.
+TFLite files carry the probabilities only.
 
 An ensemble's backbones each have their own preprocessing, so its file has one
 input per backbone, "image_0", "image_1", ..., each (n, S_k, S_k, 3) for that
@@ -41,12 +45,14 @@ if TYPE_CHECKING:
     import onnx
 
     from headstart.model import Model
+    from headstart.unknown import UnknownDetector
 
 ExportFormat = Literal["onnx", "tflite"]
 EXPORT_FORMATS: tuple[ExportFormat, ...] = get_args(ExportFormat)
 Reference = Literal["model", "fp32 onnx"]
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
+UNKNOWN_OUTPUT = "unknown_score"
 CALIBRATION_IMAGES = 100  # training photos that set int8 ranges: on flowers 100 and 200 agree with fp32 alike (99.33%), 100 in 2/3 the time
 CHECK_IMAGES = 500  # validation photos an export is checked on at most
 MAX_ONNX_BYTES = 4 << 30
@@ -143,7 +149,7 @@ def export(
     if format not in EXPORT_FORMATS:
         raise ConfigError(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {format!r}")
     cfgs = model.data_configs
-    fp32 = onnx_model_bytes(model)
+    fp32 = onnx_model_bytes(model, unknown=format == "onnx")
     val_records = [r for r in model.summary.val_images if r.label in model.classes][:CHECK_IMAGES]
     val_pixels, val_labels = _decode_labelled(val_records, model.classes, cfgs, progress)
     calibration_pixels = _calibration_pixels(model, calibration, progress) if int8 else None
@@ -176,8 +182,9 @@ def input_names(n_backbones: int) -> list[str]:
     return [INPUT_NAME] if n_backbones == 1 else [f"{INPUT_NAME}_{k}" for k in range(n_backbones)]
 
 
-def onnx_model_bytes(model: Model) -> bytes:
-    """`model` as one checked ONNX model: uint8 pixels (n, H, W, 3) in (one input per backbone), class probabilities (n, n_classes) out."""
+def onnx_model_bytes(model: Model, unknown: bool = False) -> bytes:
+    """`model` as one checked ONNX model: uint8 pixels (n, H, W, 3) in (one input per backbone), class probabilities (n, n_classes) out,
+    and with `unknown` and a detector, unknown scores (n,)."""
     import onnx
     from onnx import TensorProto, compose, helper, numpy_helper
 
@@ -193,8 +200,11 @@ def onnx_model_bytes(model: Model) -> bytes:
     names = input_names(len(members))
     ensemble = len(members) > 1
 
-    def constant(name: str, value: NDArray[np.float32]) -> str:
-        graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=np.float32), f"headstart/{name}"))
+    def constant(name: str, value: NDArray[Any]) -> str:
+        array = np.asarray(value)  # int64 (axes, k) as it is, anything else as float32
+        graph.initializer.append(
+            numpy_helper.from_array(array if array.dtype == np.int64 else array.astype(np.float32), f"headstart/{name}")
+        )
         return f"headstart/{name}"
 
     channel = (1, 1, 1, 3)
@@ -239,7 +249,18 @@ def onnx_model_bytes(model: Model) -> bytes:
     if "4.weight" in state:  # the MLP head: dense, ReLU, dense (dropout is off at inference)
         head += [helper.make_node("Relu", ["headstart/h2"], ["headstart/h3"], "headstart/relu"), dense("4", "headstart/h3", "headstart/h4")]
         logits = "headstart/h4"
-    head.append(helper.make_node("Softmax", [logits], [OUTPUT_NAME], "headstart/softmax", axis=-1))
+    scaled = logits
+    if model.temperature != 1.0:
+        head.append(
+            helper.make_node(
+                "Div", [logits, constant("temperature", np.array(model.temperature))], ["headstart/scaled"], "headstart/calibrate"
+            )
+        )
+        scaled = "headstart/scaled"
+    head.append(helper.make_node("Softmax", [scaled], [OUTPUT_NAME], "headstart/softmax", axis=-1))
+    detector = model.detector if unknown else None
+    if detector is not None:
+        head += _unknown_nodes(detector, joined, logits, constant)
     nodes = [*preprocessing, *backbone_nodes, *head]
     del graph.node[:]
     graph.node.extend(nodes)
@@ -249,19 +270,85 @@ def onnx_model_bytes(model: Model) -> bytes:
         graph.input.append(helper.make_tensor_value_info(name, TensorProto.UINT8, ["batch", size, size, 3]))
     del graph.output[:]
     graph.output.append(helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", len(model.classes)]))
+    if detector is not None:
+        graph.output.append(helper.make_tensor_value_info(UNKNOWN_OUTPUT, TensorProto.FLOAT, ["batch"]))
     graph.name = "headstart"
     _prune(graph)
     container.producer_name = "headstart"
     container.producer_version = __version__
     container.doc_string = f"{model.backbone_name} + {model.head.head} head. Input: {ENSEMBLE_RECIPE if ensemble else RECIPE}"
-    onnx.helper.set_model_props(container, metadata(model))
+    onnx.helper.set_model_props(container, metadata(model, unknown))
     onnx.checker.check_model(container, full_check=True)
     data: bytes = container.SerializeToString()
     return data
 
 
-def metadata(model: Model) -> dict[str, str]:
-    """What a caller needs beside the graph: class names, preprocessing, provenance (all strings, as ONNX requires).
+def _unknown_nodes(detector: UnknownDetector, features: str, logits: str, constant: Callable[[str, Any], str]) -> list[onnx.NodeProto]:
+    """Nodes computing `detector.score(features, logits)` into the output `UNKNOWN_OUTPUT` (opset 17)."""
+    from onnx import helper
+
+    def node(op: str, inputs: list[str], name: str, **attrs: Any) -> onnx.NodeProto:
+        return helper.make_node(op, inputs, [f"headstart/u_{name}"], f"headstart/u_{name}", **attrs)
+
+    made: dict[str, str] = {}
+
+    def axes(*values: int) -> str:  # each int64 constant added once: initializer names must be unique
+        name = f"u_axes{'_'.join(map(str, values))}"
+        if name not in made:
+            made[name] = constant(name, np.array(values, np.int64))
+        return made[name]
+
+    def squeezed(x: str, name: str) -> list[onnx.NodeProto]:  # (n, 1) -> (n,)
+        return [node("Squeeze", [x, axes(1)], name)]
+
+    if detector.kind in ("msp", "energy"):
+        if detector.kind == "msp":
+            nodes = [node("Softmax", [logits], "p", axis=-1), node("ReduceMax", ["headstart/u_p"], "top", axes=[1], keepdims=0)]
+            nodes.append(node("Neg", ["headstart/u_top"], "score"))
+        else:
+            nodes = [node("ReduceLogSumExp", [logits], "lse", axes=[1], keepdims=0), node("Neg", ["headstart/u_lse"], "score")]
+    elif detector.kind == "knn":
+        t = detector.tensors
+        k = min(detector.k, len(t["references"]))
+        nodes = [
+            node("Mul", [features, features], "sq"),
+            node("ReduceSum", ["headstart/u_sq", axes(1)], "sumsq", keepdims=1),
+            node("Sqrt", ["headstart/u_sumsq"], "norm"),
+            node("Max", ["headstart/u_norm", constant("u_eps", np.array(1e-12, np.float32))], "safe"),
+            node("Div", [features, "headstart/u_safe"], "unit"),
+            node("MatMul", ["headstart/u_unit", constant("u_references_t", t["references"].T)], "sim"),
+            helper.make_node(
+                "TopK", ["headstart/u_sim", axes(k)], ["headstart/u_topk", "headstart/u_topk_index"], "headstart/u_topk", axis=1
+            ),
+            node("Slice", ["headstart/u_topk", axes(k - 1), axes(k), axes(1)], "kth"),
+            *squeezed("headstart/u_kth", "kth1"),
+            node("Sub", [constant("u_one", np.array(1.0, np.float32)), "headstart/u_kth1"], "score"),
+        ]
+    else:
+
+        def distance(prefix: str, projection: str, centers: str) -> list[onnx.NodeProto]:
+            t = detector.tensors
+            return [
+                node("MatMul", [features, constant(f"u_{projection}", t[projection])], f"{prefix}x"),
+                node("Unsqueeze", [f"headstart/u_{prefix}x", axes(1)], f"{prefix}x1"),
+                node("Sub", [f"headstart/u_{prefix}x1", constant(f"u_{centers}", t[centers])], f"{prefix}d"),
+                node("Mul", [f"headstart/u_{prefix}d", f"headstart/u_{prefix}d"], f"{prefix}d2"),
+                node("ReduceSum", [f"headstart/u_{prefix}d2", axes(2)], f"{prefix}dist", keepdims=0),
+                node("ReduceMin", [f"headstart/u_{prefix}dist"], f"{prefix}min", axes=[1], keepdims=0),
+            ]
+
+        nodes = distance("m", "projection", "centers")
+        if detector.kind == "mahalanobis":
+            nodes.append(node("Identity", ["headstart/u_mmin"], "score"))
+        else:
+            nodes += distance("b", "background_projection", "background_center")
+            nodes.append(node("Sub", ["headstart/u_mmin", "headstart/u_bmin"], "score"))
+    nodes.append(helper.make_node("Identity", ["headstart/u_score"], [UNKNOWN_OUTPUT], "headstart/u_output"))
+    return nodes
+
+
+def metadata(model: Model, unknown: bool = False) -> dict[str, str]:
+    """What a caller needs beside the graph: class names, preprocessing, temperature, unknown score, provenance (all strings, as ONNX requires).
 
     `preprocessing.inputs` lists each input (one per backbone) with its sizes; a single-backbone file
     also has them at the top of `preprocessing`, as before ensembles.
@@ -301,7 +388,19 @@ def metadata(model: Model) -> dict[str, str]:
             "inputs": inputs,
             "recipe": ENSEMBLE_RECIPE,
         }
+    detector = model.detector if unknown else None
+    extra = {"temperature": json.dumps(model.temperature)}
+    if detector is not None:
+        extra["unknown"] = json.dumps(
+            {
+                "output": UNKNOWN_OUTPUT,
+                "score": detector.kind,
+                "threshold": detector.threshold,
+                "rule": "unknown when unknown_score > threshold",
+            }
+        )
     return {
+        **extra,
         "classes": json.dumps(model.classes),
         "preprocessing": json.dumps(preprocessing),
         "backbone": model.backbone_name,
@@ -472,7 +571,7 @@ def _predict_pixels(model: Model, pixels: Pixels) -> NDArray[np.float32]:
     """What `Model.predict_proba` computes once a photo is decoded, resized and cropped (per backbone)."""
     from headstart.transforms import normalize
 
-    return model.head.predict_proba(model.features([normalize(p, cfg) for p, cfg in zip(pixels, model.data_configs, strict=True)]))
+    return model.outputs(model.features([normalize(p, cfg) for p, cfg in zip(pixels, model.data_configs, strict=True)]))[0]
 
 
 def _summarise(

@@ -385,9 +385,12 @@ def _predict(model: Model, uploads: list[tuple[str | None, bytes]], top_k: int) 
             what = f"The file '{display(name)}'" if name is not None else "The request body"
             raise HTTPException(422, f"{what} is not a readable image: {display(e.reason)}.") from None
         del image
-    proba = model.head.predict_proba(model.features([np.stack([x[m] for x in inputs]) for m in range(len(model.backbones))]))
+    proba, scores = model.outputs(model.features([np.stack([x[m] for x in inputs]) for m in range(len(model.backbones))]))
+    threshold = model.unknown_threshold()
+    score_of = [None] * len(proba) if scores is None else [float(v) for v in scores]
     return [
-        _prediction_json(name, Prediction.from_probabilities(None, row, model.classes, top_k)) for (name, _), row in zip(uploads, proba)
+        _prediction_json(name, Prediction.from_probabilities(None, row, model.classes, top_k, score, threshold))
+        for (name, _), row, score in zip(uploads, proba, score_of)
     ]
 
 
@@ -406,6 +409,8 @@ def _prediction_json(filename: str | None, prediction: Prediction) -> dict[str, 
         "label": prediction.label,
         "probability": prediction.probability,
         "top_k": [{"label": label, "probability": p} for label, p in prediction.top_k],
+        "unknown": prediction.unknown,
+        "unknown_score": prediction.unknown_score,
     }
 
 

@@ -54,8 +54,10 @@ def imagenet_confidence(backbone: Backbone, features: NDArray[np.float32]) -> fl
 
 def probe_loss(data: ProbeData, seed: int) -> float:
     """Validation log loss of a linear head fitted on the training features."""
-    head = HeadClassifier(seed=seed).fit(data.X_train, data.y_train, data.X_val, data.y_val)
-    return min(row["val_loss"] for row in head.history_)
+    from headstart.selection import log_loss
+
+    head = HeadClassifier(seed=seed).fit(data.X_train, data.y_train)
+    return log_loss(np.searchsorted(head.classes_, data.y_val), head.predict_proba(data.X_val))
 
 
 def choose(n_train: int, n_classes: int, confidence: float | None, final_loss: float, earlier_loss: float) -> Choice:

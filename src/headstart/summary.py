@@ -29,11 +29,69 @@ class AutoChoice:
 @dataclass(frozen=True)
 class FinetuneRecord:
     """The fine-tuning phase: its settings (`FinetuneConfig.to_dict()`), the epoch kept (0: none beat the frozen backbone),
-    and the validation scores of the frozen-backbone head it started from."""
+    and the validation and test scores of the frozen-backbone head it started from."""
 
     config: dict[str, Any]
     best_epoch: int
     frozen_validation: Evaluation | None
+    frozen_test: Evaluation | None = None
+
+
+@dataclass(frozen=True)
+class CalibrationRecord:
+    """Temperature scaling and the unknown detector, as training fitted and measured them on held-out images.
+
+    Attributes:
+        temperature: the model's probabilities are softmax(logits / temperature).
+        ece_before, ece_after: the held-out expected calibration error (15 bins) at temperature 1 and at `temperature`.
+        n_heldout: the held-out images they were measured on.
+        score: the unknown score's kind (see `headstart.unknown`), or None without a detector.
+        threshold: scores above it are called unknown.
+        heldout_unknown_rate: the share of held-out images past `threshold`.
+        k: for the "knn" score, the neighbour whose similarity counts.
+    """
+
+    temperature: float
+    ece_before: float
+    ece_after: float
+    n_heldout: int
+    score: str | None = None
+    threshold: float | None = None
+    heldout_unknown_rate: float | None = None
+    k: int = 10
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> CalibrationRecord:
+        """The inverse of `to_dict`, every field checked.
+
+        Raises:
+            ValueError: names the field of the wrong type or out of range.
+        """
+        need(isinstance(d, dict), "calibration", "an object")
+        temperature = _number(d.get("temperature"), "calibration.temperature")
+        need(0.01 <= temperature <= 100, "calibration.temperature", "a number from 0.01 to 100")
+        ece = [_number(d.get(name, 0.0), f"calibration.{name}") for name in ("ece_before", "ece_after")]
+        need(all(0 <= e <= 1 for e in ece), "calibration.ece_before", "numbers from 0 to 1")
+        score, threshold, rate = d.get("score"), d.get("threshold"), d.get("heldout_unknown_rate")
+        need(score is None or isinstance(score, str), "calibration.score", "a string or null")
+        need(threshold is None or is_finite_number(threshold), "calibration.threshold", "a finite number or null")
+        need(score is None or threshold is not None, "calibration.threshold", "a finite number with a score")
+        need(rate is None or (is_finite_number(rate) and 0 <= rate <= 1), "calibration.heldout_unknown_rate", "a number from 0 to 1")
+        k = d.get("k", 10)
+        need(is_int(k, 1, 100_000), "calibration.k", "an integer from 1 to 100000")
+        return cls(
+            temperature,
+            ece[0],
+            ece[1],
+            _count(d.get("n_heldout", 0), "calibration.n_heldout"),
+            score,
+            None if threshold is None else float(threshold),
+            None if rate is None else float(rate),
+            int(k),
+        )
 
 
 @dataclass(frozen=True)
@@ -53,9 +111,15 @@ class TrainingSummary:
         n_extracted, n_cached: images run through the backbone, and read from the feature cache.
         history: one row per epoch of every phase ("phase", "epoch", "loss", "accuracy", "val_loss", ...).
         best_epoch: the head's epoch kept.
-        validation: scores on the validation split (None without one).
+        validation: held-out scores: out-of-fold predictions of the cross-validation after a refit,
+            else the validation split's (which early stopping and fine-tuning chose on); None without either.
+        scored_on: where `validation` comes from: "5-fold cross-validation" or "validation split".
+        refit: whether the head was refitted on all labelled images after cross-validation.
+        test_split, n_test, test_images: the test split held out first and used for nothing but `test`.
+        test: the final model's scores on the test split (None without one).
         auto: what `--strategy auto` chose.
         finetune: the fine-tuning phase, when there was one.
+        calibration: the temperature and unknown detector fitted on held-out images (None: neither, as in older models).
         seconds: wall time of training.
     """
 
@@ -78,9 +142,16 @@ class TrainingSummary:
     history: tuple[dict[str, Any], ...] = ()
     best_epoch: int = 0
     validation: Evaluation | None = None
+    scored_on: str = "validation split"
+    refit: bool = False
+    test_split: float = 0.0
+    n_test: dict[str, int] = field(default_factory=dict)
+    test_images: tuple[ImageRecord, ...] = ()
+    test: Evaluation | None = None
     auto: AutoChoice | None = None
     finetune: FinetuneRecord | None = None
     seconds: float = 0.0
+    calibration: CalibrationRecord | None = None
 
     def replace(self, **changes: Any) -> TrainingSummary:
         return dataclasses.replace(self, **changes)
@@ -106,17 +177,25 @@ class TrainingSummary:
             "n_cached": self.n_cached,
             "best_epoch": self.best_epoch,
             "validation": self.validation.to_dict() if self.validation else None,
+            "scored_on": self.scored_on,
+            "refit": self.refit,
+            "test_split": self.test_split,
+            "n_test": self.n_test,
+            "test_images": [[str(r.path), r.label] for r in self.test_images],
+            "test": self.test.to_dict() if self.test else None,
             "auto": {"chose": self.auto.chose, "reason": self.auto.reason, **self.auto.measurements} if self.auto else None,
             "finetune": (
                 {
                     "config": self.finetune.config,
                     "best_epoch": self.finetune.best_epoch,
                     "frozen_validation": self.finetune.frozen_validation.to_dict() if self.finetune.frozen_validation else None,
+                    "frozen_test": self.finetune.frozen_test.to_dict() if self.finetune.frozen_test else None,
                 }
                 if self.finetune
                 else None
             ),
             "seconds": self.seconds,
+            "calibration": self.calibration.to_dict() if self.calibration else None,
         }
 
     def with_history(self, rows: Any) -> TrainingSummary:
@@ -162,6 +241,12 @@ class TrainingSummary:
             n_cached=_count(get("n_cached", 0), "n_cached"),
             best_epoch=_count(get("best_epoch", 0), "best_epoch"),
             validation=_evaluation(get("validation"), "validation"),
+            scored_on=_string(get("scored_on", "validation split"), "scored_on"),
+            refit=_flag(get("refit", False), "refit"),
+            test_split=_number(get("test_split", 0.0), "test_split"),
+            n_test=_counts(get("n_test", {}), "n_test"),
+            test_images=tuple(ImageRecord(Path(p), label) for p, label in _pairs(get("test_images", []), None, "test_images")),
+            test=_evaluation(get("test"), "test"),
             auto=AutoChoice(
                 auto["chose"], auto["reason"], {k: _number(v, f"auto.{k}") for k, v in auto.items() if k not in ("chose", "reason")}
             )
@@ -171,10 +256,12 @@ class TrainingSummary:
                 tune["config"],
                 _count(tune.get("best_epoch", 0), "finetune.best_epoch"),
                 _evaluation(tune.get("frozen_validation"), "finetune"),
+                _evaluation(tune.get("frozen_test"), "finetune.frozen_test"),
             )
             if tune
             else None,
             seconds=_number(get("seconds", 0.0), "seconds"),
+            calibration=CalibrationRecord.from_dict(get("calibration")) if get("calibration") is not None else None,
         )
 
 
@@ -202,6 +289,11 @@ def _list(value: Any, name: str) -> list[Any]:
 def _optional(value: Any, ok: bool, name: str, expected: str) -> Any:
     need(value is None or ok, name, f"{expected}, or null")
     return value
+
+
+def _flag(value: Any, name: str) -> bool:
+    need(isinstance(value, bool), name, "true or false")
+    return bool(value)
 
 
 def _number(value: Any, name: str) -> float:

@@ -243,8 +243,18 @@ def _channels_first_input(model: onnx.ModelProto, value: onnx.ValueInfoProto, na
 def _to_tflite(prepared: Path, work: Path, names: list[str], calibration: list[NDArray[np.uint8]] | None) -> bytes:
     """onnx2tf to a Keras model in memory (no SavedModel: writing one takes most of a minute), then TFLite's converter.
 
-    `names` are the model's inputs, in order; `calibration`, for int8, pixels for each.
+    `names` are the model's inputs, in order; `calibration`, for int8, pixels for each. Importing onnx2tf
+    lifts Python's recursion limit to the C int maximum; the limit is put back afterwards, or deeply nested
+    JSON (a hostile bundle.json) would crash the process instead of raising RecursionError.
     """
+    limit = sys.getrecursionlimit()
+    try:
+        return _convert(prepared, work, names, calibration)
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+def _convert(prepared: Path, work: Path, names: list[str], calibration: list[NDArray[np.uint8]] | None) -> bytes:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TensorFlow's and onnx2tf's deprecation notices are about their internals, not ours
         import onnx2tf

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -19,17 +20,29 @@ from headstart.cache import CachedExtraction, FeatureCache, extract_members_with
 from headstart.checkpoints import remove_checkpoint
 from headstart.classifier import HeadClassifier
 from headstart.config import Progress, default_cache_dir
-from headstart.data import Dataset, ImageRecord, check_class_counts, check_layout, check_val_split, read_source, split_dataset
+from headstart.data import (
+    Dataset,
+    ImageRecord,
+    check_class_counts,
+    check_layout,
+    check_val_split,
+    read_source,
+    split_dataset,
+    split_records,
+)
 from headstart.engine import create_engine
 from headstart.errors import ConfigError
 from headstart.metrics import Evaluation, evaluate_probabilities
-from headstart.model import Model, PathLike
+from headstart.model import Model, PathLike, Scores
+from headstart.selection import N_FOLDS, CrossValidation, cross_validate
+from headstart.selection import refit as refit_head
 from headstart.strategy import EARLIER_LAYER, ProbeData, choose, imagenet_confidence, probe_loss
-from headstart.summary import AutoChoice, FinetuneRecord, TrainingSummary
+from headstart.summary import AutoChoice, CalibrationRecord, FinetuneRecord, TrainingSummary
 from headstart.triage import dataset_warnings
 
 if TYPE_CHECKING:
     from headstart.finetune import FinetuneConfig, FinetuneResult
+    from headstart.unknown import UnknownDetector
 
 Strategy = Literal["linear", "mlp", "finetune", "auto"]
 STRATEGIES = ("linear", "mlp", "finetune", "auto")
@@ -56,14 +69,21 @@ def train(
     cache_dir: PathLike | None = None,
     cache: bool = True,
     batch_size: int = 32,
+    refit: bool = True,
+    folds: int = N_FOLDS,
+    test_split: float = 0.0,
     progress: Progress | None = None,
 ) -> Model:
     """Train a classifier on a folder of labelled photos (or a `path,label` CSV).
 
     Every strategy starts the same way: the frozen backbone's pooled features are
-    computed once per image and cached, and a head is fitted on them with early
-    stopping on the validation split. `finetune` then trains the backbone's top
-    blocks together with that head on augmented images.
+    computed once per image and cached, and a head is fitted on them. With `refit`
+    (frozen heads), the head's settings (the linear head's regularisation, the MLP's
+    epochs) are chosen by `folds`-fold cross-validation over all labelled images, the
+    reported validation scores are the out-of-fold predictions', and the head is then
+    refitted on all of them. Otherwise the head is fitted on the training split and
+    scored on the validation split. `finetune` then trains the backbone's top blocks
+    together with that head on augmented images, stopping early on the validation split.
 
     Args:
         data: a folder with one sub-folder per class, a folder with train/ and val/
@@ -94,6 +114,11 @@ def train(
         cache_dir: where features are cached (default: `default_cache_dir()`).
         cache: False to neither read nor write the feature cache.
         batch_size: images per backbone forward pass and per fine-tuning step.
+        refit: frozen heads: choose settings by cross-validation and refit on all labelled images
+            (scores from the out-of-fold predictions); False: fit on the training split, score on validation.
+        folds: the number of cross-validation folds.
+        test_split: fraction of each class held out first as a test split that nothing is chosen
+            or stopped on; the model is scored on it at the end (`summary.test`).
         progress: called as progress(description, done, total, status).
 
     Returns:
@@ -130,6 +155,9 @@ def train(
 
         tune = FinetuneConfig(unfreeze=unfreeze, epochs=epochs, augment=augment_config, seed=seed, batch_size=batch_size)
     check_val_split(val_split)
+    if not 0.0 <= test_split < 1.0 or not 2 <= folds <= 100:
+        raise ConfigError(f"test_split must be in [0, 1) and folds from 2 to 100, got {test_split} and {folds}.")
+    refit = refit and strategy in ("linear", "mlp", "auto")
     root = Path(data).expanduser()
     records, presplit_val, skipped = read_source(root)
     check_layout(root, records)  # fails fast only where no file being skipped could matter, so never where `check` says it can train
@@ -142,11 +170,14 @@ def train(
     found = records + (presplit_val or [])
     extraction = features_of(nets, found, batch_size, progress)
     # Unreadable files leave before the split, as in `check`, so both count the same usable images per class.
+    unusable = {s.path for s in extraction.skipped}
+    records, test = split_records([r for r in records if r.path not in unusable], test_split, seed)
     dataset = split_dataset(root, records, presplit_val, skipped, val_split, seed, unusable=extraction.skipped)
     warnings = dataset_warnings(data, dataset)
     if strategy in ("finetune", "auto") and not dataset.val:
         raise ConfigError(f"Strategy '{strategy}' needs validation images; use a val_split above 0.")
-    frozen = _fit_frozen(net, dataset, clf, found, extraction)
+    fit_head = partial(_fit_frozen, n_folds=folds, seed=seed, progress=progress)
+    frozen = fit_head(net, dataset, clf, found, extraction, refit=refit and strategy != "auto")
 
     choice = None
     if strategy == "auto":
@@ -159,7 +190,9 @@ def train(
         if choice.layer is not None:
             net = at_layer(net, choice.layer)
             nets = (net,)
-            frozen = _fit_frozen(net, frozen.dataset, clf, used, features_of(nets, used, batch_size, progress))
+            frozen = fit_head(net, frozen.dataset, clf, used, features_of(nets, used, batch_size, progress), refit=refit)
+        elif refit and choice.strategy == "linear":
+            frozen = fit_head(net, frozen.dataset, clf, found, extraction, refit=True)
         tune = dataclasses.replace(tune, unfreeze=choice.unfreeze) if tune is not None else None
 
     dataset, clf = frozen.dataset, frozen.clf
@@ -183,27 +216,91 @@ def train(
         history=tuple({"phase": "head", **row} for row in clf.history_),
         best_epoch=clf.best_epoch_,
         validation=frozen.validation,
+        scored_on=f"{frozen.cv.n_folds}-fold cross-validation" if frozen.cv is not None else "validation split",
+        refit=frozen.cv is not None,
+        test_split=test_split,
+        n_test={c: sum(r.label == c for r in test) for c in dataset.classes},
+        test_images=tuple(ImageRecord(r.path.resolve(), r.label) for r in test),
         auto=AutoChoice(choice.strategy, choice.reason, choice.measurements) if choice is not None else None,
     )
+    frozen_model = Model(nets, clf, summary, cache_root)
+    if test:
+        summary = summary.replace(test=frozen_model.score(test, features=_features_of(test, found, extraction)).evaluation)
     if tune is not None and (strategy == "finetune" or (choice is not None and choice.strategy == "finetune")):
         net, clf, summary = _finetune(net, clf, dataset, tune, summary, Path(out) if out is not None else None, resume, force, progress)
         nets = (net,)
-    model = Model(nets, clf, summary.replace(seconds=round(time.perf_counter() - started, 2)), cache_root)
+        if test:
+            tuned = Model(net, clf, summary, cache_root).score(test, progress)
+            summary = summary.replace(test=tuned.evaluation)
+    detector = None
+    if net.finetuned_from is None and (frozen.cv is not None or len(frozen.features.y_val)):
+        record, detector = _calibration(frozen, seed)
+        summary = summary.replace(calibration=record)
+    model = Model(nets, clf, summary.replace(seconds=round(time.perf_counter() - started, 2)), cache_root, detector)
     if out is not None:
         model.save(out, force=force)
         remove_checkpoint(Path(out) / CHECKPOINT_DIR)
-        if report and dataset.val:
+        if report and (dataset.val or frozen.cv is not None):
             from headstart.html_report import build_report
 
-            finetuned = net.finetuned_from is not None
-            scores = model.score(dataset.val, progress, features=None if finetuned else frozen.features.X_val)
-            build_report(model, scores, Path(out) / REPORT_NAME)
+            scored_on = (
+                f"out-of-fold predictions of {summary.scored_on}: each image scored by a head fitted without it (C chosen on the same folds)"
+                if frozen.cv is not None
+                else "the validation split (early stopping and fine-tuning chose on it)"
+            )
+            build_report(model, _report_scores(model, frozen, progress), Path(out) / REPORT_NAME, scored_on)
     return model
+
+
+def _calibration(frozen: _Frozen, seed: int) -> tuple[CalibrationRecord, UnknownDetector | None]:
+    """Temperature and unknown detector for a frozen head, each fitted on predictions of images the head held out.
+
+    After a refit those are the out-of-fold predictions, with each fold's images scored by a
+    detector fitted on the other folds; else the validation split's, scored by one fitted on training.
+    """
+    from headstart.unknown import calibrate, fit_detector
+
+    clf, probe = frozen.clf, frozen.features
+    standardization = (clf.weights_["0.mean"], clf.weights_["0.scale"])
+
+    def detector_on(X: NDArray[np.float32], y: NDArray[np.int64]) -> UnknownDetector:
+        return fit_detector(X, y, len(clf.classes_), standardization=standardization, seed=seed)
+
+    if frozen.cv is None:
+        y_train, y_val = np.searchsorted(clf.classes_, probe.y_train), np.searchsorted(clf.classes_, probe.y_val)
+        detector, logits = detector_on(probe.X_train, y_train), clf.decision_function(probe.X_val)
+        return calibrate(detector, logits, y_val, detector.score(probe.X_val, logits))
+    cv = frozen.cv
+    X = np.concatenate([probe.X_train, probe.X_val])
+    scores = np.zeros(len(X), dtype=np.float32)
+    for k in range(cv.n_folds):
+        held_out = cv.folds == k
+        scores[held_out] = detector_on(X[~held_out], cv.y[~held_out]).score(X[held_out], cv.logits[held_out])
+    return calibrate(detector_on(X, cv.y), cv.logits, cv.y, scores)
+
+
+def _report_scores(model: Model, frozen: _Frozen, progress: Progress | None) -> Scores:
+    """What the report shows: out-of-fold predictions after a refit, else the model's on the validation split."""
+    if frozen.cv is not None:
+        records = frozen.dataset.train + frozen.dataset.val
+        assert frozen.validation is not None  # scored on the out-of-fold predictions
+        return Scores(records, frozen.cv.y, frozen.cv.proba, frozen.validation, [])
+    finetuned = any(b.finetuned_from is not None for b in model.backbones)
+    return model.score(frozen.dataset.val, progress, features=None if finetuned else frozen.features.X_val)
+
+
+def _features_of(records: list[ImageRecord], found: list[ImageRecord], extraction: CachedExtraction) -> NDArray[np.float32]:
+    """The rows of `extraction` (over `found`) for `records`, all of which it kept."""
+    row = {found[i].path: k for k, i in enumerate(extraction.kept.tolist())}
+    return extraction.features[[row[r.path] for r in records]]
 
 
 @dataclass(frozen=True)
 class _Frozen:
-    """The data as it stands after extraction, its frozen features split into train/val, and the head fitted on them."""
+    """The data as it stands after extraction, its frozen features split into train/val, and the head fitted on them.
+
+    `cv` holds the out-of-fold predictions over train + val when the head was refitted on all of them.
+    """
 
     dataset: Dataset
     features: ProbeData
@@ -211,6 +308,7 @@ class _Frozen:
     validation: Evaluation | None
     n_extracted: int
     n_cached: int
+    cv: CrossValidation | None = None
 
 
 def _cached_features(
@@ -224,22 +322,43 @@ def _cached_features(
 
 def _split(dataset: Dataset, records: list[ImageRecord], extraction: CachedExtraction) -> ProbeData:
     """The features and labels of `dataset`'s train and val images, looked up by path in an extraction over `records`."""
-    row = {records[i].path: k for k, i in enumerate(extraction.kept.tolist())}
 
     def part(split: list[ImageRecord]) -> tuple[NDArray[np.float32], NDArray[np.str_]]:
-        kept = [r for r in split if r.path in row]
-        return extraction.features[[row[r.path] for r in kept]], np.asarray([r.label for r in kept], dtype=str)
+        return _features_of(split, records, extraction), np.asarray([r.label for r in split], dtype=str)
 
     return ProbeData(*part(dataset.train), *part(dataset.val))
 
 
-def _fit_frozen(net: Backbone, dataset: Dataset, clf: HeadClassifier, records: list[ImageRecord], extraction: CachedExtraction) -> _Frozen:
-    """Fit a copy of `clf` on the frozen features of `dataset` (from an extraction over `records`); files it could not read leave the dataset."""
+def _fit_frozen(
+    net: Backbone,
+    dataset: Dataset,
+    clf: HeadClassifier,
+    records: list[ImageRecord],
+    extraction: CachedExtraction,
+    refit: bool,
+    n_folds: int,
+    seed: int,
+    progress: Progress | None,
+) -> _Frozen:
+    """Fit a copy of `clf` on the frozen features of `dataset` (from an extraction over `records`); files it could not read leave the dataset.
+
+    With `refit`, settings are chosen by cross-validation over train + val, which score the head
+    by their out-of-fold predictions, and the head is fitted on all of them. Otherwise a linear
+    head's `C` is chosen by cross-validation on the training split, and it is scored on val.
+    """
     dataset = dataset.drop(extraction.skipped)
     check_class_counts(dataset.train, dataset.val, dataset.classes, min_val=1 if dataset.val else 0)
     data = _split(dataset, records, extraction)
+    counts = Counter(data.y_train.tolist())
+    if refit:
+        X, y = np.concatenate([data.X_train, data.X_val]), np.concatenate([data.y_train, data.y_val])
+        cv = cross_validate(clf, X, y, n_folds, seed, progress)
+        scores = evaluate_probabilities(cv.y, cv.proba, dataset.classes)
+        return _Frozen(dataset, data, refit_head(clf, cv, X, y), scores, extraction.n_extracted, extraction.n_cached, cv)
+    if clf.head == "linear" and clf.solver != "adamw" and min(counts.values()) >= 2:
+        clf = HeadClassifier(**(clf.get_params() | cross_validate(clf, data.X_train, data.y_train, n_folds, seed, progress).params))
     fitted = HeadClassifier(**clf.get_params()).fit(data.X_train, data.y_train, data.X_val, data.y_val)
-    validation = None
+    validation: Evaluation | None = None
     if len(data.y_val):
         y_val = np.searchsorted(fitted.classes_, data.y_val)
         validation = evaluate_probabilities(y_val, fitted.predict_proba(data.X_val), dataset.classes)
@@ -265,7 +384,7 @@ def _finetune(
     def record(result: FinetuneResult) -> TrainingSummary:
         return summary.replace(
             history=summary.history + tuple({"phase": "finetune", **row} for row in result.history),
-            finetune=FinetuneRecord(config.to_dict(), result.best_epoch, summary.validation),
+            finetune=FinetuneRecord(config.to_dict(), result.best_epoch, summary.validation, summary.test),
             validation=evaluate_probabilities(y_val, result.val_proba, dataset.classes),
         )
 

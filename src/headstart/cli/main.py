@@ -7,9 +7,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from headstart.model import UnknownOption
 
 app = typer.Typer(
     help="Turn a folder of labelled photos into an image classifier, by transfer learning.",
@@ -131,6 +134,12 @@ def train(
     cache: Annotated[bool, typer.Option(help="Read and write the feature cache.")] = True,
     batch_size: Annotated[int, typer.Option(help="Images per backbone forward pass or training step.")] = 32,
     report: Annotated[bool, typer.Option(help="Also write OUT/report.html (curves, confusion matrix, Grad-CAM).")] = True,
+    refit: Annotated[
+        bool,
+        typer.Option(help="Frozen heads: choose settings by cross-validation, score out-of-fold, refit on all labelled images."),
+    ] = True,
+    folds: Annotated[int, typer.Option(help="Cross-validation folds.", min=2, max=100)] = 5,
+    test_split: Annotated[float, typer.Option(help="Fraction of each class held out as a test split used for nothing else.")] = 0.0,
 ) -> None:
     """Train a classifier on a folder of photos and save it."""
     from headstart import api
@@ -169,6 +178,9 @@ def train(
             cache=cache,
             report=report,
             batch_size=batch_size,
+            refit=refit,
+            folds=folds,
+            test_split=test_split,
             progress=progress,
         )
     render.training(model, out)
@@ -258,18 +270,36 @@ def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
     top_k: Annotated[int, typer.Option(min=1, help="How many classes to show per image.")] = 3,
     csv: Annotated[Path | None, typer.Option(help="Also write the predictions to this CSV file.")] = None,
+    unknown: Annotated[
+        str, typer.Option(help="Mark images unlike any class as unknown: auto (the model's threshold), off, or a score threshold.")
+    ] = "auto",
 ) -> None:
     """Predict the classes of new images."""
     from headstart import api
     from headstart.cli import render
 
     with handled(ctx), render.progress_bar() as progress:
-        result = api.predict(model, images, top_k=top_k, progress=progress)
+        result = api.predict(model, images, top_k=top_k, progress=progress, unknown=_unknown_option(unknown))
         if csv:
             api.save_predictions_csv(result.predictions, csv)
     render.predictions(result)
     if csv:
         render.message(f"Wrote {len(result.predictions)} rows to {csv}.")
+
+
+def _unknown_option(value: str) -> UnknownOption:
+    """--unknown's value: auto, off or a finite number."""
+    import math
+
+    if value in ("auto", "off"):
+        return value  # type: ignore[return-value]
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise typer.BadParameter(f"{value!r}: give auto, off or a number such as 0.5.", param_hint="--unknown")
+    return number
 
 
 @app.command()

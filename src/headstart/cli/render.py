@@ -169,15 +169,19 @@ def training(model: Model, saved_to: Path, out: Console | None = None) -> None:
     if s.auto:
         out.print(_text(f"Strategy auto: {s.auto.reason}."), soft_wrap=True)
     layer = f" (stage {s.layer})" if s.layer is not None else ""
+    n_train, n_val, n_test = sum(s.n_train.values()), sum(s.n_val.values()), sum(s.n_test.values())
+    images = f"all {n_train + n_val} labelled images" if s.refit else f"{n_train} training and {n_val} validation images"
+    C = model.head.C if model.head.head == "linear" and model.head.solver != "adamw" else None
+    how = (f"C={C:g}" if C is not None else f"{len(model.head.history_)} epochs") + (f" chosen by {s.scored_on}" if s.refit else "")
+    how += f", best epoch {s.best_epoch}" if s.best_epoch else ""
     out.print(
         _text(
             "Trained a ",
             (s.head, "bold"),
             " head on ",
             (s.backbone, "bold"),
-            f" features{layer}: {sum(s.n_train.values())} training and {sum(s.n_val.values())} validation images, "
-            f"{len(model.classes)} classes; {s.n_extracted} images run through the backbone, "
-            f"{s.n_cached} from the cache; best epoch {s.best_epoch}.",
+            f" features{layer}: {images}" + (f" ({n_test} more held out as the test split)" if n_test else ""),
+            f", {len(model.classes)} classes ({how}); {s.n_extracted} images run through the backbone, {s.n_cached} from the cache.",
         )
     )
     if s.finetune and s.validation:
@@ -196,7 +200,8 @@ def training(model: Model, saved_to: Path, out: Console | None = None) -> None:
         out.print(_text(("Warnings:", "yellow"), f" {listed}. `headstart check {s.data}` lists each with its fix."), soft_wrap=True)
     if s.validation:
         v = s.validation
-        out.print(_text("Validation accuracy ", (f"{v.accuracy:.3f}", "bold"), f" on {v.n_images} images."))
+        where = f"out-of-fold predictions of {s.scored_on}" if s.refit else s.scored_on
+        out.print(_text("Validation accuracy ", (f"{v.accuracy:.3f}", "bold"), f" on {v.n_images} images ({where})."))
         table = Table()
         table.add_column("class")
         table.add_column("accuracy", justify="right")
@@ -204,6 +209,12 @@ def training(model: Model, saved_to: Path, out: Console | None = None) -> None:
         for name, recall, support in zip(v.classes, v.recall, v.support):
             table.add_row(_text(name), f"{recall:.3f}", str(support))
         out.print(table)
+    if s.test:
+        frozen_test = s.finetune.frozen_test if s.finetune else None
+        versus = f" (frozen backbone: {frozen_test.accuracy:.3f})" if frozen_test else ""
+        out.print(
+            _text("Test accuracy ", (f"{s.test.accuracy:.3f}", "bold"), f" on {s.test.n_images} images used for nothing else{versus}.")
+        )
     out.print(_text("Model saved to ", (str(saved_to), "bold"), f" (metrics in {saved_to / 'metrics.json'})."), soft_wrap=True)
 
 
@@ -231,11 +242,21 @@ def predictions(result: Predictions, out: Console | None = None) -> None:
     table.add_column("image", overflow="fold")
     table.add_column("prediction")
     table.add_column("next")
+    scored = any(p.unknown_score is not None for p in result.predictions)
+    if scored:
+        table.add_column("unknown score")
     for p in result.predictions:
-        table.add_row(
-            _text(str(p.path)), _text(f"{p.label} ({p.probability:.3f})"), _text(", ".join(f"{c} {v:.3f}" for c, v in p.top_k[1:]))
-        )
+        label = f"unknown (closest: {p.label} {p.probability:.3f})" if p.unknown else f"{p.label} ({p.probability:.3f})"
+        cells = [_text(str(p.path)), _text(label), _text(", ".join(f"{c} {v:.3f}" for c, v in p.top_k[1:]))]
+        if scored:
+            cells.append(_text("" if p.unknown_score is None else f"{p.unknown_score:.3f}"))
+        table.add_row(*cells)
     out.print(table)
+    n_unknown = sum(p.unknown for p in result.predictions)
+    if n_unknown:
+        out.print(
+            _text(f"{n_unknown} of {len(result.predictions)} image(s) look like none of the model's classes (unknown)."), soft_wrap=True
+        )
     skipped(result.skipped, out)
 
 
