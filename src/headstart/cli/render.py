@@ -166,7 +166,8 @@ def training(model: Model, saved_to: Path, out: Console | None = None) -> None:
             (s.backbone, "bold"),
             f" features{layer}: {images}" + (f" ({n_test} more held out as the test split)" if n_test else ""),
             f", {len(model.classes)} classes ({how}); {s.n_extracted} images run through the backbone, {s.n_cached} from the cache.",
-        )
+        ),
+        soft_wrap=True,
     )
     if s.finetune and s.validation:
         tune = s.finetune
