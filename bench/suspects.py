@@ -29,9 +29,10 @@ from headstart.config import default_cache_dir
 from headstart.data import ImageRecord, load_dataset
 from headstart.engine import create_engine
 from headstart.selection import cross_validate
-from headstart.suspects import find_suspects, flip_labels, recall_at_k
+from headstart.suspects import SUSPECT_C, find_suspects, flip_labels, recall_at_k
 
 METHODS: dict[str, dict[str, str]] = {
+    "headstart: lowest p(given), as many as cleanlab flags": {"filter_by": "count", "ranking": "self_confidence"},
     "lowest p(given), all images": {"filter_by": "none", "ranking": "self_confidence"},
     "lowest normalized margin, all images": {"filter_by": "none", "ranking": "normalized_margin"},
     "cleanlab prune_by_noise_rate + self_confidence": {"filter_by": "prune_by_noise_rate", "ranking": "self_confidence"},
@@ -63,39 +64,51 @@ def main() -> None:
     for data in args.data:
         records, X = features(data)
         labels = [r.label for r in records]
-        recalls: dict[str, list[float]] = {m: [] for m in METHODS}
-        flagged: dict[str, list[tuple[int, float]]] = {m: [] for m in METHODS}
-        seconds, accuracy = [], []
+        heads = {f"C={SUSPECT_C:g} (headstart's)": (SUSPECT_C,), "C by out-of-fold log loss (train's)": None}
+        keys = [(h, m) for h in heads for m in METHODS]
+        recalls: dict[tuple[str, str], list[float]] = {key: [] for key in keys}
+        flagged: dict[tuple[str, str], list[tuple[int, float]]] = {key: [] for key in keys}
+        seconds: dict[str, list[float]] = {h: [] for h in heads}
+        accuracy: dict[str, list[float]] = {h: [] for h in heads}
+        chosen: list[float] = []
         for trial in range(args.trials):
             noisy, flipped = flip_labels(labels, args.fraction, seed=trial)
-            start = time.perf_counter()
-            cv = cross_validate(HeadClassifier(), X, noisy, seed=0)
-            seconds.append(time.perf_counter() - start)
-            accuracy.append(float((cv.logits.argmax(1) == cv.y).mean()))
             truth = [records[i].path for i in flipped.tolist()]
             noisy_records = [ImageRecord(r.path, c) for r, c in zip(records, noisy, strict=True)]
-            for name, options in METHODS.items():
-                ranked = [s.path for s in find_suspects(noisy_records, list(cv.classes), cv.y, cv.proba, **options)]  # type: ignore[arg-type]
-                recalls[name].append(recall_at_k(ranked, truth))
-                flagged[name].append((len(ranked), len(set(ranked) & set(truth)) / max(1, len(ranked))))
+            for head, grid in heads.items():
+                start = time.perf_counter()
+                cv = cross_validate(HeadClassifier(), X, noisy, seed=0, **({"grid": grid} if grid else {}))
+                seconds[head].append(time.perf_counter() - start)
+                accuracy[head].append(float((cv.logits.argmax(1) == cv.y).mean()))
+                chosen += [cv.params["C"]] if grid is None else []
+                for name, options in METHODS.items():
+                    found = find_suspects(noisy_records, list(cv.classes), cv.y, cv.proba, **options)  # type: ignore[arg-type]
+                    ranked = [s.path for s in found]
+                    recalls[head, name].append(recall_at_k(ranked, truth))
+                    flagged[head, name].append((len(ranked), len(set(ranked) & set(truth)) / max(1, len(ranked))))
         n_flipped = round(args.fraction * len(records))
         lines.append(
-            f"\n{data.name}: {len(records)} images, {n_flipped} labels flipped ({args.fraction:.0%}) per trial, {args.trials} trials; "
-            f"out-of-fold accuracy against the flipped labels {100 * np.mean(accuracy):.2f}%, cross-validation {np.mean(seconds):.1f} s"
+            f"\n{data.name}: {len(records)} images, {n_flipped} labels flipped ({args.fraction:.0%}) per trial, {args.trials} trials "
+            f"(flip seeds 0..{args.trials - 1}); the log-loss choice of C was {', '.join(f'{c:g}' for c in chosen)}"
         )
-        rows = [
-            [
-                name,
-                f"{100 * np.mean(recalls[name]):.1f} ({', '.join(f'{100 * r:.1f}' for r in recalls[name])})",
-                f"{np.mean([n for n, _ in flagged[name]]):.0f}",
-                f"{100 * np.mean([p for _, p in flagged[name]]):.1f}",
+        for head in heads:
+            lines.append(
+                f"\n{head}: out-of-fold accuracy against the flipped labels {100 * np.mean(accuracy[head]):.2f}%, "
+                f"cross-validation {np.mean(seconds[head]):.1f} s\n"
+            )
+            rows = [
+                [
+                    name,
+                    f"{100 * np.mean(recalls[head, name]):.1f} ({', '.join(f'{100 * r:.1f}' for r in recalls[head, name])})",
+                    f"{np.mean([n for n, _ in flagged[head, name]]):.0f}",
+                    f"{100 * np.mean([p for _, p in flagged[head, name]]):.1f}",
+                ]
+                for name in METHODS
             ]
-            for name in METHODS
-        ]
-        lines += table(["ranking", "recall@k % mean (per trial)", "images returned", "of which flipped %"], rows)
-        cv = cross_validate(HeadClassifier(), X, labels, seed=0)
+            lines += table(["ranking", "recall@k % mean (per trial)", "images returned", "of which flipped %"], rows)
+        cv = cross_validate(HeadClassifier(), X, labels, seed=0, grid=(SUSPECT_C,))
         top = find_suspects(records, list(cv.classes), cv.y, cv.proba)
-        lines.append(f"\nUnflipped {data.name}: cleanlab flags {len(top)} images; the top 10:\n")
+        lines.append(f"\nUnflipped {data.name}, C={SUSPECT_C:g}: {len(top)} suspects; the top 10:\n")
         lines += table(
             ["rank", "file", "given", "suggested", "p(given)", "p(suggested)"],
             [[s.rank, s.path.relative_to(data), s.given, s.suggested, f"{s.p_given:.3f}", f"{s.p_suggested:.3f}"] for s in top[:10]],
