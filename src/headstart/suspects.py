@@ -1,9 +1,9 @@
 """Suspect labels: the images most likely mislabelled, found from out-of-fold predictions by confident learning (cleanlab).
 
-Every image is scored by a head that never saw it (`selection.cross_validate`). cleanlab's
-`find_label_issues` estimates, per pair of classes, how many images of one class carry the
-other's label (the confident joint), keeps as many of the least confident images, and ranks
-them by the out-of-fold probability of their given label, lowest first.
+Every image is scored by a head that never saw it (`selection.cross_validate`, with the strong
+regularisation `SUSPECT_C`). cleanlab's `find_label_issues` (confident learning: the confident
+joint of given and likely classes, pruned by noise rate) says how many labels are suspect; the
+suspects are that many images with the lowest out-of-fold probability of their given label.
 """
 
 from __future__ import annotations
