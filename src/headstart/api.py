@@ -23,11 +23,13 @@ if TYPE_CHECKING:
     from headstart.gradcam import Explanations
     from headstart.model import EvaluationResult, ImageLike, Model, PathLike, Prediction, Predictions, UnknownOption
     from headstart.model_export import ExportFormat, ExportResult
+    from headstart.suspects import SuspectSearch
     from headstart.training import train
 
 __all__ = [
     "activations",
     "check",
+    "check_labels",
     "augment_preview",
     "backbones",
     "demo",
@@ -47,6 +49,36 @@ __all__ = [
 def check(data: PathLike, val_split: float = 0.2, seed: int = 0, progress: Progress | None = None) -> Triage:
     """Every problem in a dataset with its fix: what `train` would skip, convert, or warn about, and whether it can train."""
     return triage(data, val_split, seed, progress=progress)
+
+
+def check_labels(
+    data: PathLike,
+    backbone: str = "efficientnet_lite0",
+    model: PathLike | None = None,
+    seed: int = 0,
+    cache_dir: PathLike | None = None,
+    progress: Progress | None = None,
+) -> SuspectSearch:
+    """The images most likely mislabelled, from out-of-fold predictions of a cross-validated head (cleanlab).
+
+    With `model`, its backbone (name, stage, weights file) and head settings are used instead of `backbone`.
+
+    Raises:
+        DataError: the data cannot be read, or a class has fewer than 2 usable images.
+        ConfigError: `model` has a fine-tuned backbone, whose features are not cached.
+    """
+    from headstart.suspects import suspects_for_data
+
+    if model is None:
+        return suspects_for_data(data, backbone, cache_dir, seed, progress)
+    config = read_bundle(Path(model), load_weights=False).config
+    if config.backbone.finetuned_from is not None:
+        raise ConfigError(
+            f"{display(model)} has a fine-tuned backbone; give --backbone {config.backbone.finetuned_from} instead of --model."
+        )
+    return suspects_for_data(
+        data, config.backbone.name, cache_dir, seed, progress, config.backbone.layer, config.head, config.backbone.weights_file
+    )
 
 
 def info(model: PathLike) -> BundleContents:

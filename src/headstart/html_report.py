@@ -23,6 +23,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
+from headstart.config import DataConfig
 from headstart.data import decode_image, load_image
 from headstart.files import atomic_write_bytes, display
 from headstart.metrics import Evaluation
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
     from headstart.calibration import ReliabilityBins
     from headstart.model import Model, Scores
+    from headstart.suspects import SuspectLabel
 
 CORRECT = "#1a7f37"  # green
 WRONG = "#cf222e"  # red
@@ -308,9 +310,19 @@ def write_report(path: Path, title: str, sections: Sequence[Section]) -> Path:
 
 
 def build_report(
-    model: Model, scores: Scores, out: Path, scored_on: str, n_grid: int = 16, n_top: int = 8, n_cam: int = 3, seed: int = 0
+    model: Model,
+    scores: Scores,
+    out: Path,
+    scored_on: str,
+    n_grid: int = 16,
+    n_top: int = 8,
+    n_cam: int = 3,
+    seed: int = 0,
+    suspects: Sequence[SuspectLabel] | None = None,
 ) -> Path:
     """Write `report.html` for `model` from its `scores` on labelled images; `scored_on` says which images and predictions those are.
+
+    With `suspects` (from `headstart.suspects`), a "Suspect labels" section shows the first of them.
 
     Returns the path written.
     """
@@ -358,6 +370,8 @@ def build_report(
             pairs.append(f'<div class="pair">{tile(i, resize_and_crop(image, cfg))}{heatmap}</div>')
         caption = "Grad-CAM: where the network looked for the predicted class (red = most), for correct and wrong validation images."
         sections.append(Section("Class activation maps", tiles_html(pairs, caption, "gradcam")))
+    if suspects is not None:
+        sections.append(suspects_section(suspects, cfg))
     return write_report(out, f"headstart report: {s.backbone or model.backbone.name} on {s.data or 'data'}", sections)
 
 
@@ -381,6 +395,31 @@ def _calibration_html(model: Model, proba: NDArray[np.float32], y_true: NDArray[
     caption = "Reliability: accuracy against confidence in 15 bins, before and after temperature scaling, on these images."
     figure = reliability_diagram(reliability_bins(before, y_true), reliability_bins(proba, y_true))
     return "".join(paragraph(line) for line in lines) + figure_html(figure, caption, "reliability")
+
+
+def suspects_section(suspects: Sequence[SuspectLabel], data_config: DataConfig | None = None, n_shown: int = 16) -> Section:
+    """The "Suspect labels" section: thumbnails of the first `n_shown` suspects, given vs suggested label.
+
+    Images that cannot be read any more are left out of the grid.
+    """
+    from headstart.errors import UnreadableImageError
+
+    if not suspects:
+        return Section("Suspect labels", paragraph("No image's label is suspect: the out-of-fold predictions agree with every label."))
+    cfg = data_config or DataConfig()
+    tiles = []
+    for s in suspects[:n_shown]:
+        try:
+            view = decode_image(s.path, lambda image: resize_and_crop(image, cfg), min_size=cfg.resize_size)
+        except UnreadableImageError:
+            continue
+        lines = [f"#{s.rank} given {s.given} ({s.p_given:.2f})", f"suggested {s.suggested} ({s.p_suggested:.2f})"]
+        tiles.append(image_tile(view, lines, f"{s.path.name}: given {s.given}, suggested {s.suggested}", note=s.path.name))
+    caption = (
+        f"The {len(tiles)} most suspect of {len(suspects)} suspect labels: images whose given label a head that never saw them "
+        "finds least likely (out-of-fold, confident learning). Check each; relabel or remove the wrong ones."
+    )
+    return Section("Suspect labels", tiles_html(tiles, caption, "suspects"))
 
 
 def _legend() -> str:

@@ -216,7 +216,18 @@ def check(
     data: Annotated[Path, typer.Argument(help="Folder with one sub-folder per class (or train/ and val/), or a CSV of path,label.")],
     csv: Annotated[Path | None, typer.Option(help="Also write every problem to this CSV: path, problem, action, detail, fix.")] = None,
     val_split: Annotated[float, typer.Option(help="The validation fraction `train` would use.")] = 0.2,
-    seed: Annotated[int, typer.Option(help="The split seed `train` would use.", min=0, max=2**32 - 1)] = 0,
+    seed: Annotated[int, typer.Option(help="The split seed `train` would use (and the folds' of --labels).", min=0, max=2**32 - 1)] = 0,
+    labels: Annotated[
+        bool,
+        typer.Option("--labels", help="Also list suspect labels: images a cross-validated head on frozen features says are mislabelled."),
+    ] = False,
+    backbone: Backbone = "efficientnet_lite0",
+    model: Annotated[Path | None, typer.Option(help="--labels: use this model's backbone and head settings instead of --backbone.")] = None,
+    labels_csv: Annotated[
+        Path | None,
+        typer.Option(help="Write every suspect label to this CSV: rank, path, given, suggested, probabilities (implies --labels)."),
+    ] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="--labels: feature cache folder [default: ~/.cache/headstart].")] = None,
 ) -> None:
     """Find every problem in a dataset before training; exit code 1 when training cannot proceed."""
     from headstart import api
@@ -225,12 +236,21 @@ def check(
 
     with handled(ctx), render.progress_bar() as progress:
         listing = output_file(csv, ".csv", [data]) if csv is not None else None  # checked before the long work
+        suspects_listing = output_file(labels_csv, ".csv", [data]) if labels_csv is not None else None
         result = api.check(data, val_split=val_split, seed=seed, progress=progress)
     render.triage(result)
     if listing is not None:
         with handled(ctx):
             result.write_csv(listing)
     render.triage_verdict(result, csv)
+    if (labels or suspects_listing is not None) and result.can_train:
+        with handled(ctx), render.progress_bar() as progress:
+            search = api.check_labels(data, backbone=backbone, model=model, seed=seed, cache_dir=cache_dir, progress=progress)
+            if suspects_listing is not None:
+                search.write_csv(suspects_listing)
+        render.suspects(search, suspects_listing)
+    elif labels or suspects_listing is not None:
+        render.message("Suspect labels were not searched: fix what blocks training first.")
     raise typer.Exit(0 if result.can_train else 1)
 
 

@@ -30,11 +30,13 @@ if TYPE_CHECKING:
     from headstart.metrics import Evaluation
     from headstart.model import Model, Predictions
     from headstart.model_export import ExportResult
+    from headstart.suspects import SuspectSearch
     from headstart.triage import Triage
 
 console = Console()
 err_console = Console(stderr=True)
 N_FINDINGS_SHOWN = 20
+N_SUSPECTS_SHOWN = 20
 
 
 def _text(*parts: str | tuple[str, str]) -> Text:
@@ -117,6 +119,26 @@ def triage_verdict(result: Triage, listing: Path | None, out: Console | None = N
     else:
         blocking = next(f for f in result.findings if f.action == "blocks training")
         out.print(_text(("Training cannot proceed:", "red"), f" {blocking.problem}: {blocking.detail}"), soft_wrap=True)
+
+
+def suspects(result: SuspectSearch, listing: Path | None, out: Console | None = None) -> None:
+    """The most suspect labels first, and where the full list went."""
+    out = out or console
+    found = result.suspects
+    summary = f"{len(found)} suspect label(s) among {result.n_images} images (out-of-fold accuracy {result.accuracy:.3f})"
+    if not found:
+        out.print(_text(f"No suspect labels among {result.n_images} images (out-of-fold accuracy {result.accuracy:.3f})."), soft_wrap=True)
+    else:
+        table = Table(title=_text(summary + (f"; the first {N_SUSPECTS_SHOWN}" if len(found) > N_SUSPECTS_SHOWN else "")))
+        for name in ("rank", "file", "given", "suggested", "p(given)", "p(suggested)"):
+            table.add_column(name, justify="right" if name.startswith(("rank", "p(")) else "left", overflow="fold")
+        for s in found[:N_SUSPECTS_SHOWN]:
+            table.add_row(str(s.rank), _text(str(s.path)), _text(s.given), _text(s.suggested), f"{s.p_given:.3f}", f"{s.p_suggested:.3f}")
+        out.print(table)
+    if listing is not None:
+        out.print(_text(f"Wrote {len(found)} suspect label(s) to {listing}."), soft_wrap=True)
+    elif len(found) > N_SUSPECTS_SHOWN:
+        out.print("`--labels-csv FILE` writes every suspect label.", markup=False, highlight=False)
 
 
 def info(directory: Path, contents: BundleContents, out: Console | None = None) -> None:
