@@ -26,6 +26,7 @@ from headstart.triage import PROBLEMS
 if TYPE_CHECKING:
     from headstart.backbone import BackboneInfo
     from headstart.bundle import BundleContents
+    from headstart.compare import Leaderboard
     from headstart.gradcam import Explanations
     from headstart.metrics import Evaluation
     from headstart.model import Model, Predictions
@@ -117,6 +118,35 @@ def triage_verdict(result: Triage, listing: Path | None, out: Console | None = N
     else:
         blocking = next(f for f in result.findings if f.action == "blocks training")
         out.print(_text(("Training cannot proceed:", "red"), f" {blocking.problem}: {blocking.detail}"), soft_wrap=True)
+
+
+def leaderboard(board: Leaderboard, out: Console | None = None) -> None:
+    """The rows best first, the best in bold green; what was compared on what."""
+    out = out or console
+    title = f"{board.n_images} images, {len(board.classes)} classes, {board.folds}-fold cross-validation (seed {board.seed})"
+    table = Table(title=_text(title))
+    for name in ("#", "backbone", "head", "layer", "features", "accuracy", "log loss", "C / epochs", "extract s", "new/cached", "fit s"):
+        wraps = name == "backbone"
+        table.add_column(name, justify="left" if name in ("backbone", "head", "layer") else "right", overflow="fold", no_wrap=not wraps)
+    for rank, e in enumerate(board.entries, start=1):
+        table.add_row(
+            str(rank),
+            _text(e.backbone.replace("+", " + ")),
+            e.head,
+            "final" if e.layer is None else str(e.layer),
+            str(e.n_features),
+            f"{e.accuracy:.2%} ± {e.std:.2%}",
+            f"{e.log_loss:.3f}",
+            f"C {e.C:g}" if e.C is not None else f"{e.epochs} ep",
+            f"{e.extraction_seconds:.1f}",
+            f"{e.n_extracted}/{e.n_cached}",
+            f"{e.fit_seconds:.1f}",
+            style="bold green" if rank == 1 else None,
+        )
+    out.print(table)
+    best = board.best
+    out.print(_text("Best: ", (best.label, "bold"), f", {best.accuracy:.2%} ± {best.std:.2%}."), soft_wrap=True)
+    skipped(list(board.skipped), out)
 
 
 def info(directory: Path, contents: BundleContents, out: Console | None = None) -> None:
