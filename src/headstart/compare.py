@@ -178,6 +178,7 @@ def compare(
     records, presplit_val, skipped = read_source(root)
     records += presplit_val or []
     check_layout(root, records)
+    _check_counts(root, np.asarray([r.label for r in records]), folds, "")  # before any extraction; again after it
     cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
     members = list(dict.fromkeys(m for spec in specs for m in spec))
     nets = {m: create_backbone(m, cache_root=cache_root) for m in members}  # every name checked before any extraction
@@ -185,7 +186,7 @@ def compare(
     unusable = {s.path: s for f in got.values() for s in f.skipped}
     kept = [i for i in range(len(records)) if all(i in f.rows for f in got.values())]
     labels = np.asarray([records[i].label for i in kept])
-    _check_counts(root, labels, folds)
+    _check_counts(root, labels, folds, "readable ")
     entries = []
     for layer in layers:
         for spec in specs:
@@ -238,14 +239,14 @@ def _features(
     return _Features(rows, extraction.skipped, seconds, extraction.n_extracted, extraction.n_cached)
 
 
-def _check_counts(root: Path, labels: NDArray[np.str_], folds: int) -> None:
+def _check_counts(root: Path, labels: NDArray[np.str_], folds: int, readable: str) -> None:
     counts = Counter(labels.tolist())
     if len(counts) < 2:
         raise DataError(f"{display(root)}: fewer than two classes have readable images; a classifier needs at least two.")
     name, smallest = min(counts.items(), key=lambda kv: (kv[1], kv[0]))
     if smallest < folds:
         raise DataError(
-            f"Class '{display(name)}' has {smallest} readable image(s), too few for {folds}-fold cross-validation: "
+            f"Class '{display(name)}' has {smallest} {readable}image(s), too few for {folds}-fold cross-validation: "
             f"add images to it, or use --folds {max(2, smallest)}" + ("." if smallest >= 2 else " after adding at least one.")
         )
 
