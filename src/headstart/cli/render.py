@@ -121,25 +121,33 @@ def triage_verdict(result: Triage, listing: Path | None, out: Console | None = N
 
 
 def leaderboard(board: Leaderboard, out: Console | None = None) -> None:
-    """The rows best first, the best in bold green; what was compared on what."""
+    """The rows best first, the best in bold green (an ensemble's members one per line); what was compared on what."""
     out = out or console
     title = f"{board.n_images} images, {len(board.classes)} classes, {board.folds}-fold cross-validation (seed {board.seed})"
-    table = Table(title=_text(title))
-    for name in ("#", "backbone", "head", "layer", "features", "accuracy", "log loss", "C / epochs", "extract s", "new/cached", "fit s"):
-        wraps = name == "backbone"
-        table.add_column(name, justify="left" if name in ("backbone", "head", "layer") else "right", overflow="fold", no_wrap=not wraps)
+    table = Table(title=_text(title), padding=(0, 1))
+    layers = any(e.layer is not None for e in board.entries)
+    columns = ["#", "backbone", "head", *(["layer"] if layers else []), "features", "accuracy %", "log loss", "C / epochs"]
+    widest = max(len(display(m)) for e in board.entries for m in e.members) + 2
+    for name in [*columns, "extract s", "new / cached", "fit s"]:
+        table.add_column(
+            name,
+            justify="left" if name in ("backbone", "head", "layer") else "right",
+            overflow="fold",
+            no_wrap=name == "accuracy %",
+            min_width=min(widest, 40) if name == "backbone" else None,
+        )
     for rank, e in enumerate(board.entries, start=1):
         table.add_row(
             str(rank),
-            _text(e.backbone.replace("+", " + ")),
+            Text(" +\n").join(_text(m) for m in e.members),
             e.head,
-            "final" if e.layer is None else str(e.layer),
+            *(["final" if e.layer is None else str(e.layer)] if layers else []),
             str(e.n_features),
-            f"{e.accuracy:.2%} ± {e.std:.2%}",
+            f"{100 * e.accuracy:.2f} ± {100 * e.std:.2f}",
             f"{e.log_loss:.3f}",
-            f"C {e.C:g}" if e.C is not None else f"{e.epochs} ep",
+            f"C {e.C:g}" if e.C is not None else f"{e.epochs} epochs",
             f"{e.extraction_seconds:.1f}",
-            f"{e.n_extracted}/{e.n_cached}",
+            f"{e.n_extracted} / {e.n_cached}",
             f"{e.fit_seconds:.1f}",
             style="bold green" if rank == 1 else None,
         )
