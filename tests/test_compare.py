@@ -126,3 +126,10 @@ def test_outputs_never_replace_an_input(flowers: Path, cache_dir: Path, tmp_path
         result = runner.invoke(app, ["compare", str(flowers), "--backbone", "efficientnet_lite0", "--cache-dir", str(cache_dir), *args])
         assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
     assert photo.read_bytes() == before and not (flowers / "daisy" / "rows.csv").exists()
+
+
+@pytest.mark.parametrize("args", [["--layer", "99"], ["--layer", "penultimate"], ["--head", "svm"], ["--folds", "1"], ["--backbone", "+"]])
+def test_bad_options_are_refused_in_one_line(flowers: Path, cache_dir: Path, args: list[str]) -> None:
+    result = runner.invoke(app, ["compare", str(flowers), "--backbone", "efficientnet_lite0", "--cache-dir", str(cache_dir), *args])
+    assert result.exit_code in (1, 2) and "Traceback" not in result.output
+    assert result.exit_code == 2 or len(result.output.strip().splitlines()) == 1, result.output

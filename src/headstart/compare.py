@@ -181,8 +181,10 @@ def compare(
     _check_counts(root, np.asarray([r.label for r in records]), folds, "")  # before any extraction; again after it
     cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
     members = list(dict.fromkeys(m for spec in specs for m in spec))
-    nets = {m: create_backbone(m, cache_root=cache_root) for m in members}  # every name checked before any extraction
-    got = {(m, layer): _features(nets[m], layer, records, cache_root, batch_size, progress) for layer in layers for m in members}
+    nets = {m: create_backbone(m, cache_root=cache_root) for m in members}
+    # every name and layer checked before any extraction starts
+    at = {(m, layer): nets[m] if layer is None else at_layer(nets[m], layer) for layer in layers for m in members}
+    got = {key: _features(net, key[1], records, cache_root, batch_size, progress) for key, net in at.items()}
     unusable = {s.path: s for f in got.values() for s in f.skipped}
     kept = [i for i in range(len(records)) if all(i in f.rows for f in got.values())]
     labels = np.asarray([records[i].label for i in kept])
@@ -226,7 +228,6 @@ def _features(
 ) -> _Features:
     started = time.perf_counter()
     where = net.name + (f" layer {layer}" if layer is not None else "")
-    net = net if layer is None else at_layer(net, layer)
 
     def report(description: str, done: int, total: int, status: str = "", /) -> None:
         if progress:
