@@ -162,6 +162,23 @@ def feature_map_grid(rows: Sequence[Sequence[NDArray[np.float32]]], stage_names:
     return figure
 
 
+def accuracy_bars(labels: Sequence[str], means: Sequence[float], stds: Sequence[float]) -> Figure:
+    """Horizontal bars of accuracy (as %) with standard-deviation error bars, the first label at the top; labels as plain text."""
+    figure = _figure(9, 0.8 + 0.32 * len(labels))
+    ax = figure.subplots()
+    y = np.arange(len(labels))
+    ax.barh(y, 100 * np.asarray(means), xerr=100 * np.asarray(stds), color=TRAIN_COLOUR, capsize=3)
+    ax.set_yticks(y, [display(label) for label in labels], fontsize=8)
+    for tick in ax.get_yticklabels():
+        tick.set_parse_math(False)
+    ax.invert_yaxis()
+    low = 100 * min((m - s for m, s in zip(means, stds)), default=0)
+    ax.set_xlim(max(0.0, low - 5), 100)
+    ax.set_xlabel("accuracy, % (mean ± std over folds)")
+    ax.grid(axis="x", alpha=0.3)
+    return figure
+
+
 def png_bytes(figure: Figure, dpi: int = 100) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi)

@@ -255,6 +255,74 @@ def check(
 
 
 @app.command()
+def compare(
+    ctx: typer.Context,
+    data: Annotated[Path, typer.Argument(help="Folder with one sub-folder per class (or train/ and val/), or a CSV of path,label.")],
+    backbone: Annotated[
+        list[str] | None,
+        typer.Option(help="Backbones to compare, repeatable or comma-separated; a+b is their ensemble [default: efficientnet_lite0,1,2]."),
+    ] = None,
+    ensembles: Annotated[bool, typer.Option(help="Also score the ensemble of all the single backbones given.")] = True,
+    head: Annotated[list[Head] | None, typer.Option(help="Heads to compare, repeatable [default: linear and mlp].")] = None,
+    layer: Annotated[
+        list[str] | None,
+        typer.Option(help="Layers, repeatable or comma-separated: final, or an earlier stage such as -2 [default: final]."),
+    ] = None,
+    folds: Annotated[int, typer.Option(help="Stratified cross-validation folds.")] = 5,
+    seed: Annotated[int, typer.Option(help="Seed of the folds and the heads.", min=0, max=2**32 - 1)] = 0,
+    csv: Annotated[Path | None, typer.Option(help="Also write every row to this CSV file.")] = None,
+    html: Annotated[Path | None, typer.Option(help="Also write a page with a bar chart and the table to this HTML file.")] = None,
+    train_best: Annotated[bool, typer.Option(help="Train the best row with `headstart train` and save it to --out.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Folder to save the winner in (with --train-best).")] = None,
+    force: Annotated[bool, typer.Option(help="Let --out be a folder of other files (they are kept).")] = False,
+    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache folder [default: ~/.cache/headstart].")] = None,
+) -> None:
+    """Rank backbones, their ensemble and heads by cross-validated accuracy on the same images and folds."""
+    from headstart import api
+    from headstart.cli import render
+
+    with handled(ctx), render.progress_bar() as progress:
+        result = api.compare(
+            data,
+            backbones=_listed(backbone) or ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"),
+            ensembles=ensembles,
+            heads=[h.value for h in head] if head else ("linear", "mlp"),
+            layers=[_layer(v) for v in _listed(layer)] or (None,),
+            folds=folds,
+            seed=seed,
+            csv=csv,
+            html=html,
+            train_best=train_best,
+            out=out,
+            force=force,
+            cache_dir=cache_dir,
+            progress=progress,
+        )
+    render.leaderboard(result.leaderboard)
+    for path, what in ((result.csv, "every row"), (result.html, "the chart and table")):
+        if path is not None:
+            render.message(f"Wrote {what} to {path}.")
+    if result.model is not None and result.model_dir is not None:
+        render.training(result.model, result.model_dir)
+
+
+def _listed(values: list[str] | None) -> list[str]:
+    """Repeated options and comma-separated lists, flattened."""
+    return [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
+
+
+def _layer(value: str) -> int | None:
+    from headstart.errors import ConfigError
+
+    if value.lower() == "final":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"--layer takes 'final' or a stage number such as -2, got '{value}'.") from None
+
+
+@app.command()
 def info(
     ctx: typer.Context,
     model: Annotated[Path, typer.Argument(help="A model folder from `headstart train`.")],
