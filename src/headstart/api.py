@@ -76,7 +76,7 @@ def check_labels(
     config = read_bundle(Path(model), load_weights=False).config
     if config.backbone.finetuned_from is not None:
         raise ConfigError(
-            f"{display(model)} has a fine-tuned backbone; give --backbone {config.backbone.finetuned_from} instead of --model."
+            f"{display(model)} has a fine-tuned backbone; give --backbone {config.backbone.name} (its pretrained weights) instead of --model."
         )
     return suspects_for_data(
         data, config.backbone.name, cache_dir, seed, progress, config.backbone.layer, config.head, config.backbone.weights_file
