@@ -463,9 +463,15 @@ def _summary_html(model: Model, evaluation: Evaluation, n_scored: int, scored_on
     if s.seconds:
         facts.append(("training time", f"{s.seconds:.1f} s"))
     body = table(["", ""], facts)
-    if s.n_train:
+    if s.n_train and s.refit:
         body += table(
-            ["class", "training images", "validation images"], [(c, s.n_train.get(c, 0), s.n_val.get(c, 0)) for c in model.classes]
+            ["class", "images (cross-validated, then all fitted on)", "test images"],
+            [(c, s.n_train.get(c, 0) + s.n_val.get(c, 0), s.n_test.get(c, 0)) for c in model.classes],
+        )
+    elif s.n_train:
+        body += table(
+            ["class", "training images", "validation images", "test images"],
+            [(c, s.n_train.get(c, 0), s.n_val.get(c, 0), s.n_test.get(c, 0)) for c in model.classes],
         )
     body += table(["skipped file", "reason"], [(d.path, d.reason) for d in s.skipped]) if s.skipped else paragraph("No files were skipped.")
     return body
