@@ -98,7 +98,7 @@ def test_report_is_self_contained_with_every_section(trained: Path) -> None:
         "class-activation-maps",
     ):
         assert f'<section id="{section}">' in page
-    (curves,) = re.findall(r'<img src="data:image/png;base64,([^"]+)" alt="[^"]+"', page)  # the one matplotlib figure
+    (curves,) = re.findall(r'<figure id="curves"><img src="data:image/png;base64,([^"]+)" alt="[^"]+"', page)
     assert Image.open(io.BytesIO(base64.b64decode(curves))).size[0] > 600
     assert 'src="http' not in page and "<script" not in page
     assert "cats" in page and "dogs" in page

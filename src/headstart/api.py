@@ -20,14 +20,18 @@ from headstart.triage import Triage, triage
 
 if TYPE_CHECKING:
     from headstart.augment import AugmentConfig
+    from headstart.compare import Comparison, HeadName
     from headstart.gradcam import Explanations
     from headstart.model import EvaluationResult, ImageLike, Model, PathLike, Prediction, Predictions, UnknownOption
     from headstart.model_export import ExportFormat, ExportResult
+    from headstart.suspects import SuspectSearch
     from headstart.training import train
 
 __all__ = [
     "activations",
     "check",
+    "check_labels",
+    "compare",
     "augment_preview",
     "backbones",
     "demo",
@@ -47,6 +51,97 @@ __all__ = [
 def check(data: PathLike, val_split: float = 0.2, seed: int = 0, progress: Progress | None = None) -> Triage:
     """Every problem in a dataset with its fix: what `train` would skip, convert, or warn about, and whether it can train."""
     return triage(data, val_split, seed, progress=progress)
+
+
+def check_labels(
+    data: PathLike,
+    backbone: str = "efficientnet_lite0",
+    model: PathLike | None = None,
+    seed: int = 0,
+    cache_dir: PathLike | None = None,
+    progress: Progress | None = None,
+) -> SuspectSearch:
+    """The images most likely mislabelled, from out-of-fold predictions of a cross-validated head (cleanlab).
+
+    With `model`, its backbone (name, stage, weights file) and head settings are used instead of `backbone`.
+
+    Raises:
+        DataError: the data cannot be read, or a class has fewer than 2 usable images.
+        ConfigError: `model` has a fine-tuned backbone, whose features are not cached.
+    """
+    from headstart.suspects import suspects_for_data
+
+    if model is None:
+        return suspects_for_data(data, backbone, cache_dir, seed, progress)
+    config = read_bundle(Path(model), load_weights=False).config
+    if len(config.backbones) > 1:
+        raise ConfigError(
+            f"{display(model)} is an ensemble ({config.backbone_name}); give one of its backbones with --backbone instead of --model."
+        )
+    (recorded,) = config.backbones
+    if recorded.finetuned_from is not None:
+        raise ConfigError(
+            f"{display(model)} has a fine-tuned backbone; give --backbone {recorded.name} (its pretrained weights) instead of --model."
+        )
+    return suspects_for_data(data, recorded.name, cache_dir, seed, progress, recorded.layer, config.head, recorded.weights_file)
+
+
+def compare(
+    data: PathLike,
+    backbones: Sequence[str] = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"),
+    ensembles: bool = True,
+    heads: Sequence[HeadName] = ("linear", "mlp"),
+    layers: Sequence[int | None] = (None,),
+    folds: int = 5,
+    seed: int = 0,
+    csv: PathLike | None = None,
+    html: PathLike | None = None,
+    train_best: bool = False,
+    out: PathLike | None = None,
+    force: bool = False,
+    cache_dir: PathLike | None = None,
+    progress: Progress | None = None,
+) -> Comparison:
+    """A leaderboard of backbones (and their ensemble) x heads x layers by k-fold cross-validated accuracy (see `compare.compare`).
+
+    Writes every row to `csv`, a page with a bar chart to `html`, and with `train_best`
+    trains the winner with `train` and saves it to `out`. Output paths are checked
+    before any work starts.
+
+    Raises:
+        ConfigError: an output path that is not a new .csv/.html file outside the data, or `train_best` without `out`.
+        BundleError: `out` is a folder of other files (pass `force`).
+    """
+    from headstart.bundle import check_output_folder
+    from headstart.compare import Comparison, write_csv, write_html
+    from headstart.compare import compare as compare_rows
+
+    inputs = [Path(data).expanduser()]
+    csv_path = output_file(Path(csv), ".csv", inputs) if csv is not None else None
+    html_path = output_file(Path(html), ".html", inputs) if html is not None else None
+    if train_best != (out is not None):
+        raise ConfigError("--train-best saves the winner to --out: give both, or neither.")
+    if out is not None:
+        check_output_folder(Path(out), force)
+    board = compare_rows(data, backbones, ensembles, heads, layers, folds, seed, cache_dir, progress=progress)
+    written = Comparison(board, write_csv(board, csv_path) if csv_path else None, write_html(board, html_path) if html_path else None)
+    if out is None:
+        return written
+    from headstart.training import train
+
+    best = board.best
+    model = train(
+        data,
+        backbone=best.backbone,
+        head=best.head,
+        layer=best.layer,
+        seed=seed,
+        out=out,
+        force=force,
+        cache_dir=cache_dir,
+        progress=progress,
+    )
+    return Comparison(board, written.csv, written.html, model, Path(out))
 
 
 def info(model: PathLike) -> BundleContents:

@@ -23,6 +23,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
+from headstart.config import DataConfig
 from headstart.data import decode_image, load_image
 from headstart.files import atomic_write_bytes, display
 from headstart.metrics import Evaluation
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
     from headstart.calibration import ReliabilityBins
     from headstart.model import Model, Scores
+    from headstart.suspects import SuspectLabel
 
 CORRECT = "#1a7f37"  # green
 WRONG = "#cf222e"  # red
@@ -157,6 +159,23 @@ def feature_map_grid(rows: Sequence[Sequence[NDArray[np.float32]]], stage_names:
             if c < len(maps):
                 ax.imshow(maps[c], cmap="viridis")
                 ax.set_title(f"{display(name)} ch {c}" if c == 0 else f"ch {c}", fontsize=7, parse_math=False)
+    return figure
+
+
+def accuracy_bars(labels: Sequence[str], means: Sequence[float], stds: Sequence[float]) -> Figure:
+    """Horizontal bars of accuracy (as %) with standard-deviation error bars, the first label at the top; labels as plain text."""
+    figure = _figure(9, 0.8 + 0.32 * len(labels))
+    ax = figure.subplots()
+    y = np.arange(len(labels))
+    ax.barh(y, 100 * np.asarray(means), xerr=100 * np.asarray(stds), color=TRAIN_COLOUR, capsize=3)
+    ax.set_yticks(y, [display(label) for label in labels], fontsize=8)
+    for tick in ax.get_yticklabels():
+        tick.set_parse_math(False)
+    ax.invert_yaxis()
+    low = 100 * min((m - s for m, s in zip(means, stds)), default=0)
+    ax.set_xlim(max(0.0, low - 5), 100)
+    ax.set_xlabel("accuracy, % (mean ± std over folds)")
+    ax.grid(axis="x", alpha=0.3)
     return figure
 
 
@@ -308,9 +327,19 @@ def write_report(path: Path, title: str, sections: Sequence[Section]) -> Path:
 
 
 def build_report(
-    model: Model, scores: Scores, out: Path, scored_on: str, n_grid: int = 16, n_top: int = 8, n_cam: int = 3, seed: int = 0
+    model: Model,
+    scores: Scores,
+    out: Path,
+    scored_on: str,
+    n_grid: int = 16,
+    n_top: int = 8,
+    n_cam: int = 3,
+    seed: int = 0,
+    suspects: Sequence[SuspectLabel] | None = None,
 ) -> Path:
     """Write `report.html` for `model` from its `scores` on labelled images; `scored_on` says which images and predictions those are.
+
+    With `suspects` (from `headstart.suspects`), a "Suspect labels" section shows the first of them.
 
     Returns the path written.
     """
@@ -363,6 +392,8 @@ def build_report(
             pairs.append(f'<div class="pair">{tile(i, resize_and_crop(image, cfg))}{heatmaps}</div>')
         caption = "Grad-CAM: where the network looked for the predicted class (red = most), for correct and wrong validation images."
         sections.append(Section("Class activation maps", tiles_html(pairs, caption, "gradcam")))
+    if suspects is not None:
+        sections.append(suspects_section(suspects, cfg))
     return write_report(out, f"headstart report: {s.backbone or model.backbone_name} on {s.data or 'data'}", sections)
 
 
@@ -386,6 +417,31 @@ def _calibration_html(model: Model, proba: NDArray[np.float32], y_true: NDArray[
     caption = "Reliability: accuracy against confidence in 15 bins, before and after temperature scaling, on these images."
     figure = reliability_diagram(reliability_bins(before, y_true), reliability_bins(proba, y_true))
     return "".join(paragraph(line) for line in lines) + figure_html(figure, caption, "reliability")
+
+
+def suspects_section(suspects: Sequence[SuspectLabel], data_config: DataConfig | None = None, n_shown: int = 16) -> Section:
+    """The "Suspect labels" section: thumbnails of the first `n_shown` suspects, given vs suggested label.
+
+    Images that cannot be read any more are left out of the grid.
+    """
+    from headstart.errors import UnreadableImageError
+
+    if not suspects:
+        return Section("Suspect labels", paragraph("No image's label is suspect: the out-of-fold predictions agree with every label."))
+    cfg = data_config or DataConfig()
+    tiles = []
+    for s in suspects[:n_shown]:
+        try:
+            view = decode_image(s.path, lambda image: resize_and_crop(image, cfg), min_size=cfg.resize_size)
+        except UnreadableImageError:
+            continue
+        lines = [f"#{s.rank} given {s.given} ({s.p_given:.2f})", f"suggested {s.suggested} ({s.p_suggested:.2f})"]
+        tiles.append(image_tile(view, lines, f"{s.path.name}: given {s.given}, suggested {s.suggested}", note=s.path.name))
+    caption = (
+        f"The {len(tiles)} most suspect of {len(suspects)} suspect labels: images whose given label a head that never saw them "
+        "finds least likely (out-of-fold, confident learning). Check each; relabel or remove the wrong ones."
+    )
+    return Section("Suspect labels", tiles_html(tiles, caption, "suspects"))
 
 
 def _legend() -> str:
@@ -412,9 +468,15 @@ def _summary_html(model: Model, evaluation: Evaluation, n_scored: int, scored_on
     if s.seconds:
         facts.append(("training time", f"{s.seconds:.1f} s"))
     body = table(["", ""], facts)
-    if s.n_train:
+    if s.n_train and s.refit:
         body += table(
-            ["class", "training images", "validation images"], [(c, s.n_train.get(c, 0), s.n_val.get(c, 0)) for c in model.classes]
+            ["class", "images (cross-validated, then all fitted on)", "test images"],
+            [(c, s.n_train.get(c, 0) + s.n_val.get(c, 0), s.n_test.get(c, 0)) for c in model.classes],
+        )
+    elif s.n_train:
+        body += table(
+            ["class", "training images", "validation images", "test images"],
+            [(c, s.n_train.get(c, 0), s.n_val.get(c, 0), s.n_test.get(c, 0)) for c in model.classes],
         )
     body += table(["skipped file", "reason"], [(d.path, d.reason) for d in s.skipped]) if s.skipped else paragraph("No files were skipped.")
     return body

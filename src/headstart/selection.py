@@ -60,11 +60,17 @@ class CrossValidation:
 
 
 def cross_validate(
-    template: HeadClassifier, X: ArrayLike, y: ArrayLike, n_folds: int = N_FOLDS, seed: int = 0, progress: Progress | None = None
+    template: HeadClassifier,
+    X: ArrayLike,
+    y: ArrayLike,
+    n_folds: int = N_FOLDS,
+    seed: int = 0,
+    progress: Progress | None = None,
+    grid: tuple[float, ...] = C_GRID,
 ) -> CrossValidation:
     """Cross-validate `template` on features X (n_samples, n_features) and labels y (n_samples,).
 
-    An L-BFGS linear head has its `C` chosen from `C_GRID` by the lowest mean
+    An L-BFGS linear head has its `C` chosen from `grid` (default `C_GRID`) by the lowest mean
     out-of-fold log loss. Any other head is early-stopped within each fold (on its
     `validation_fraction` of the fold's training rows), and the median best epoch
     becomes the `max_epochs` of a refit on all rows. The folds are stratified and
@@ -87,26 +93,26 @@ def cross_validate(
     folds = np.zeros(len(targets), dtype=np.int64)
     for k, (_, held_out) in enumerate(splitter.split(features, targets)):
         folds[held_out] = k
-    grid: tuple[float | None, ...] = C_GRID if template.head == "linear" and template.solver in ("auto", "lbfgs") else (None,)
-    logits = np.zeros((len(grid), len(targets), len(classes)), dtype=np.float32)
+    tried: tuple[float | None, ...] = grid if template.head == "linear" and template.solver in ("auto", "lbfgs") else (None,)
+    logits = np.zeros((len(tried), len(targets), len(classes)), dtype=np.float32)
     best_epochs: list[int] = []
-    n_fits = len(grid) * (int(folds.max()) + 1)
+    n_fits = len(tried) * (int(folds.max()) + 1)
     for k in range(int(folds.max()) + 1):
         fit_rows, held_out = folds != k, folds == k
-        for g, C in enumerate(grid):
+        for g, C in enumerate(tried):
             params = template.get_params() | ({"C": C} if C is not None else {})
             head = HeadClassifier(**params).fit(features[fit_rows], classes[targets[fit_rows]])
             logits[g][held_out] = head.decision_function(features[held_out])
             best_epochs.append(head.best_epoch_)
             if progress:
-                progress("Cross-validating the head", k * len(grid) + g + 1, n_fits)
-    if grid == (None,):
+                progress("Cross-validating the head", k * len(tried) + g + 1, n_fits)
+    if tried == (None,):
         chosen = {"max_epochs": max(1, int(np.median(best_epochs))), "validation_fraction": 0.0}
         return CrossValidation(chosen, classes, targets.astype(np.int64), logits[0], folds)
     losses = [log_loss(targets, softmax(g_logits)) for g_logits in logits]
     best = int(np.argmin(losses))
-    grid_losses = {C: loss for C, loss in zip(C_GRID, losses, strict=True)}
-    return CrossValidation({"C": C_GRID[best]}, classes, targets.astype(np.int64), logits[best], folds, grid_losses)
+    grid_losses = {C: loss for C, loss in zip(grid, losses, strict=True)}
+    return CrossValidation({"C": grid[best]}, classes, targets.astype(np.int64), logits[best], folds, grid_losses)
 
 
 def refit(template: HeadClassifier, cv: CrossValidation, X: ArrayLike, y: ArrayLike) -> HeadClassifier:

@@ -248,7 +248,12 @@ def train(
                 if frozen.cv is not None
                 else "the validation split (early stopping and fine-tuning chose on it)"
             )
-            build_report(model, _report_scores(model, frozen, progress), Path(out) / REPORT_NAME, scored_on)
+            suspects = None
+            if frozen.cv is not None:  # the out-of-fold predictions say which labels look wrong
+                from headstart.suspects import find_suspects
+
+                suspects = find_suspects(frozen.dataset.train + frozen.dataset.val, dataset.classes, frozen.cv.y, frozen.cv.proba)
+            build_report(model, _report_scores(model, frozen, progress), Path(out) / REPORT_NAME, scored_on, suspects=suspects)
     return model
 
 
@@ -282,9 +287,11 @@ def _calibration(frozen: _Frozen, seed: int) -> tuple[CalibrationRecord, Unknown
 def _report_scores(model: Model, frozen: _Frozen, progress: Progress | None) -> Scores:
     """What the report shows: out-of-fold predictions after a refit, else the model's on the validation split."""
     if frozen.cv is not None:
+        from headstart.calibration import softmax
+
         records = frozen.dataset.train + frozen.dataset.val
-        assert frozen.validation is not None  # scored on the out-of-fold predictions
-        return Scores(records, frozen.cv.y, frozen.cv.proba, frozen.validation, [])
+        proba = softmax(frozen.cv.logits, model.temperature)  # calibrated, as the model's own probabilities are
+        return Scores(records, frozen.cv.y, proba, evaluate_probabilities(frozen.cv.y, proba, frozen.dataset.classes), [])
     finetuned = any(b.finetuned_from is not None for b in model.backbones)
     return model.score(frozen.dataset.val, progress, features=None if finetuned else frozen.features.X_val)
 

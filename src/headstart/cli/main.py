@@ -231,7 +231,18 @@ def check(
     data: Annotated[Path, typer.Argument(help="Folder with one sub-folder per class (or train/ and val/), or a CSV of path,label.")],
     csv: Annotated[Path | None, typer.Option(help="Also write every problem to this CSV: path, problem, action, detail, fix.")] = None,
     val_split: Annotated[float, typer.Option(help="The validation fraction `train` would use.")] = 0.2,
-    seed: Annotated[int, typer.Option(help="The split seed `train` would use.", min=0, max=2**32 - 1)] = 0,
+    seed: Annotated[int, typer.Option(help="The split seed `train` would use (and the folds' of --labels).", min=0, max=2**32 - 1)] = 0,
+    labels: Annotated[
+        bool,
+        typer.Option("--labels", help="Also list suspect labels: images a cross-validated head on frozen features says are mislabelled."),
+    ] = False,
+    backbone: Backbone = "efficientnet_lite0",
+    model: Annotated[Path | None, typer.Option(help="--labels: use this model's backbone and head settings instead of --backbone.")] = None,
+    labels_csv: Annotated[
+        Path | None,
+        typer.Option(help="Write every suspect label to this CSV: rank, path, given, suggested, probabilities (implies --labels)."),
+    ] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="--labels: feature cache folder [default: ~/.cache/headstart].")] = None,
 ) -> None:
     """Find every problem in a dataset before training; exit code 1 when training cannot proceed."""
     from headstart import api
@@ -240,13 +251,90 @@ def check(
 
     with handled(ctx), render.progress_bar() as progress:
         listing = output_file(csv, ".csv", [data]) if csv is not None else None  # checked before the long work
+        suspects_listing = output_file(labels_csv, ".csv", [data]) if labels_csv is not None else None
         result = api.check(data, val_split=val_split, seed=seed, progress=progress)
     render.triage(result)
     if listing is not None:
         with handled(ctx):
             result.write_csv(listing)
     render.triage_verdict(result, csv)
+    if (labels or suspects_listing is not None) and result.can_train:
+        with handled(ctx), render.progress_bar() as progress:
+            search = api.check_labels(data, backbone=backbone, model=model, seed=seed, cache_dir=cache_dir, progress=progress)
+            if suspects_listing is not None:
+                search.write_csv(suspects_listing)
+        render.suspects(search, suspects_listing)
+    elif labels or suspects_listing is not None:
+        render.message("Suspect labels were not searched: fix what blocks training first.")
     raise typer.Exit(0 if result.can_train else 1)
+
+
+@app.command()
+def compare(
+    ctx: typer.Context,
+    data: Annotated[Path, typer.Argument(help="Folder with one sub-folder per class (or train/ and val/), or a CSV of path,label.")],
+    backbone: Annotated[
+        list[str] | None,
+        typer.Option(help="Backbones to compare, repeatable or comma-separated; a+b is their ensemble [default: efficientnet_lite0,1,2]."),
+    ] = None,
+    ensembles: Annotated[bool, typer.Option(help="Also score the ensemble of all the single backbones given.")] = True,
+    head: Annotated[list[Head] | None, typer.Option(help="Heads to compare, repeatable [default: linear and mlp].")] = None,
+    layer: Annotated[
+        list[str] | None,
+        typer.Option(help="Layers, repeatable or comma-separated: final, or an earlier stage such as -2 [default: final]."),
+    ] = None,
+    folds: Annotated[int, typer.Option(help="Stratified cross-validation folds.")] = 5,
+    seed: Annotated[int, typer.Option(help="Seed of the folds and the heads.", min=0, max=2**32 - 1)] = 0,
+    csv: Annotated[Path | None, typer.Option(help="Also write every row to this CSV file.")] = None,
+    html: Annotated[Path | None, typer.Option(help="Also write a page with a bar chart and the table to this HTML file.")] = None,
+    train_best: Annotated[bool, typer.Option(help="Train the best row with `headstart train` and save it to --out.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Folder to save the winner in (with --train-best).")] = None,
+    force: Annotated[bool, typer.Option(help="Let --out be a folder of other files (they are kept).")] = False,
+    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache folder [default: ~/.cache/headstart].")] = None,
+) -> None:
+    """Rank backbones, their ensemble and heads by cross-validated accuracy on the same images and folds."""
+    from headstart import api
+    from headstart.cli import render
+
+    with handled(ctx), render.progress_bar() as progress:
+        result = api.compare(
+            data,
+            backbones=_listed(backbone) or ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"),
+            ensembles=ensembles,
+            heads=[h.value for h in head] if head else ("linear", "mlp"),
+            layers=[_layer(v) for v in _listed(layer)] or (None,),
+            folds=folds,
+            seed=seed,
+            csv=csv,
+            html=html,
+            train_best=train_best,
+            out=out,
+            force=force,
+            cache_dir=cache_dir,
+            progress=progress,
+        )
+    render.leaderboard(result.leaderboard)
+    for path, what in ((result.csv, "every row"), (result.html, "the chart and table")):
+        if path is not None:
+            render.message(f"Wrote {what} to {path}.")
+    if result.model is not None and result.model_dir is not None:
+        render.training(result.model, result.model_dir)
+
+
+def _listed(values: list[str] | None) -> list[str]:
+    """Repeated options and comma-separated lists, flattened."""
+    return [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
+
+
+def _layer(value: str) -> int | None:
+    from headstart.errors import ConfigError
+
+    if value.lower() == "final":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"--layer takes 'final' or a stage number such as -2, got '{value}'.") from None
 
 
 @app.command()

@@ -26,15 +26,18 @@ from headstart.triage import PROBLEMS
 if TYPE_CHECKING:
     from headstart.backbone import BackboneInfo
     from headstart.bundle import BundleContents
+    from headstart.compare import Leaderboard
     from headstart.gradcam import Explanations
     from headstart.metrics import Evaluation
     from headstart.model import Model, Predictions
     from headstart.model_export import ExportResult
+    from headstart.suspects import SuspectSearch
     from headstart.triage import Triage
 
 console = Console()
 err_console = Console(stderr=True)
 N_FINDINGS_SHOWN = 20
+N_SUSPECTS_SHOWN = 20
 
 
 def _text(*parts: str | tuple[str, str]) -> Text:
@@ -119,6 +122,63 @@ def triage_verdict(result: Triage, listing: Path | None, out: Console | None = N
         out.print(_text(("Training cannot proceed:", "red"), f" {blocking.problem}: {blocking.detail}"), soft_wrap=True)
 
 
+def suspects(result: SuspectSearch, listing: Path | None, out: Console | None = None) -> None:
+    """The most suspect labels first, and where the full list went."""
+    out = out or console
+    found = result.suspects
+    summary = f"{len(found)} suspect label(s) among {result.n_images} images (out-of-fold accuracy {result.accuracy:.3f})"
+    if not found:
+        out.print(_text(f"No suspect labels among {result.n_images} images (out-of-fold accuracy {result.accuracy:.3f})."), soft_wrap=True)
+    else:
+        table = Table(title=_text(summary + (f"; the first {N_SUSPECTS_SHOWN}" if len(found) > N_SUSPECTS_SHOWN else "")))
+        for name in ("rank", "file", "given", "suggested", "p(given)", "p(suggested)"):
+            table.add_column(name, justify="right" if name.startswith(("rank", "p(")) else "left", overflow="fold")
+        for s in found[:N_SUSPECTS_SHOWN]:
+            table.add_row(str(s.rank), _text(str(s.path)), _text(s.given), _text(s.suggested), f"{s.p_given:.3f}", f"{s.p_suggested:.3f}")
+        out.print(table)
+    if listing is not None:
+        out.print(_text(f"Wrote {len(found)} suspect label(s) to {listing}."), soft_wrap=True)
+    elif len(found) > N_SUSPECTS_SHOWN:
+        out.print("`--labels-csv FILE` writes every suspect label.", markup=False, highlight=False)
+
+
+def leaderboard(board: Leaderboard, out: Console | None = None) -> None:
+    """The rows best first, the best in bold green (an ensemble's members one per line); what was compared on what."""
+    out = out or console
+    title = f"{board.n_images} images, {len(board.classes)} classes, {board.folds}-fold cross-validation (seed {board.seed})"
+    table = Table(title=_text(title), padding=(0, 1))
+    layers = any(e.layer is not None for e in board.entries)
+    columns = ["#", "backbone", "head", *(["layer"] if layers else []), "features", "accuracy %", "log loss", "C / epochs"]
+    widest = max(len(display(m)) for e in board.entries for m in e.members) + 2
+    for name in [*columns, "extract s", "new / cached", "fit s"]:
+        table.add_column(
+            name,
+            justify="left" if name in ("backbone", "head", "layer") else "right",
+            overflow="fold",
+            no_wrap=name == "accuracy %",
+            min_width=min(widest, 40) if name == "backbone" else None,
+        )
+    for rank, e in enumerate(board.entries, start=1):
+        table.add_row(
+            str(rank),
+            Text(" +\n").join(_text(m) for m in e.members),
+            e.head,
+            *(["final" if e.layer is None else str(e.layer)] if layers else []),
+            str(e.n_features),
+            f"{100 * e.accuracy:.2f} ± {100 * e.std:.2f}",
+            f"{e.log_loss:.3f}",
+            f"C {e.C:g}" if e.C is not None else f"{e.epochs} epochs",
+            f"{e.extraction_seconds:.1f}",
+            f"{e.n_extracted} / {e.n_cached}",
+            f"{e.fit_seconds:.1f}",
+            style="bold green" if rank == 1 else None,
+        )
+    out.print(table)
+    best = board.best
+    out.print(_text("Best: ", (best.label, "bold"), f", {best.accuracy:.2%} ± {best.std:.2%}."), soft_wrap=True)
+    skipped(list(board.skipped), out)
+
+
 def info(directory: Path, contents: BundleContents, out: Console | None = None) -> None:
     out = out or console
     config, metrics = contents.config, contents.metrics
@@ -182,7 +242,8 @@ def training(model: Model, saved_to: Path, out: Console | None = None) -> None:
             (s.backbone, "bold"),
             f" features{layer}: {images}" + (f" ({n_test} more held out as the test split)" if n_test else ""),
             f", {len(model.classes)} classes ({how}); {s.n_extracted} images run through the backbone, {s.n_cached} from the cache.",
-        )
+        ),
+        soft_wrap=True,
     )
     if s.finetune and s.validation:
         tune = s.finetune
