@@ -348,7 +348,6 @@ def test_the_server_serves_an_ensemble(pair: headstart.Model, pair_dir: Path, ca
     [
         (["--strategy", "finetune"], "Strategy 'finetune' takes one backbone"),
         (["--strategy", "auto"], "Strategy 'auto' takes one backbone"),
-        (["--layer", "-2"], "--layer takes one backbone"),
         (["--weights", str(PHOTOS / "dog.jpg")], "--weights is the weights file of an ensemble's one timm: member"),
     ],
 )
@@ -394,6 +393,24 @@ def test_an_ensemble_with_a_timm_member_takes_its_weights_file(flowers: Path, ca
     other = random_weights(tmp_path / "other.safetensors", seed=1)
     with pytest.raises(BundleError, match="backbone 'timm:test_resnet' weights differ"):
         headstart.load(folder, weights=other, cache_root=cache_dir)
+
+
+@pytest.mark.slow
+def test_layer_pools_that_stage_of_every_member(flowers: Path, cache_dir: Path, tmp_path: Path) -> None:
+    from headstart.gradcam import class_activation_maps
+
+    model = headstart.train(flowers, backbone=PAIR, layer=-2, cache_dir=cache_dir, report=False)
+    stages = [(b.layer, b.n_features) for b in model.backbones]
+    assert stages == [(3, 112), (3, 112)] and model.head.n_features_in_ == 224 and model.summary.layer == 3
+    folder = model.save(tmp_path / "m")
+    assert [b["layer"] for b in json.loads((folder / "bundle.json").read_text())["backbones"]] == [3, 3]
+    assert "efficientnet_lite0, stage 3: 112 features" in " ".join(CliRunner().invoke(app, ["info", str(folder)]).output.split())
+    photos = sorted((flowers / "roses").iterdir())[:3]
+    loaded = headstart.load(folder, cache_root=cache_dir)
+    np.testing.assert_array_equal(loaded.predict_proba(photos), model.predict_proba(photos))
+    with Image.open(photos[0]) as opened:
+        (cams,) = class_activation_maps(loaded, [opened.convert("RGB")], [0])
+    assert [cam.shape for cam in cams] == [(14, 14), (15, 15)]  # stride 16 on 224 and 240 px inputs
 
 
 @pytest.mark.slow

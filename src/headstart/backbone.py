@@ -269,16 +269,14 @@ def create_backbones(
     Args:
         name: a backbone name (see `create_backbone`), or several joined by "+".
         weights: the weights file of the backbone, or of an ensemble's one `timm:` member.
-        layer: as for `create_backbone`; a single backbone only.
+        layer: as for `create_backbone`, for every member (each pools its own stage `layer`).
         cache_root: as for `create_backbone`.
 
     Raises:
-        ConfigError: a malformed ensemble name, `layer` with an ensemble, or `weights` that fits no one member.
+        ConfigError: a malformed ensemble name, `weights` that fits no one member, or `layer` outside a member's stages.
         UnknownBackboneError, BackboneWeightsError: as for `create_backbone`.
     """
     members = parse_backbones(name)
-    if layer is not None and len(members) > 1:
-        raise ConfigError(f"--layer takes one backbone, and '{name}' is an ensemble. Drop --layer, or train one backbone.")
     return tuple(
         create_backbone(m, w, layer, cache_root=cache_root) for m, w in zip(members, member_weights(members, weights), strict=True)
     )

@@ -484,7 +484,9 @@ def _summary_html(model: Model, evaluation: Evaluation, n_scored: int, scored_on
 
 def _backbone_fact(model: Model) -> str:
     if len(model.backbones) > 1:
-        return f"{model.backbone_name} (an ensemble: the {len(model.backbones)} backbones' features concatenated)"
+        layer = model.backbones[0].layer
+        stage = f", each at stage {layer}" if layer is not None else ""
+        return f"{model.backbone_name} (an ensemble: the {len(model.backbones)} backbones' features concatenated{stage})"
     backbone = model.backbones[0]
     return backbone.name + (f" (stage {backbone.layer} features)" if backbone.layer is not None else "")
 

@@ -91,7 +91,8 @@ def train(
         backbone: a name from `headstart.backbones()` or "timm:<model>"; several joined by "+" (e.g.
             "efficientnet_lite0+efficientnet_lite1") for an ensemble: the head is fitted on their
             features concatenated, each backbone's computed with its own preprocessing and cached
-            under its own key (frozen strategies only, no `layer`; `weights` goes to its one timm: member).
+            under its own key (frozen strategies only; `layer` applies to every member; `weights` goes to
+            its one timm: member).
         strategy: "linear" or "mlp" (that head on frozen features), "finetune"
             (two phases), or "auto" (chosen from dataset size and similarity to ImageNet).
             None (the default) means frozen features with `head`.
@@ -142,8 +143,6 @@ def train(
         raise ConfigError(
             f"Strategy '{strategy}' takes one backbone, and '{backbone}' is an ensemble. Use --strategy linear or mlp, or train one backbone."
         )
-    if len(members) > 1 and layer is not None:
-        raise ConfigError(f"--layer takes one backbone, and '{backbone}' is an ensemble. Drop --layer, or train one backbone.")
     if out is not None:
         check_output_folder(Path(out), force)
     clf = HeadClassifier(head="mlp" if strategy == "mlp" else head or "linear", class_weight="balanced" if balanced else None, seed=seed)

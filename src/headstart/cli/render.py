@@ -201,7 +201,8 @@ def info(directory: Path, contents: BundleContents, out: Console | None = None) 
             d = b.data_config
             lines.append(
                 _text(
-                    f"  {b.name}: {b.n_features} features, input {d.input_size} px (resize {d.resize_size}, {d.interpolation}), "
+                    f"  {b.name}{f', stage {b.layer}' if b.layer is not None else ''}: {b.n_features} features, "
+                    f"input {d.input_size} px (resize {d.resize_size}, {d.interpolation}), "
                     f"weights sha256 {b.weights_sha256[:12]}…"
                 )
             )
