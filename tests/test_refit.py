@@ -60,3 +60,21 @@ def test_the_test_split_is_held_out_of_everything_and_scored_at_the_end(cache_di
 def test_out_of_range_splits_and_folds_are_refused(cache_dir: Path, options: dict[str, float]) -> None:
     with pytest.raises(headstart.HeadstartError, match="test_split must be in"):
         headstart.train(FLOWERS_TINY, cache_dir=cache_dir, report=False, **options)  # type: ignore[arg-type]
+
+
+def test_test_time_augmentation_averages_each_image_with_its_mirror_image(cache_dir: Path, tmp_path: Path) -> None:
+    from PIL import Image, ImageOps
+
+    model = headstart.train(FLOWERS_TINY, cache_dir=cache_dir, report=False)
+    path = sorted((FLOWERS_TINY / "roses").iterdir())[0]
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        mirror = ImageOps.mirror(image)
+    plain, mirrored = model.predict_proba([image]), model.predict_proba([mirror])
+    np.testing.assert_allclose(model.predict_proba([image], tta=True), (plain + mirrored) / 2, atol=1e-6)
+    np.testing.assert_allclose(model.predict_proba([path], tta=True), (model.predict_proba([path]) + mirrored) / 2, atol=1e-4)
+    assert not np.allclose(plain, mirrored)  # the mirror image is another input
+    # evaluate and the test split of train report it too
+    assert headstart.evaluate(model, FLOWERS_TINY, tta=True).evaluation.n_images == 40
+    tested = headstart.train(FLOWERS_TINY, cache_dir=cache_dir, report=False, test_split=0.25, tta=True).summary
+    assert tested.test is not None and tested.test_tta is not None and tested.test_tta.n_images == tested.test.n_images == 10

@@ -150,30 +150,36 @@ def info(model: PathLike) -> BundleContents:
 
 
 def predict(
-    model: PathLike | Model, images: Sequence[ImageLike], top_k: int = 3, progress: Progress | None = None, unknown: UnknownOption = "auto"
+    model: PathLike | Model,
+    images: Sequence[ImageLike],
+    top_k: int = 3,
+    progress: Progress | None = None,
+    unknown: UnknownOption = "auto",
+    tta: bool = False,
 ) -> Predictions:
     """Top-k predictions for image files, folders (searched recursively), PIL images or RGB arrays; unreadable files are skipped.
 
     `unknown`: "auto" (default) marks images past the model's unknown threshold, a number past that score, "off" none.
+    `tta`: average each image's probabilities with its mirror image's (test-time augmentation).
 
     Raises:
         DataError: none of the images could be read (the message gives the first reason).
     """
     model = _loaded(model)
-    result = model.predict(images, top_k, progress, unknown)
+    result = model.predict(images, top_k, progress, unknown, tta)
     if not result.predictions:
         raise _no_readable_images([i for i in images if isinstance(i, str | Path)], result.skipped)
     return result
 
 
-def evaluate(model: PathLike | Model, data: PathLike, progress: Progress | None = None) -> EvaluationResult:
-    """Accuracy, per-class precision/recall/F1 and confusion matrix on labelled images.
+def evaluate(model: PathLike | Model, data: PathLike, progress: Progress | None = None, tta: bool = False) -> EvaluationResult:
+    """Accuracy, per-class precision/recall/F1 and confusion matrix on labelled images (`tta`: see `predict`).
 
     Raises:
         DataError: none of the images could be read (the message names `data` and gives the first reason).
     """
     model = _loaded(model)
-    result = model.evaluate(data, progress)
+    result = model.evaluate(data, progress, tta)
     if result.evaluation.n_images == 0:
         raise _no_readable_images([data], result.skipped, f"`headstart check {data}` lists each problem with its fix.")
     return result

@@ -36,9 +36,9 @@ if TYPE_CHECKING:  # NumPy is imported only to read or write tensors: `info` rea
     from numpy.typing import NDArray
 
 FORMAT_VERSION = 5  # 2: `files` lists the size and sha256 of every file of the model; 3: every summary field present; 4: test split, refit;
-# 5: `backbones`, a list of members (an ensemble, or one backbone) each with its own `data_config`, replaces `backbone` and `data_config`
-SUMMARY_ADDED_IN_4 = ("scored_on", "refit", "test_split", "n_test", "test_images", "test", "calibration")
-"""Summary fields a format-3 bundle lacks (they take their defaults)."""
+# 5: test_tta; `backbones`, a list of members (an ensemble, or one backbone) each with its own `data_config`, replaces `backbone` and `data_config`
+SUMMARY_ADDED = {4: ("scored_on", "refit", "test_split", "n_test", "test_images", "test", "calibration"), 5: ("test_tta",)}
+"""Summary fields each format added: a bundle of an earlier format lacks them (they take their defaults)."""
 CONFIG_NAME = "bundle.json"
 WEIGHTS_NAME = "model.safetensors"
 METRICS_NAME = "metrics.json"
@@ -442,7 +442,7 @@ def validate_config(config: Any, directory: Path) -> None:
     summary = config.get("summary", {})
     need(isinstance(summary, dict), "summary", "an object")
     if version >= 3:
-        optional = ("history",) + (SUMMARY_ADDED_IN_4 if version < 4 else ())
+        optional = ("history",) + tuple(name for since, names in SUMMARY_ADDED.items() if version < since for name in names)
         missing = [f.name for f in dataclasses.fields(TrainingSummary) if f.name not in optional and f.name not in summary]
         need(not missing, f"summary.{missing[0] if missing else ''}", "present")
     if version < 5:

@@ -41,6 +41,7 @@ def extract_features(
     batch_size: int = 32,
     progress: Progress | None = None,
     reduced_decode: bool = True,
+    flip: bool = False,
 ) -> Extraction:
     """Run the frozen backbone (or each of several, features concatenated) over image files; unreadable files are skipped.
 
@@ -50,6 +51,7 @@ def extract_features(
     Args:
         engine: one engine, or one per backbone of an ensemble (in member order).
         reduced_decode: decode large JPEGs at reduced scale (see `pipeline.decode_input`).
+        flip: the features of the images mirrored left to right (for test-time augmentation).
     """
     engines = (engine,) if isinstance(engine, Engine) else tuple(engine)
     rows: list[NDArray[np.float32]] = []
@@ -60,7 +62,7 @@ def extract_features(
         kept += batch.indices
         skipped += batch.skipped
         if batch.indices:
-            rows.append(run_engines(engines, batch.arrays))
+            rows.append(run_engines(engines, [mirrored(x) for x in batch.arrays] if flip else batch.arrays))
         if progress:
             progress("Extracting features", len(kept) + len(skipped), len(paths))
     features = np.concatenate(rows) if rows else np.zeros((0, sum(e.backbone.n_features for e in engines)), np.float32)
@@ -73,3 +75,8 @@ def run_engines(engines: Sequence[Engine], inputs: Sequence[NDArray[np.float32]]
         raise ValueError(f"{len(engines)} engines for {len(inputs)} inputs")
     outputs = [np.asarray(e(x), dtype=np.float32) for e, x in zip(engines, inputs, strict=True)]
     return outputs[0] if len(outputs) == 1 else np.concatenate(outputs, axis=1)
+
+
+def mirrored(inputs: NDArray[np.float32]) -> NDArray[np.float32]:
+    """A batch of preprocessed images (n, 3, H, W) mirrored left to right."""
+    return np.ascontiguousarray(inputs[..., ::-1])

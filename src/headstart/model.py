@@ -22,7 +22,7 @@ from headstart.config import DataConfig, Progress, default_cache_dir
 from headstart.data import MAX_ASPECT_RATIO, MAX_PIXELS, MIN_SIDE, ImageRecord, Skipped, list_images, load_dataset, size_problem
 from headstart.engine import Engine, create_engine
 from headstart.errors import BundleError, ConfigError, DataError, UnreadableImageError
-from headstart.features import Extraction, extract_features, run_engines
+from headstart.features import Extraction, extract_features, mirrored, run_engines
 from headstart.files import csv_bytes, json_bytes
 from headstart.metrics import Evaluation, evaluate_probabilities
 from headstart.summary import TrainingSummary
@@ -216,9 +216,9 @@ class Model:
         _ = self.backbone  # ConfigError for an ensemble
         return self.engines[0]
 
-    def extract(self, paths: Sequence[Path], progress: Progress | None = None) -> Extraction:
-        """The features of image files, shape (n_kept, head's n_features): each decoded once, run through every backbone."""
-        return extract_features(self.engines, paths, progress=progress)
+    def extract(self, paths: Sequence[Path], progress: Progress | None = None, flip: bool = False) -> Extraction:
+        """The features of image files (mirrored with `flip`), shape (n_kept, head's n_features): each decoded once, run through every backbone."""
+        return extract_features(self.engines, paths, progress=progress, flip=flip)
 
     def inputs(self, image: Image.Image) -> tuple[NDArray[np.float32], ...]:
         """An RGB image as each backbone's input: float32 arrays of shape (3, S_m, S_m), one per backbone."""
@@ -229,29 +229,38 @@ class Model:
         """Features of a batch of preprocessed images, `inputs[m]` of shape (n, 3, S_m, S_m) for backbone m; shape (n, n_features)."""
         return run_engines(self.engines, inputs)
 
-    def predict_proba(self, images: Sequence[ImageLike], progress: Progress | None = None) -> NDArray[np.float32]:
+    def predict_proba(self, images: Sequence[ImageLike], progress: Progress | None = None, tta: bool = False) -> NDArray[np.float32]:
         """Class probabilities, one row per image (folders expanded), columns in `classes` order.
+
+        `tta` averages them with those of the image mirrored left to right (test-time augmentation).
 
         Raises:
             UnreadableImageError: an image could not be decoded.
         """
-        proba, _, _, skipped = self._probabilities(images, progress)
+        proba, _, _, skipped = self._probabilities(images, progress, tta)
         if skipped:
             raise UnreadableImageError(skipped[0].path, skipped[0].reason)
         return proba
 
     def predict(
-        self, images: Sequence[ImageLike], top_k: int = 3, progress: Progress | None = None, unknown: UnknownOption = "auto"
+        self,
+        images: Sequence[ImageLike],
+        top_k: int = 3,
+        progress: Progress | None = None,
+        unknown: UnknownOption = "auto",
+        tta: bool = False,
     ) -> Predictions:
         """The `top_k` classes of each image (files, folders searched recursively, PIL images or RGB arrays).
 
         Unreadable files are skipped and listed in `Predictions.skipped`, never fatal. `unknown`: "auto"
         marks images past the model's threshold as unknown, a number past that score, "off" none.
+        `tta` averages the probabilities with those of the image mirrored left to right (the unknown
+        score stays the image's own).
         """
         if top_k < 1:
             raise ConfigError(f"top_k must be at least 1, got {top_k}.")
         threshold = self.unknown_threshold(unknown)
-        proba, scores, sources, skipped = self._probabilities(images, progress)
+        proba, scores, sources, skipped = self._probabilities(images, progress, tta)
         score_of = [None] * len(proba) if scores is None else [float(v) for v in scores]
         return Predictions(
             [
@@ -262,7 +271,7 @@ class Model:
         )
 
     def _probabilities(
-        self, images: Sequence[ImageLike], progress: Progress | None
+        self, images: Sequence[ImageLike], progress: Progress | None, tta: bool = False
     ) -> tuple[NDArray[np.float32], NDArray[np.float32] | None, list[Path | None], list[Skipped]]:
         """Probabilities and unknown scores of the readable images in input order, each one's path (None in memory), and the skipped files."""
         if isinstance(images, str | os.PathLike | Image.Image | np.ndarray):
@@ -277,28 +286,40 @@ class Model:
             else:
                 items.append(self.inputs(_checked_image(image)))
         paths = [item for item in items if isinstance(item, Path)]
-        extraction = self.extract(paths, progress=progress)
-        file_rows = dict(zip(extraction.kept.tolist(), extraction.features))
         arrays = [item for item in items if not isinstance(item, Path)]
-        array_rows = iter([row for k in range(0, len(arrays), 32) for row in self.features(_stacked(arrays[k : k + 32]))])
-        rows: list[NDArray[np.float32]] = []
-        sources: list[Path | None] = []
-        n_files = 0
-        for item in items:
-            if not isinstance(item, Path):
-                rows.append(next(array_rows))
-                sources.append(None)
-                continue
-            if n_files in file_rows:
-                rows.append(file_rows[n_files])
-                sources.append(item)
-            n_files += 1
-        features = np.stack(rows) if rows else np.zeros((0, sum(b.n_features for b in self.backbones)), np.float32)
-        proba, scores = self.outputs(features)
-        return proba, scores, sources, skipped + extraction.skipped
 
-    def evaluate(self, data: PathLike, progress: Progress | None = None) -> EvaluationResult:
-        """Score the model on labelled images: all of `data`, or its val/ folder if it has train/ and val/."""
+        def features_in_order(flip: bool) -> tuple[NDArray[np.float32], list[Path | None], list[Skipped]]:
+            """The features of the readable items in input order (mirrored with `flip`), their paths, the files skipped."""
+            extraction = self.extract(paths, progress=progress, flip=flip)
+            file_rows = dict(zip(extraction.kept.tolist(), extraction.features))
+            batches = (_stacked(arrays[k : k + 32]) for k in range(0, len(arrays), 32))
+            array_rows = iter([row for batch in batches for row in self.features([mirrored(x) for x in batch] if flip else batch)])
+            rows: list[NDArray[np.float32]] = []
+            sources: list[Path | None] = []
+            n_files = 0
+            for item in items:
+                if not isinstance(item, Path):
+                    rows.append(next(array_rows))
+                    sources.append(None)
+                    continue
+                if n_files in file_rows:
+                    rows.append(file_rows[n_files])
+                    sources.append(item)
+                n_files += 1
+            features = np.stack(rows) if rows else np.zeros((0, sum(b.n_features for b in self.backbones)), np.float32)
+            return features, sources, extraction.skipped
+
+        features, sources, unreadable = features_in_order(flip=False)
+        proba, scores = self.outputs(features)
+        if tta and len(features):
+            mirrored_features, mirrored_sources, _ = features_in_order(flip=True)
+            if mirrored_sources != sources:  # a file changed between the two passes
+                raise DataError("An image could not be read a second time for test-time augmentation; run again without --tta.")
+            proba = (proba + self.outputs(mirrored_features)[0]) * np.float32(0.5)
+        return proba, scores, sources, skipped + unreadable
+
+    def evaluate(self, data: PathLike, progress: Progress | None = None, tta: bool = False) -> EvaluationResult:
+        """Score the model on labelled images: all of `data`, or its val/ folder if it has train/ and val/ (`tta`: see `score`)."""
         dataset = load_dataset(data, val_split=0.0)
         records = dataset.val or dataset.train
         unknown = sorted({r.label for r in records} - set(self.classes))
@@ -306,15 +327,20 @@ class Model:
             raise DataError(
                 f"{data}: class '{unknown[0]}' is not one this model knows ({', '.join(self.classes)}). Rename or remove that folder."
             )
-        scores = self.score(records, progress)
+        scores = self.score(records, progress, tta=tta)
         return EvaluationResult(scores.evaluation, dataset.skipped + scores.skipped)
 
     def score(
-        self, records: Sequence[ImageRecord], progress: Progress | None = None, features: NDArray[np.float32] | None = None
+        self,
+        records: Sequence[ImageRecord],
+        progress: Progress | None = None,
+        features: NDArray[np.float32] | None = None,
+        tta: bool = False,
     ) -> Scores:
         """Class probabilities and an evaluation for labelled images; labels must be among `classes`.
 
         `features`, the backbones' features of `records` when already at hand, spares running the backbones again.
+        `tta` averages the probabilities with those of the images mirrored left to right.
         """
         kept, skipped = list(records), []
         if features is None:
@@ -322,6 +348,11 @@ class Model:
             kept, features, skipped = [records[i] for i in extraction.kept], extraction.features, extraction.skipped
         y_true = np.asarray([self.classes.index(r.label) for r in kept], dtype=np.int64)
         proba, _ = self.outputs(features)
+        if tta and kept:
+            mirrored_run = self.extract([r.path for r in kept], progress=progress, flip=True)
+            if len(mirrored_run.kept) != len(kept):
+                raise DataError("An image could not be read a second time for test-time augmentation; run again without --tta.")
+            proba = (proba + self.outputs(mirrored_run.features)[0]) * np.float32(0.5)
         return Scores(kept, y_true, proba, evaluate_probabilities(y_true, proba, self.classes), skipped)
 
     def save(self, directory: PathLike, force: bool = False) -> Path:

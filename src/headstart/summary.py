@@ -35,6 +35,7 @@ class FinetuneRecord:
     best_epoch: int
     frozen_validation: Evaluation | None
     frozen_test: Evaluation | None = None
+    frozen_test_tta: Evaluation | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ class TrainingSummary:
         refit: whether the head was refitted on all labelled images after cross-validation.
         test_split, n_test, test_images: the test split held out first and used for nothing but `test`.
         test: the final model's scores on the test split (None without one).
+        test_tta: the same with test-time augmentation (`train(tta=True)`: each image and its mirror image).
         auto: what `--strategy auto` chose.
         finetune: the fine-tuning phase, when there was one.
         calibration: the temperature and unknown detector fitted on held-out images (None: neither, as in older models).
@@ -148,6 +150,7 @@ class TrainingSummary:
     n_test: dict[str, int] = field(default_factory=dict)
     test_images: tuple[ImageRecord, ...] = ()
     test: Evaluation | None = None
+    test_tta: Evaluation | None = None
     auto: AutoChoice | None = None
     finetune: FinetuneRecord | None = None
     seconds: float = 0.0
@@ -183,6 +186,7 @@ class TrainingSummary:
             "n_test": self.n_test,
             "test_images": [[str(r.path), r.label] for r in self.test_images],
             "test": self.test.to_dict() if self.test else None,
+            "test_tta": self.test_tta.to_dict() if self.test_tta else None,
             "auto": {"chose": self.auto.chose, "reason": self.auto.reason, **self.auto.measurements} if self.auto else None,
             "finetune": (
                 {
@@ -190,6 +194,7 @@ class TrainingSummary:
                     "best_epoch": self.finetune.best_epoch,
                     "frozen_validation": self.finetune.frozen_validation.to_dict() if self.finetune.frozen_validation else None,
                     "frozen_test": self.finetune.frozen_test.to_dict() if self.finetune.frozen_test else None,
+                    "frozen_test_tta": self.finetune.frozen_test_tta.to_dict() if self.finetune.frozen_test_tta else None,
                 }
                 if self.finetune
                 else None
@@ -247,6 +252,7 @@ class TrainingSummary:
             n_test=_counts(get("n_test", {}), "n_test"),
             test_images=tuple(ImageRecord(Path(p), label) for p, label in _pairs(get("test_images", []), None, "test_images")),
             test=_evaluation(get("test"), "test"),
+            test_tta=_evaluation(get("test_tta"), "test_tta"),
             auto=AutoChoice(
                 auto["chose"], auto["reason"], {k: _number(v, f"auto.{k}") for k, v in auto.items() if k not in ("chose", "reason")}
             )
@@ -257,6 +263,7 @@ class TrainingSummary:
                 _count(tune.get("best_epoch", 0), "finetune.best_epoch"),
                 _evaluation(tune.get("frozen_validation"), "finetune"),
                 _evaluation(tune.get("frozen_test"), "finetune.frozen_test"),
+                _evaluation(tune.get("frozen_test_tta"), "finetune.frozen_test_tta"),
             )
             if tune
             else None,

@@ -72,6 +72,7 @@ def train(
     refit: bool = True,
     folds: int = N_FOLDS,
     test_split: float = 0.0,
+    tta: bool = False,
     progress: Progress | None = None,
 ) -> Model:
     """Train a classifier on a folder of labelled photos (or a `path,label` CSV).
@@ -120,6 +121,7 @@ def train(
         folds: the number of cross-validation folds.
         test_split: fraction of each class held out first as a test split that nothing is chosen
             or stopped on; the model is scored on it at the end (`summary.test`).
+        tta: also score the test split with test-time augmentation (`summary.test_tta`).
         progress: called as progress(description, done, total, status).
 
     Returns:
@@ -222,19 +224,22 @@ def train(
         test_images=tuple(ImageRecord(r.path.resolve(), r.label) for r in test),
         auto=AutoChoice(choice.strategy, choice.reason, choice.measurements) if choice is not None else None,
     )
-    frozen_model = Model(nets, clf, summary, cache_root)
-    if test:
-        summary = summary.replace(test=frozen_model.score(test, features=_features_of(test, found, extraction)).evaluation)
-    if tune is not None and (strategy == "finetune" or (choice is not None and choice.strategy == "finetune")):
-        net, clf, summary = _finetune(net, clf, dataset, tune, summary, Path(out) if out is not None else None, resume, force, progress)
-        nets = (net,)
-        if test:
-            tuned = Model(net, clf, summary, cache_root).score(test, progress)
-            summary = summary.replace(test=tuned.evaluation)
     detector = None
-    if net.finetuned_from is None and (frozen.cv is not None or len(frozen.features.y_val)):
+    if frozen.cv is not None or len(frozen.features.y_val):  # calibration and unknown detection of the frozen head
         record, detector = _calibration(frozen, seed)
         summary = summary.replace(calibration=record)
+    if test:
+        frozen_model = Model(nets, clf, summary, cache_root, detector)
+        scored = frozen_model.score(test, features=_features_of(test, found, extraction))
+        summary = summary.replace(test=scored.evaluation, test_tta=frozen_model.score(test, tta=True).evaluation if tta else None)
+    if tune is not None and (strategy == "finetune" or (choice is not None and choice.strategy == "finetune")):
+        net, clf, summary = _finetune(net, clf, dataset, tune, summary, Path(out) if out is not None else None, resume, force, progress)
+        if net.finetuned_from is not None:  # a tuned backbone: the frozen head's calibration and detector no longer apply
+            nets, detector, summary = (net,), None, summary.replace(calibration=None)
+        if test:
+            tuned = Model(nets, clf, summary, cache_root, detector)
+            tuned_tta = tuned.score(test, progress, tta=True).evaluation if tta else None
+            summary = summary.replace(test=tuned.score(test, progress).evaluation, test_tta=tuned_tta)
     model = Model(nets, clf, summary.replace(seconds=round(time.perf_counter() - started, 2)), cache_root, detector)
     if out is not None:
         model.save(out, force=force)
@@ -390,7 +395,7 @@ def _finetune(
     def record(result: FinetuneResult) -> TrainingSummary:
         return summary.replace(
             history=summary.history + tuple({"phase": "finetune", **row} for row in result.history),
-            finetune=FinetuneRecord(config.to_dict(), result.best_epoch, summary.validation, summary.test),
+            finetune=FinetuneRecord(config.to_dict(), result.best_epoch, summary.validation, summary.test, summary.test_tta),
             validation=evaluate_probabilities(y_val, result.val_proba, dataset.classes),
         )
 

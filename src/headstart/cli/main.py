@@ -140,6 +140,7 @@ def train(
     ] = True,
     folds: Annotated[int, typer.Option(help="Cross-validation folds.", min=2, max=100)] = 5,
     test_split: Annotated[float, typer.Option(help="Fraction of each class held out as a test split used for nothing else.")] = 0.0,
+    tta: Annotated[bool, typer.Option(help="Also score the test split with test-time augmentation (each image and its mirror).")] = False,
 ) -> None:
     """Train a classifier on a folder of photos and save it."""
     from headstart import api
@@ -181,6 +182,7 @@ def train(
             refit=refit,
             folds=folds,
             test_split=test_split,
+            tta=tta,
             progress=progress,
         )
     render.training(model, out)
@@ -361,13 +363,14 @@ def predict(
     unknown: Annotated[
         str, typer.Option(help="Mark images unlike any class as unknown: auto (the model's threshold), off, or a score threshold.")
     ] = "auto",
+    tta: Annotated[bool, typer.Option(help="Average each image's probabilities with its mirror image's (test-time augmentation).")] = False,
 ) -> None:
     """Predict the classes of new images."""
     from headstart import api
     from headstart.cli import render
 
     with handled(ctx), render.progress_bar() as progress:
-        result = api.predict(model, images, top_k=top_k, progress=progress, unknown=_unknown_option(unknown))
+        result = api.predict(model, images, top_k=top_k, progress=progress, unknown=_unknown_option(unknown), tta=tta)
         if csv:
             api.save_predictions_csv(result.predictions, csv)
     render.predictions(result)
@@ -395,13 +398,14 @@ def evaluate(
     ctx: typer.Context,
     model: Annotated[Path, typer.Argument(help="A model folder from `headstart train`.")],
     data: Annotated[Path, typer.Argument(help="Labelled images: class folders (its val/ if it has train/ and val/) or a CSV.")],
+    tta: Annotated[bool, typer.Option(help="Average each image's probabilities with its mirror image's (test-time augmentation).")] = False,
 ) -> None:
     """Accuracy, per-class precision/recall/F1 and the confusion matrix on labelled images."""
     from headstart import api
     from headstart.cli import render
 
     with handled(ctx), render.progress_bar() as progress:
-        result = api.evaluate(model, data, progress=progress)
+        result = api.evaluate(model, data, progress=progress, tta=tta)
     render.evaluation(result.evaluation)
     render.skipped(result.skipped)
 

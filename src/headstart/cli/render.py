@@ -272,11 +272,15 @@ def training(model: Model, saved_to: Path, out: Console | None = None) -> None:
             table.add_row(_text(name), f"{recall:.3f}", str(support))
         out.print(table)
     if s.test:
-        frozen_test = s.finetune.frozen_test if s.finetune else None
-        versus = f" (frozen backbone: {frozen_test.accuracy:.3f})" if frozen_test else ""
+        tuned = s.finetune
+        versus = f" (frozen backbone: {tuned.frozen_test.accuracy:.3f})" if tuned and tuned.frozen_test else ""
         out.print(
-            _text("Test accuracy ", (f"{s.test.accuracy:.3f}", "bold"), f" on {s.test.n_images} images used for nothing else{versus}.")
+            _text("Test accuracy ", (f"{s.test.accuracy:.3f}", "bold"), f" on {s.test.n_images} images used for nothing else{versus}."),
+            soft_wrap=True,
         )
+    if s.test_tta:
+        versus = f" (frozen backbone: {s.finetune.frozen_test_tta.accuracy:.3f})" if s.finetune and s.finetune.frozen_test_tta else ""
+        out.print(_text("With test-time augmentation (mirror images): ", (f"{s.test_tta.accuracy:.3f}", "bold"), f"{versus}."))
     out.print(_text("Model saved to ", (str(saved_to), "bold"), f" (metrics in {saved_to / 'metrics.json'})."), soft_wrap=True)
 
 
