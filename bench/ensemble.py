@@ -22,36 +22,18 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from _common import FLOWERS, publish, table
+from _common import FLOWERS, cached_features, publish, table
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from headstart.backbone import create_backbones
-from headstart.cache import FeatureCache, extract_members_with_cache
 from headstart.classifier import HeadClassifier
-from headstart.config import default_cache_dir
-from headstart.data import load_dataset
-from headstart.engine import create_engine
 
 SINGLES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
 PAIRS = ["efficientnet_lite0+efficientnet_lite1", "efficientnet_lite0+efficientnet_lite2", "efficientnet_lite1+efficientnet_lite2"]
 ALL = "+".join(SINGLES)
-
-
-def features(data: Path, backbone: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """Features and labels of every image of `data` readable by every member (train and val together), and how many ran through a backbone."""
-    dataset = load_dataset(data, val_split=0.0)
-    records = dataset.train + dataset.val
-    root = default_cache_dir()
-    nets = create_backbones(backbone, cache_root=root)
-    extraction = extract_members_with_cache(
-        nets, [r.path for r in records], [FeatureCache(root, n) for n in nets], 64, None, lambda b: create_engine(b, cache_root=root)
-    )
-    labels = np.asarray([records[i].label for i in extraction.kept.tolist()])
-    return extraction.features, labels, extraction.n_extracted
 
 
 def short(backbone: str) -> str:
@@ -67,7 +49,8 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for backbone in [*SINGLES, *([] if args.no_pairs else PAIRS), ALL]:
-        X, y, n_extracted = features(args.data, backbone)
+        records, X, n_extracted = cached_features(args.data, backbone)
+        y = np.asarray([r.label for r in records])
         scores: dict[str, list[float]] = {"sklearn": [], "headstart": []}
         seconds: dict[str, list[float]] = {"sklearn": [], "headstart": []}
         for train, test in StratifiedKFold(args.folds, shuffle=True, random_state=0).split(X, y):

@@ -21,19 +21,14 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from _common import FLOWERS, publish, table
+from _common import FLOWERS, cached_features, publish, table
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegressionCV
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from headstart.backbone import create_backbone
-from headstart.cache import FeatureCache, extract_with_cache
 from headstart.classifier import HeadClassifier
-from headstart.config import default_cache_dir
-from headstart.data import load_dataset
-from headstart.engine import create_engine
 from headstart.selection import cross_validate, refit
 
 
@@ -48,19 +43,6 @@ class DefaultHead:
         return self.head.predict(X)
 
 
-def features(data: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Features and labels of every readable image of `data` (train and val together)."""
-    dataset = load_dataset(data, val_split=0.0)
-    records = dataset.train + dataset.val
-    net = create_backbone("efficientnet_lite0")
-    root = default_cache_dir()
-    extraction = extract_with_cache(
-        net, [r.path for r in records], FeatureCache(root, net), 64, None, lambda b: create_engine(b, cache_root=root)
-    )
-    labels = np.asarray([records[i].label for i in extraction.kept.tolist()])
-    return extraction.features, labels
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, nargs="+", default=[FLOWERS, FLOWERS.parent / "cats_dogs"])
@@ -69,7 +51,8 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for data in args.data:
-        X, y = features(data)
+        records, X, _ = cached_features(data)
+        y = np.asarray([r.label for r in records])
         scores: dict[str, list[float]] = {"headstart": [], "sklearn": []}
         seconds: dict[str, list[float]] = {"headstart": [], "sklearn": []}
         for train, test in StratifiedKFold(args.folds, shuffle=True, random_state=0).split(X, y):

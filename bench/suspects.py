@@ -20,14 +20,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import FLOWERS, publish, table
+from _common import FLOWERS, cached_features, publish, table
 
-from headstart.backbone import create_backbone
-from headstart.cache import FeatureCache, extract_with_cache
 from headstart.classifier import HeadClassifier
-from headstart.config import default_cache_dir
-from headstart.data import ImageRecord, load_dataset
-from headstart.engine import create_engine
+from headstart.data import ImageRecord
 from headstart.selection import cross_validate
 from headstart.suspects import SUSPECT_C, find_suspects, flip_labels, recall_at_k
 
@@ -42,17 +38,6 @@ METHODS: dict[str, dict[str, str]] = {
 }
 
 
-def features(data: Path) -> tuple[list[ImageRecord], np.ndarray]:
-    dataset = load_dataset(data, val_split=0.0)
-    records = dataset.train + dataset.val
-    net = create_backbone("efficientnet_lite0")
-    root = default_cache_dir()
-    extraction = extract_with_cache(
-        net, [r.path for r in records], FeatureCache(root, net), 64, None, lambda b: create_engine(b, cache_root=root)
-    )
-    return [records[i] for i in extraction.kept.tolist()], extraction.features
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, nargs="+", default=[FLOWERS, FLOWERS.parent / "cats_dogs"])
@@ -62,7 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     lines: list[str] = []
     for data in args.data:
-        records, X = features(data)
+        records, X, _ = cached_features(data)
         labels = [r.label for r in records]
         heads = {f"C={SUSPECT_C:g} (headstart's)": (SUSPECT_C,), "C by out-of-fold log loss (train's)": None}
         keys = [(h, m) for h in heads for m in METHODS]
