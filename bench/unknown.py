@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/unknown.py [--rate 0.02] [--no-record]
 
-A flowers model is fitted as `headstart train` fits it (efficientnet_lite0 features from the
-cache, the default linear head, the seed-0 80/20 split, early stopping on the validation
+A flowers model is fitted much as `headstart train --no-refit` fits it (efficientnet_lite0 features from the
+cache, the linear head (L-BFGS at C=0.1) fitted on the training part of the seed-0 80/20
 split). In-distribution: the flowers validation images (300). Out-of-distribution: all of
 cats_dogs (2,999) and ../shared/photos (13). For every score kind of `headstart.unknown`
 (fitted on the training split's features), the AUROC of telling the two apart, and the
