@@ -133,3 +133,11 @@ def test_bad_options_are_refused_in_one_line(flowers: Path, cache_dir: Path, arg
     result = runner.invoke(app, ["compare", str(flowers), "--backbone", "efficientnet_lite0", "--cache-dir", str(cache_dir), *args])
     assert result.exit_code in (1, 2) and "Traceback" not in result.output
     assert result.exit_code == 2 or len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_a_backbone_named_twice_or_an_ensemble_in_another_order_is_one_row(flowers: Path, cache_dir: Path) -> None:
+    lite0, lite1 = PAIR
+    twice = compare(flowers, (lite0, lite0), heads=("linear",), cache_dir=cache_dir)
+    assert [e.backbone for e in twice.entries] == [lite0]  # no "ensemble" of one backbone with itself
+    both_orders = compare(flowers, (f"{lite0}+{lite1}", f"{lite1}+{lite0}"), heads=("linear",), cache_dir=cache_dir)
+    assert [e.backbone for e in both_orders.entries] == [f"{lite0}+{lite1}"]

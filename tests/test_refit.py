@@ -78,3 +78,13 @@ def test_test_time_augmentation_averages_each_image_with_its_mirror_image(cache_
     assert headstart.evaluate(model, FLOWERS_TINY, tta=True).evaluation.n_images == 40
     tested = headstart.train(FLOWERS_TINY, cache_dir=cache_dir, report=False, test_split=0.25, tta=True).summary
     assert tested.test is not None and tested.test_tta is not None and tested.test_tta.n_images == tested.test.n_images == 10
+
+
+@pytest.mark.slow
+def test_an_export_is_checked_on_the_test_split_when_there_is_one(cache_dir: Path, tmp_path: Path) -> None:
+    headstart.train(FLOWERS_TINY, cache_dir=cache_dir, out=tmp_path / "m", test_split=0.25, report=False)
+    result = headstart.export(tmp_path / "m", out=tmp_path / "m.onnx")
+    assert result.checked_on == "test" and result.check is not None and result.check.n_images == 10
+    refitted_only = headstart.train(FLOWERS_TINY, cache_dir=cache_dir, out=tmp_path / "r", report=False)
+    assert refitted_only.summary.refit
+    assert headstart.export(tmp_path / "r", out=tmp_path / "r.onnx").checked_on == "training"  # said so: its accuracy is optimistic

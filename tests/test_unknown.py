@@ -214,6 +214,8 @@ def test_nan_in_bundle_json_is_refused(flowers_dir: Path, tmp_path: Path) -> Non
         (lambda t: {**t, "unknown.references": np.full_like(t["unknown.references"], np.nan)}, "NaN"),
         (lambda t: {k: v for k, v in t.items() if k != "unknown.references"}, "references: missing"),
         (lambda t: {**t, "unknown.centers": np.zeros((5, 3), np.float32)}, "unexpected centers"),
+        (lambda t: {**t, "unknown.references": t["unknown.references"].astype(np.int64)}, "is int64, not float32"),
+        (lambda t: {**t, "unknown.references": t["unknown.references"].astype(np.float16)}, "is float16, not float32"),
     ],
 )
 def test_tampered_detector_tensors_are_refused(flowers_dir: Path, tmp_path: Path, edit: object, message: str) -> None:
@@ -328,3 +330,15 @@ def test_headstart_export_writes_the_unknown_output_and_checks_the_calibrated_pr
     assert result.check is not None and result.check.agreement == 1.0 and result.check.max_difference < 1e-5
     session = onnxruntime.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == ["probabilities", "unknown_score"]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_temperature_is_applied_only_where_it_lowers_the_held_out_calibration_error(seed: int) -> None:
+    from headstart.unknown import calibrate
+
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 3, (30, 4)).astype(np.float32)  # few images: the likelihood's best temperature may raise the ECE
+    y = rng.integers(0, 4, 30)
+    record, _ = calibrate(None, logits, y)
+    assert record.ece_after <= record.ece_before
+    assert record.temperature == 1.0 or record.ece_after < record.ece_before

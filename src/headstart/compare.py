@@ -214,10 +214,11 @@ def _specs(backbones: Sequence[str], ensembles: bool) -> list[tuple[str, ...]]:
         if len(set(names)) < len(names):
             raise ConfigError(f"'{display(spec)}' names a backbone twice; an ensemble's members must differ.")
         specs.append(names)
-    singles = [s for s in specs if len(s) == 1]
+    singles = list(dict.fromkeys(s for s in specs if len(s) == 1))
     if ensembles and len(singles) >= 2:
         specs.append(tuple(s[0] for s in singles))
-    specs = list(dict.fromkeys(specs))
+    first = {frozenset(s): s for s in reversed(specs)}  # the same members in another order make one row, as first given
+    specs = list(dict.fromkeys(first[frozenset(s)] for s in specs))
     if not specs:
         raise ConfigError("Give at least one backbone to compare, e.g. --backbone efficientnet_lite0.")
     return specs

@@ -115,6 +115,8 @@ class ExportResult:
         check: its comparison with the reference on the model's validation photos; None when none can be read
             (a model trained without a validation split, or moved from the machine that has its photos).
         reference: what `check` compares against: "model" (headstart's own prediction) or "fp32 onnx".
+        checked_on: which of the model's photos `check` used: "test", "validation", or "training" (a refitted head's
+            validation photos, which it was also fitted on: its accuracy there is optimistic).
     """
 
     path: Path
@@ -124,6 +126,7 @@ class ExportResult:
     reference_size_bytes: int | None
     check: ExportCheck | None
     reference: Reference
+    checked_on: str = "validation"
 
 
 def export(
@@ -150,13 +153,15 @@ def export(
         raise ConfigError(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {format!r}")
     cfgs = model.data_configs
     fp32 = onnx_model_bytes(model, unknown=format == "onnx")
-    val_records = [r for r in model.summary.val_images if r.label in model.classes][:CHECK_IMAGES]
+    summary = model.summary  # checked on the test split when there is one: a refitted head was fitted on its validation images too
+    checked_on = "test" if summary.test_images else "training" if summary.refit else "validation"
+    val_records = [r for r in summary.test_images or summary.val_images if r.label in model.classes][:CHECK_IMAGES]
     val_pixels, val_labels = _decode_labelled(val_records, model.classes, cfgs, progress)
     calibration_pixels = _calibration_pixels(model, calibration, progress) if int8 else None
     if format == "onnx" and not int8:
         atomic_write_bytes(out, fp32)
         check = _check_against_model(model, fp32, val_pixels, val_labels) if len(val_labels) else None
-        return ExportResult(out, "onnx", False, len(fp32), None, check, "model")
+        return ExportResult(out, "onnx", False, len(fp32), None, check, "model", checked_on)
     with tempfile.TemporaryDirectory(prefix="headstart-export-") as tmp:
         fp32_path = Path(tmp) / "model.onnx"
         fp32_path.write_bytes(fp32)
@@ -174,7 +179,7 @@ def export(
                 return tflite.run_tflite(out, pixels)
 
     check = _compare(run, _onnx_runner(fp32), val_pixels, val_labels, batch=1 if format == "tflite" else 32) if len(val_labels) else None
-    return ExportResult(out, format, int8, out.stat().st_size, len(fp32), check, "fp32 onnx")
+    return ExportResult(out, format, int8, out.stat().st_size, len(fp32), check, "fp32 onnx", checked_on)
 
 
 def input_names(n_backbones: int) -> list[str]:

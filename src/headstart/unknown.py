@@ -122,6 +122,8 @@ class UnknownDetector:
             )
         arrays: dict[str, NDArray[np.float32]] = {}
         for name in expected:
+            if np.asarray(tensors[name]).dtype != np.float32:  # headstart writes float32 only: another type was written by someone else
+                raise ConfigError(f"Unknown-detector tensor '{name}' is {np.asarray(tensors[name]).dtype}, not float32.")
             arrays[name] = np.asarray(tensors[name]).astype(np.float32)
             if not np.isfinite(arrays[name]).all():
                 raise ConfigError(f"Unknown-detector tensor '{name}' contains NaN or infinite values.")
@@ -242,6 +244,8 @@ def calibrate(
     temperature = fit_temperature(logits, heldout_y)
     before = expected_calibration_error(softmax(logits), heldout_y)
     after = expected_calibration_error(softmax(logits, temperature), heldout_y)
+    if after > before:  # the likelihood's best temperature need not lower the ECE (few images): then none is applied
+        temperature, after = 1.0, before
     record = CalibrationRecord(temperature, before, after, len(logits))
     if detector is None:
         return record, None

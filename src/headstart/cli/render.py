@@ -262,7 +262,7 @@ def training(model: Model, saved_to: Path, out: Console | None = None) -> None:
         out.print(_text(("Warnings:", "yellow"), f" {listed}. `headstart check {s.data}` lists each with its fix."), soft_wrap=True)
     if s.validation:
         v = s.validation
-        where = f"out-of-fold predictions of {s.scored_on}" if s.refit else s.scored_on
+        where = f"out-of-fold predictions of {s.scored_on}, C or epochs chosen on the same folds" if s.refit else s.scored_on
         out.print(_text("Validation accuracy ", (f"{v.accuracy:.3f}", "bold"), f" on {v.n_images} images ({where})."))
         table = Table()
         table.add_column("class")
@@ -344,7 +344,12 @@ def exported(result: ExportResult, out: Console | None = None) -> None:
     if check is None:
         out.print(_text("Not checked: none of the model's validation photos could be read here."), soft_wrap=True)
         return
-    table = Table(title=f"Checked on {check.n_images} validation photos against the {result.reference}")
+    photos = (
+        "training photos (the head was refitted on them: accuracy optimistic)"
+        if result.checked_on == "training"
+        else f"{result.checked_on} photos"
+    )
+    table = Table(title=f"Checked on {check.n_images} {photos} against the {result.reference}")
     for column in ("", "this file", result.reference):
         table.add_column(column, justify="right")
     table.add_row("accuracy", f"{check.accuracy:.2%}", f"{check.reference_accuracy:.2%}")
