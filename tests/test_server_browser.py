@@ -143,6 +143,6 @@ def test_a_webcam_snapshot_is_predicted(page: Any) -> None:
         time.sleep(0.05)
     page.locator("#snap").click()
     sync_api.expect(page.get_by_test_id("label")).to_have_count(1, timeout=60_000)
-    assert page.get_by_test_id("label").inner_text() in (CATS, DOGS)
+    assert page.get_by_test_id("label").inner_text() in (CATS, DOGS, "unknown")  # Chromium's fake camera films a test pattern
     assert page.locator(".card .name").inner_text().startswith("webcam-")
     page.locator("#close-camera").click()

@@ -233,9 +233,13 @@ def train(
         scored = frozen_model.score(test, features=_features_of(test, found, extraction))
         summary = summary.replace(test=scored.evaluation, test_tta=frozen_model.score(test, tta=True).evaluation if tta else None)
     if tune is not None and (strategy == "finetune" or (choice is not None and choice.strategy == "finetune")):
+        # the frozen head's calibration and detector hold only if no tuned epoch replaces it (nor in the best-so-far saves)
+        calibration, summary = summary.calibration, summary.replace(calibration=None)
         net, clf, summary = _finetune(net, clf, dataset, tune, summary, Path(out) if out is not None else None, resume, force, progress)
-        if net.finetuned_from is not None:  # a tuned backbone: the frozen head's calibration and detector no longer apply
-            nets, detector, summary = (net,), None, summary.replace(calibration=None)
+        if net.finetuned_from is None:
+            summary = summary.replace(calibration=calibration)
+        else:
+            nets, detector = (net,), None
         if test:
             tuned = Model(nets, clf, summary, cache_root, detector)
             tuned_tta = tuned.score(test, progress, tta=True).evaluation if tta else None
