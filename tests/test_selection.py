@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from headstart.calibration import negative_log_likelihood, softmax
 from headstart.classifier import HeadClassifier
 from headstart.errors import ConfigError
-from headstart.selection import C_GRID, cross_validate, log_loss, refit, softmax
+from headstart.selection import C_GRID, cross_validate, refit
 from test_classifier import gaussians
 
 
@@ -17,7 +18,7 @@ def test_linear_cross_validation_chooses_the_c_with_the_lowest_out_of_fold_loss(
     assert set(cv.grid) == set(C_GRID) and cv.params == {"C": min(cv.grid, key=cv.grid.get)}  # type: ignore[arg-type]
     assert np.bincount(cv.folds).tolist() == [15] * 5  # stratified: 5 of each class per fold
     assert all(np.bincount(cv.y[cv.folds == k]).tolist() == [5, 5, 5] for k in range(5))
-    assert cv.grid[cv.params["C"]] == pytest.approx(log_loss(cv.y, cv.proba), rel=1e-6)
+    assert cv.grid[cv.params["C"]] == pytest.approx(negative_log_likelihood(cv.logits, cv.y), rel=1e-6) == cv.log_loss
     # each row's logits come from a head fitted without it: refit that fold's head and compare
     k = 2
     fold_head = HeadClassifier(C=cv.params["C"]).fit(X[cv.folds != k], y[cv.folds != k])

@@ -146,7 +146,7 @@ class HeadClassifier:
         targets = np.searchsorted(classes, labels)
         if (X_val is None) != (y_val is None):
             raise ConfigError("Pass both X_val and y_val, or neither.")
-        if self._uses_lbfgs():  # fitted to convergence: validation data is not needed
+        if self.uses_lbfgs():  # fitted to convergence: validation data is not needed
             self.classes_, self.n_features_in_ = classes, features.shape[1]
             self.weights_, self.history_, self.best_epoch_ = self._fit_lbfgs(features, targets, len(classes)), [], 0
             return self
@@ -176,7 +176,8 @@ class HeadClassifier:
         self.best_epoch_ = best_epoch
         return self
 
-    def _uses_lbfgs(self) -> bool:
+    def uses_lbfgs(self) -> bool:
+        """Whether `fit` runs L-BFGS (the linear head with solver "auto" or "lbfgs"), whose strength is `C`."""
         return self.head == "linear" and self.solver in ("auto", "lbfgs")
 
     def _fit_lbfgs(self, X: NDArray[np.float32], y: NDArray[np.intp], n_classes: int) -> HeadState:

@@ -28,7 +28,7 @@ from headstart.data import ImageRecord, Skipped, check_layout, read_source
 from headstart.engine import create_engine
 from headstart.errors import ConfigError, DataError
 from headstart.files import atomic_write_bytes, csv_bytes, display
-from headstart.selection import cross_validate, log_loss
+from headstart.selection import cross_validate
 
 if TYPE_CHECKING:
     from headstart.model import Model, PathLike
@@ -283,7 +283,7 @@ def _score(
         accuracy=float(accuracy.mean()),
         std=float(accuracy.std()),
         fold_accuracy=tuple(accuracy.tolist()),
-        log_loss=log_loss(cv.y, cv.proba),
+        log_loss=cv.log_loss,
         C=float(cv.params["C"]) if "C" in cv.params else None,
         epochs=int(cv.params["max_epochs"]) if "max_epochs" in cv.params else None,
         extraction_seconds=sum(p.seconds for p in parts),

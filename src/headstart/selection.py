@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from headstart.calibration import negative_log_likelihood, softmax
 from headstart.classifier import HeadClassifier
 from headstart.config import Progress
 from headstart.errors import ConfigError
@@ -51,6 +52,11 @@ class CrossValidation:
     def proba(self) -> NDArray[np.float32]:
         """Out-of-fold class probabilities, shape (n_samples, n_classes)."""
         return softmax(self.logits)
+
+    @property
+    def log_loss(self) -> float:
+        """Mean out-of-fold negative log-likelihood of the true class."""
+        return negative_log_likelihood(self.logits, self.y)
 
     @property
     def fold_accuracy(self) -> list[float]:
@@ -93,7 +99,7 @@ def cross_validate(
     folds = np.zeros(len(targets), dtype=np.int64)
     for k, (_, held_out) in enumerate(splitter.split(features, targets)):
         folds[held_out] = k
-    tried: tuple[float | None, ...] = grid if template.head == "linear" and template.solver in ("auto", "lbfgs") else (None,)
+    tried: tuple[float | None, ...] = grid if template.uses_lbfgs() else (None,)
     logits = np.zeros((len(tried), len(targets), len(classes)), dtype=np.float32)
     best_epochs: list[int] = []
     n_fits = len(tried) * (int(folds.max()) + 1)
@@ -109,7 +115,7 @@ def cross_validate(
     if tried == (None,):
         chosen = {"max_epochs": max(1, int(np.median(best_epochs))), "validation_fraction": 0.0}
         return CrossValidation(chosen, classes, targets.astype(np.int64), logits[0], folds)
-    losses = [log_loss(targets, softmax(g_logits)) for g_logits in logits]
+    losses = [negative_log_likelihood(g_logits, targets) for g_logits in logits]
     best = int(np.argmin(losses))
     grid_losses = {C: loss for C, loss in zip(grid, losses, strict=True)}
     return CrossValidation({"C": grid[best]}, classes, targets.astype(np.int64), logits[best], folds, grid_losses)
@@ -118,15 +124,3 @@ def cross_validate(
 def refit(template: HeadClassifier, cv: CrossValidation, X: ArrayLike, y: ArrayLike) -> HeadClassifier:
     """`template` with the settings `cv` chose, fitted on all of X, y."""
     return HeadClassifier(**(template.get_params() | cv.params)).fit(X, y)
-
-
-def softmax(logits: NDArray[np.float32]) -> NDArray[np.float32]:
-    """Row-wise softmax, float32."""
-    shifted = np.asarray(logits, dtype=np.float32) - np.max(logits, axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return (exp / exp.sum(1, keepdims=True)).astype(np.float32)  # type: ignore[no-any-return]
-
-
-def log_loss(y: NDArray[Any], proba: NDArray[np.float32]) -> float:
-    """Mean negative log probability of the true class (probabilities floored at 1e-12)."""
-    return float(-np.log(np.maximum(proba[np.arange(len(y)), y], 1e-12)).mean())

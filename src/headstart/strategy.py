@@ -54,10 +54,10 @@ def imagenet_confidence(backbone: Backbone, features: NDArray[np.float32]) -> fl
 
 def probe_loss(data: ProbeData, seed: int) -> float:
     """Validation log loss of a linear head fitted on the training features."""
-    from headstart.selection import log_loss
+    from headstart.calibration import negative_log_likelihood
 
     head = HeadClassifier(seed=seed).fit(data.X_train, data.y_train)
-    return log_loss(np.searchsorted(head.classes_, data.y_val), head.predict_proba(data.X_val))
+    return negative_log_likelihood(head.decision_function(data.X_val), np.searchsorted(head.classes_, data.y_val))
 
 
 def choose(n_train: int, n_classes: int, confidence: float | None, final_loss: float, earlier_loss: float) -> Choice:

@@ -178,7 +178,7 @@ def train(
     if strategy in ("finetune", "auto") and not dataset.val:
         raise ConfigError(f"Strategy '{strategy}' needs validation images; use a val_split above 0.")
     fit_head = partial(_fit_frozen, n_folds=folds, seed=seed, progress=progress)
-    frozen = fit_head(net, dataset, clf, found, extraction, refit=refit and strategy != "auto")
+    frozen = fit_head(dataset, clf, found, extraction, refit=refit and strategy != "auto")
 
     choice = None
     if strategy == "auto":
@@ -191,9 +191,9 @@ def train(
         if choice.layer is not None:
             net = at_layer(net, choice.layer)
             nets = (net,)
-            frozen = fit_head(net, frozen.dataset, clf, used, features_of(nets, used, batch_size, progress), refit=refit)
+            frozen = fit_head(frozen.dataset, clf, used, features_of(nets, used, batch_size, progress), refit=refit)
         elif refit and choice.strategy == "linear":
-            frozen = fit_head(net, frozen.dataset, clf, found, extraction, refit=True)
+            frozen = fit_head(frozen.dataset, clf, found, extraction, refit=True)
         tune = dataclasses.replace(tune, unfreeze=choice.unfreeze) if tune is not None else None
 
     dataset, clf = frozen.dataset, frozen.clf
@@ -345,7 +345,6 @@ def _split(dataset: Dataset, records: list[ImageRecord], extraction: CachedExtra
 
 
 def _fit_frozen(
-    net: Backbone,
     dataset: Dataset,
     clf: HeadClassifier,
     records: list[ImageRecord],
@@ -364,15 +363,15 @@ def _fit_frozen(
     dataset = dataset.drop(extraction.skipped)
     check_class_counts(dataset.train, dataset.val, dataset.classes, min_val=1 if dataset.val else 0)
     data = _split(dataset, records, extraction)
-    counts = Counter(data.y_train.tolist())
     if refit:
         X, y = np.concatenate([data.X_train, data.X_val]), np.concatenate([data.y_train, data.y_val])
         cv = cross_validate(clf, X, y, n_folds, seed, progress)
         scores = evaluate_probabilities(cv.y, cv.proba, dataset.classes)
         return _Frozen(dataset, data, refit_head(clf, cv, X, y), scores, extraction.n_extracted, extraction.n_cached, cv)
-    if clf.head == "linear" and clf.solver != "adamw" and min(counts.values()) >= 2:
-        clf = HeadClassifier(**(clf.get_params() | cross_validate(clf, data.X_train, data.y_train, n_folds, seed, progress).params))
-    fitted = HeadClassifier(**clf.get_params()).fit(data.X_train, data.y_train, data.X_val, data.y_val)
+    params = clf.get_params()
+    if clf.uses_lbfgs() and min(Counter(data.y_train.tolist()).values()) >= 2:
+        params |= cross_validate(clf, data.X_train, data.y_train, n_folds, seed, progress).params
+    fitted = HeadClassifier(**params).fit(data.X_train, data.y_train, data.X_val, data.y_val)
     validation: Evaluation | None = None
     if len(data.y_val):
         y_val = np.searchsorted(fitted.classes_, data.y_val)

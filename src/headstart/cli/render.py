@@ -232,7 +232,7 @@ def training(model: Model, saved_to: Path, out: Console | None = None) -> None:
     layer = f" (stage {s.layer})" if s.layer is not None else ""
     n_train, n_val, n_test = sum(s.n_train.values()), sum(s.n_val.values()), sum(s.n_test.values())
     images = f"all {n_train + n_val} labelled images" if s.refit else f"{n_train} training and {n_val} validation images"
-    C = model.head.C if model.head.head == "linear" and model.head.solver != "adamw" else None
+    C = model.head.C if model.head.uses_lbfgs() else None
     how = (f"C={C:g}" if C is not None else f"{len(model.head.history_)} epochs") + (f" chosen by {s.scored_on}" if s.refit else "")
     how += f", best epoch {s.best_epoch}" if s.best_epoch else ""
     out.print(
