@@ -71,7 +71,7 @@ def main() -> None:
     for name, features in (("full", full), ("reduced", reduced)):
         X_train, X_val = features[[index[r.path] for r in train]], features[[index[r.path] for r in val]]
         y_train, y_val = [r.label for r in train], np.asarray([r.label for r in val])
-        clf = HeadClassifier(seed=0).fit(X_train, y_train, X_val, list(y_val))
+        clf = HeadClassifier(random_state=0).fit(X_train, y_train, X_val, list(y_val))
         accuracy[name] = float(np.mean(clf.predict(X_val) == y_val))
     for name, reduced_decode in (("full decode", False), ("reduced decode", True)):
         seconds = results[reduced_decode][0]

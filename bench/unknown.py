@@ -70,9 +70,9 @@ def main() -> None:
     X_cd = features_of([r.path for r in cats_dogs.train])
     X_photos = features_of(list_images([PHOTOS])[0])
     labels = np.asarray(classes)
-    clf = HeadClassifier().fit(X_train, labels[y_train], X_val, labels[y_val])
-    standardization = (clf.weights_["0.mean"], clf.weights_["0.scale"])
-    accuracy = float((clf.decision_function(X_val).argmax(1) == y_val).mean())
+    clf = HeadClassifier().fit(X_train, labels[y_train], X_val, labels[y_val]).head_
+    standardization = (clf.weights["0.mean"], clf.weights["0.scale"])
+    accuracy = float((clf.logits(X_val).argmax(1) == y_val).mean())
 
     rows = []
     for name, kind, options in VARIANTS:
@@ -81,16 +81,16 @@ def main() -> None:
         seconds = time.perf_counter() - started
 
         def score(X: np.ndarray, det=detector) -> np.ndarray:  # type: ignore[no-untyped-def]
-            return det.score(X, clf.decision_function(X))
+            return det.score(X, clf.logits(X))
 
         s_val, s_cd, s_photos = score(X_val), score(X_cd), score(X_photos)
         # threshold without the validation images: out-of-fold scores of the training images
         oof = np.empty(len(y_train), dtype=np.float32)
         for fit_rows, held in StratifiedKFold(5, shuffle=True, random_state=0).split(X_train, y_train):
-            fold = HeadClassifier().fit(X_train[fit_rows], labels[y_train[fit_rows]])
-            fold_std = (fold.weights_["0.mean"], fold.weights_["0.scale"])
+            fold = HeadClassifier().fit(X_train[fit_rows], labels[y_train[fit_rows]]).head_
+            fold_std = (fold.weights["0.mean"], fold.weights["0.scale"])
             det = fit_detector(X_train[fit_rows], y_train[fit_rows], len(classes), kind, fold_std, **options)  # type: ignore[arg-type]
-            oof[held] = det.score(X_train[held], fold.decision_function(X_train[held]))
+            oof[held] = det.score(X_train[held], fold.logits(X_train[held]))
         threshold = choose_threshold(oof, args.rate)
         ood = np.r_[s_cd, s_photos]
         auroc = roc_auc_score(np.r_[np.zeros(len(s_val)), np.ones(len(ood))], np.r_[s_val, ood])
@@ -109,7 +109,7 @@ def main() -> None:
             ]
         )
 
-    logits_val = clf.decision_function(X_val)
+    logits_val = clf.logits(X_val)
     temperature = fit_temperature(logits_val, y_val)
     halves = []
     order = np.random.default_rng(0).permutation(len(y_val))

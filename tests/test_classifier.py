@@ -10,7 +10,7 @@ import pytest
 from sklearn.base import clone
 
 from headstart.classifier import HeadClassifier
-from headstart.heads import HEAD_KINDS
+from headstart.config import HEAD_KINDS
 
 
 def gaussians(
@@ -65,18 +65,18 @@ def test_empty_explicit_validation_means_no_hold_out() -> None:
 
 
 @pytest.mark.parametrize("kind", HEAD_KINDS)
-def test_the_same_seed_gives_the_same_head(kind: str) -> None:
+def test_the_same_random_state_gives_the_same_head(kind: str) -> None:
     X, y = gaussians(20, n_features=16)
-    a, b, c = (HeadClassifier(head=kind, solver="adamw", hidden=16, max_epochs=5, seed=s).fit(X, y) for s in (3, 3, 4))
+    a, b, c = (HeadClassifier(head=kind, solver="adamw", hidden=16, max_epochs=5, random_state=s).fit(X, y) for s in (3, 3, 4))
     assert a.history_ == b.history_
-    assert all(np.array_equal(a.weights_[k], b.weights_[k]) for k in a.weights_)
-    assert not np.array_equal(a.weights_["1.weight"], c.weights_["1.weight"])
+    assert all(np.array_equal(a.head_.weights[k], b.head_.weights[k]) for k in a.head_.weights)
+    assert not np.array_equal(a.head_.weights["1.weight"], c.head_.weights["1.weight"])
 
 
 @pytest.mark.parametrize("kind", HEAD_KINDS)
 def test_logit_gradient_matches_finite_differences(kind: str) -> None:
     X, y = gaussians(20, n_classes=3, n_features=6, seed=2)
-    head = HeadClassifier(head=kind, hidden=16, max_epochs=20).fit(X, y)
+    head = HeadClassifier(head=kind, hidden=16, max_epochs=20).fit(X, y).head_
     x = X[:3].astype(np.float64)
     gradient = head.logit_gradient(x, 2)
     assert gradient.shape == x.shape and gradient.dtype == np.float32
@@ -84,7 +84,7 @@ def test_logit_gradient_matches_finite_differences(kind: str) -> None:
     for j in range(x.shape[1]):
         shift = np.zeros_like(x)
         shift[:, j] = step
-        numeric = (head.decision_function(x + shift)[:, 2] - head.decision_function(x - shift)[:, 2]) / (2 * step)
+        numeric = (head.logits(x + shift)[:, 2] - head.logits(x - shift)[:, 2]) / (2 * step)
         np.testing.assert_allclose(gradient[:, j], numeric, rtol=1e-2, atol=2e-3)
 
 
@@ -98,9 +98,9 @@ def test_the_lbfgs_linear_head_matches_scikit_learns_logistic_regression() -> No
     mean, scale = fit_standardization(X)
     reference = LogisticRegression(C=0.5, max_iter=1000, tol=1e-4).fit((X - mean) / scale, y)
     np.testing.assert_allclose(head.predict_proba(X), reference.predict_proba((X - mean) / scale), atol=1e-4)
-    assert head.history_ == [] and head.best_epoch_ == 0
+    assert head.history_ == [] and head.best_epoch_ == 0 and 0 < head.n_iter_ <= reference.n_iter_[0] + 5
     weaker = HeadClassifier(C=0.001).fit(X, y)
-    assert np.abs(weaker.weights_["1.weight"]).sum() < np.abs(head.weights_["1.weight"]).sum()  # C is the regularisation
+    assert np.abs(weaker.head_.weights["1.weight"]).sum() < np.abs(head.head_.weights["1.weight"]).sum()  # C is the regularisation
 
 
 def test_a_two_class_lbfgs_head_gives_two_logits_with_scikit_learns_probabilities() -> None:
@@ -108,6 +108,7 @@ def test_a_two_class_lbfgs_head_gives_two_logits_with_scikit_learns_probabilitie
 
     X, y = gaussians(20, n_classes=2, n_features=6, seed=5)
     head = HeadClassifier(C=1.0).fit(X, y)
-    assert head.weights_["1.weight"].shape == (2, 6)
-    z = (X - head.weights_["0.mean"]) / head.weights_["0.scale"]
+    weights = head.head_.weights
+    assert weights["1.weight"].shape == (2, 6)
+    z = (X - weights["0.mean"]) / weights["0.scale"]
     np.testing.assert_allclose(head.predict_proba(X), LogisticRegression(C=1.0, max_iter=1000).fit(z, y).predict_proba(z), atol=1e-4)

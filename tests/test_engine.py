@@ -111,7 +111,7 @@ def test_flowers_validation_accuracy_is_the_same_with_either_engine(lite0) -> No
     for engine in (create_engine(lite0, "onnx"), TorchEngine(lite0)):
         train = extract_features(engine, [r.path for r in dataset.train]).features
         val = extract_features(engine, [r.path for r in dataset.val]).features
-        clf = HeadClassifier(seed=0).fit(train, [r.label for r in dataset.train], val, [r.label for r in dataset.val])
+        clf = HeadClassifier(random_state=0).fit(train, [r.label for r in dataset.train], val, [r.label for r in dataset.val])
         accuracies.append(float(np.mean(clf.predict(val) == np.asarray([r.label for r in dataset.val]))))
     assert accuracies[0] > 0.9
     assert abs(accuracies[0] - accuracies[1]) <= 0.005, accuracies

@@ -76,7 +76,7 @@ def test_an_ensemble_after_its_members_extracts_nothing_and_concatenates_in_orde
     assert model.summary.n_extracted == 0 and model.summary.n_cached == 100
     assert model.backbone_name == model.summary.backbone == PAIR
     assert [b.name for b in model.backbones] == list(parse_backbones(PAIR))
-    assert [b.data_config.input_size for b in model.backbones] == [224, 240] and model.head.n_features_in_ == 2560
+    assert [b.data_config.input_size for b in model.backbones] == [224, 240] and model.head.n_features == 2560
     # The head's features are each member's cached features, side by side in member order.
     paths = sorted(p for p in flowers.rglob("*.jpg"))
     nets = create_backbones(PAIR, cache_root=cache_dir)
@@ -120,7 +120,7 @@ def test_each_image_is_decoded_once_then_prepared_per_member(tmp_path: Path) -> 
 
 def test_an_ensemble_predicts_evaluates_and_reloads_the_same(pair: headstart.Model, pair_dir: Path, flowers: Path, tmp_path: Path) -> None:
     config = json.loads((pair_dir / "bundle.json").read_text())
-    assert config["format_version"] == 5
+    assert config["format_version"] == 6
     assert [(b["name"], b["n_features"], b["data_config"]["input_size"]) for b in config["backbones"]] == [
         ("efficientnet_lite0", 1280, 224),
         ("efficientnet_lite1", 1280, 240),
@@ -401,7 +401,7 @@ def test_layer_pools_that_stage_of_every_member(flowers: Path, cache_dir: Path, 
 
     model = headstart.train(flowers, backbone=PAIR, layer=-2, cache_dir=cache_dir, report=False)
     stages = [(b.layer, b.n_features) for b in model.backbones]
-    assert stages == [(3, 112), (3, 112)] and model.head.n_features_in_ == 224 and model.summary.layer == 3
+    assert stages == [(3, 112), (3, 112)] and model.head.n_features == 224 and model.summary.layer == 3
     folder = model.save(tmp_path / "m")
     assert [b["layer"] for b in json.loads((folder / "bundle.json").read_text())["backbones"]] == [3, 3]
     assert "efficientnet_lite0, stage 3: 112 features" in " ".join(CliRunner().invoke(app, ["info", str(folder)]).output.split())
@@ -418,7 +418,7 @@ def test_three_backbones_after_their_single_runs_extract_nothing(flowers: Path, 
     for name in parse_backbones(TRIPLE):
         headstart.train(flowers, backbone=name, cache_dir=cache_dir, report=False)
     model = headstart.train(flowers, backbone=TRIPLE, cache_dir=cache_dir, out=tmp_path / "m")
-    assert model.summary.n_extracted == 0 and model.head.n_features_in_ == 3 * 1280
+    assert model.summary.n_extracted == 0 and model.head.n_features == 3 * 1280
     assert "Grad-CAM (efficientnet_lite2)" in (tmp_path / "m" / "report.html").read_text()
     photos, _ = list_images([flowers / "roses"])
     loaded = headstart.load(tmp_path / "m", cache_root=cache_dir)

@@ -30,7 +30,7 @@ def test_frozen_layers_and_batchnorm_statistics_stay_bit_identical() -> None:
     before = {k: v.clone() for k, v in backbone.module.state_dict().items()}
     records = load_dataset(CATS_DOGS_TINY).train
     features = extract_features(TorchEngine(backbone), [r.path for r in records]).features
-    head = HeadClassifier(solver="adamw", max_epochs=2).fit(features, [r.label for r in records])  # under-fitted: room to improve
+    head = HeadClassifier(solver="adamw", max_epochs=2).fit(features, [r.label for r in records]).head_  # under-fitted: room to improve
     config = FinetuneConfig(unfreeze=1, epochs=2, augment=AugmentConfig(), label_smoothing=0.0, lr=1e-2, backbone_lr=1e-3)
     result = finetune(backbone, head, records, records, config)  # validating on the training images makes epoch 1 win
 

@@ -246,6 +246,9 @@ def edit_config(bundle: Path, text: str) -> None:
         ("head.hidden", "1e12", "hidden must be an integer"),
         ("head.hidden", "500000", "hidden must be an integer from 1 to 65536"),
         ("head.hidden", "4096", r"1.weight: \(2, 1280\) instead of \(4096, 1280\)"),  # mlp shapes checked before allocation
+        ("head.random_state", '"0"', "head: random_state must be an integer from 0 to 4294967295 or None"),
+        ("head.class_weight", "[1, 2]", "head: class_weight must be None, 'balanced' or a dict"),
+        ("head.momentum", "0.9", r"head: Unknown head parameters \['momentum'\]"),
         ("summary", "[1, 2]", "field 'summary' must be an object"),
         ("summary.val_images", '[["a.jpg"]]', "field 'summary.val_images'"),
         ("summary.auto", '{"reason": "no choice named"}', "field 'summary.auto'"),
@@ -292,7 +295,7 @@ def test_malformed_history_and_metrics_are_refused(bundle: Path, name: str, data
 # Models saved by earlier versions
 
 
-@pytest.mark.parametrize("version", [1, 2, 3, 4])
+@pytest.mark.parametrize("version", [1, 2, 3, 4, 5])
 def test_a_model_saved_by_an_earlier_format_still_loads_and_predicts_the_same(version: int) -> None:
     folder = FIXTURES / f"model_v{version}"
     expected = json.loads((FIXTURES / f"model_v{version}_expected.json").read_text())
@@ -300,3 +303,23 @@ def test_a_model_saved_by_an_earlier_format_still_loads_and_predicts_the_same(ve
     proba = model.predict_proba([SHARED / p for p in expected["images"]])
     np.testing.assert_allclose(proba, expected["proba"], atol=1e-5)
     assert model.classes == ["cats", "dogs"] and (model.summary.history or version >= 4)  # format 4's refit L-BFGS head has no epochs
+
+
+def test_a_format_5_head_seed_becomes_random_state_and_resaves_as_format_6(tmp_path: Path) -> None:
+    """model_v5: an efficientnet_lite0+lite1 ensemble with an MLP head (width 16, seed 3), saved before the head became an estimator."""
+    from sklearn.base import clone
+
+    from headstart.classifier import HeadClassifier
+
+    expected = json.loads((FIXTURES / "model_v5_expected.json").read_text())
+    images = [SHARED / p for p in expected["images"]]
+    model = headstart.load(FIXTURES / "model_v5")
+    assert model.backbone_name == "efficientnet_lite0+efficientnet_lite1" and (model.head.kind, model.head.n_features) == ("mlp", 2560)
+    assert model.head.params["random_state"] == 3 and "seed" not in model.head.params
+    np.testing.assert_allclose([p.unknown_score for p in model.predict(images)], expected["unknown_scores"], atol=1e-5)
+    resaved = headstart.load(model.save(tmp_path / "m"))
+    config = json.loads((tmp_path / "m" / "bundle.json").read_text())
+    assert config["format_version"] == 6 and config["head"]["random_state"] == 3 and "seed" not in config["head"]
+    np.testing.assert_allclose(resaved.predict_proba(images), expected["proba"], atol=1e-5)
+    estimator = clone(HeadClassifier(**resaved.head.params))  # the saved settings make a valid estimator to refit with
+    assert (estimator.head, estimator.hidden, estimator.random_state) == ("mlp", 16, 3)

@@ -25,10 +25,10 @@ def test_a_refitted_head_reports_the_out_of_fold_accuracy_of_its_cross_validatio
 
     extraction = extract_features(model.engine, [r.path for r in records])
     cv = cross_validate(HeadClassifier(), extraction.features, [r.label for r in records], seed=3)
-    assert cv.params["C"] == model.head.C
+    assert cv.params["C"] == model.head.params["C"]
     assert np.mean(cv.logits.argmax(1) == cv.y) == pytest.approx(s.validation.accuracy)
     # and the head itself was fitted on all 40 images with that C
-    refitted = HeadClassifier(C=model.head.C).fit(extraction.features, [r.label for r in records])
+    refitted = HeadClassifier(C=model.head.params["C"]).fit(extraction.features, [r.label for r in records])
     np.testing.assert_allclose(refitted.predict_proba(extraction.features), model.head.predict_proba(extraction.features), atol=1e-5)
 
 

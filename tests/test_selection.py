@@ -22,7 +22,7 @@ def test_linear_cross_validation_chooses_the_c_with_the_lowest_out_of_fold_loss(
     # each row's logits come from a head fitted without it: refit that fold's head and compare
     k = 2
     fold_head = HeadClassifier(C=cv.params["C"]).fit(X[cv.folds != k], y[cv.folds != k])
-    np.testing.assert_allclose(cv.logits[cv.folds == k], fold_head.decision_function(X[cv.folds == k]), atol=1e-5)
+    np.testing.assert_allclose(cv.logits[cv.folds == k], fold_head.head_.logits(X[cv.folds == k]), atol=1e-5)
     final = refit(HeadClassifier(), cv, X, y)
     assert cv.params["C"] == final.C and final.n_features_in_ == 40
     assert np.mean(cv.fold_accuracy) == pytest.approx(float((cv.logits.argmax(1) == cv.y).mean()))

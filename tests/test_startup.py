@@ -1,4 +1,4 @@
-"""Start-up: `import headstart`, `info`, `check` and `predict` with a frozen backbone import no torch, timm, torchvision, matplotlib.
+"""Start-up: `import headstart`, `info`, `check` and `predict` with a frozen backbone import no torch, timm, torchvision, matplotlib, scikit-learn, SciPy.
 
 Each command runs in a fresh interpreter (a module imported by an earlier test would hide the import), through the
 console-script entry point, in process, so that `sys.modules` can be read when it returns. When a heavy module is
@@ -25,7 +25,7 @@ PHOTO = CATS_DOGS_TINY / "val" / "cats" / "cat.4001.jpg"
 PROBE = """
 import importlib.util, json, os, sys, traceback
 
-HEAVY = ("matplotlib", "timm", "torch", "torchvision")
+HEAVY = ("matplotlib", "scipy", "sklearn", "timm", "torch", "torchvision")
 PACKAGE = os.path.dirname(importlib.util.find_spec("headstart").origin) + os.sep
 first = {}
 

@@ -112,7 +112,7 @@ def test_training_is_reproducible(tmp_path: Path) -> None:
     a = headstart.train(FLOWERS_TINY, cache_dir=tmp_path, head="mlp", seed=3)
     b = headstart.train(FLOWERS_TINY, cache_dir=tmp_path, head="mlp", seed=3)
     assert a.summary.history == b.summary.history
-    assert np.array_equal(a.head.weights_["1.weight"], b.head.weights_["1.weight"])
+    assert np.array_equal(a.head.weights["1.weight"], b.head.weights["1.weight"]) and a.head.params["random_state"] == 3
 
 
 def test_evaluate_reports_per_class_scores(tiny_model_dir: Path) -> None:

@@ -120,7 +120,7 @@ def test_probabilities_are_the_calibrated_ones_with_the_same_argmax(flowers_mode
 
     features = extract_features(flowers_model.engine, UNSEEN_FLOWERS).features
     raw = flowers_model.head.predict_proba(features)
-    logits = flowers_model.head.decision_function(features) / flowers_model.temperature
+    logits = flowers_model.head.logits(features) / flowers_model.temperature
     expected = np.exp(logits - logits.max(1, keepdims=True))
     expected /= expected.sum(1, keepdims=True)
     proba = flowers_model.predict_proba(UNSEEN_FLOWERS)
@@ -292,7 +292,7 @@ def test_the_onnx_export_carries_the_same_probabilities_and_unknown_score_as_pre
     if kind != "knn":  # the same model with another detector, fitted on a few flowers' features
         features = extract_features(model.engine, UNSEEN_FLOWERS * 3).features
         y = np.tile(np.repeat(np.arange(5), 4), 3)  # UNSEEN_FLOWERS: 4 photos of each class in turn
-        w = model.head.weights_
+        w = model.head.weights
         detector = fit_detector(features, y, 5, kind, (w["0.mean"], w["0.scale"])).with_threshold(0.5)  # type: ignore[arg-type]
         model = headstart.Model(model.backbone, model.head, model.summary, SHARED_CACHE, detector)
     assert model.detector is not None and model.temperature != 1.0

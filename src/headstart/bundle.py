@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from headstart.backbone import ENSEMBLE_SEPARATOR, MAX_MEMBERS
-from headstart.config import DataConfig, is_finite_number, is_int
-from headstart.errors import BundleError, FileRefusedError
+from headstart.config import DataConfig, check_head_params, is_finite_number, is_int
+from headstart.errors import BundleError, ConfigError, FileRefusedError
 from headstart.files import atomic_write_folder, json_bytes, open_regular, read_regular
 from headstart.summary import TrainingSummary
 
@@ -35,8 +35,9 @@ if TYPE_CHECKING:  # NumPy is imported only to read or write tensors: `info` rea
     import numpy as np
     from numpy.typing import NDArray
 
-FORMAT_VERSION = 5  # 2: `files` lists the size and sha256 of every file of the model; 3: every summary field present; 4: test split, refit;
-# 5: test_tta; `backbones`, a list of members (an ensemble, or one backbone) each with its own `data_config`, replaces `backbone` and `data_config`
+FORMAT_VERSION = 6  # 2: `files` lists the size and sha256 of every file of the model; 3: every summary field present; 4: test split, refit;
+# 5: test_tta; `backbones`, a list of members (an ensemble, or one backbone) each with its own `data_config`, replaces `backbone` and `data_config`;
+# 6: the head's `seed` is named `random_state`, as scikit-learn names it
 SUMMARY_ADDED = {4: ("scored_on", "refit", "test_split", "n_test", "test_images", "test", "calibration"), 5: ("test_tta",)}
 """Summary fields each format added: a bundle of an earlier format lacks them (they take their defaults)."""
 CONFIG_NAME = "bundle.json"
@@ -156,9 +157,18 @@ class BundleConfig:
             raise BundleError(
                 f"{directory / CONFIG_NAME}: {field_name}. The file is damaged or was edited; re-save or retrain the model."
             ) from None
+        head = dict(config["head"])
+        if config["format_version"] < 6 and "seed" in head:
+            head["random_state"] = head.pop("seed")
+        try:
+            check_head_params(head)
+        except ConfigError as e:
+            raise BundleError(
+                f"{directory / CONFIG_NAME}: head: {e} The file is damaged or was edited; re-save or retrain the model."
+            ) from None
         return cls(
             backbones=backbones,
-            head=config["head"],
+            head=head,
             classes=tuple(config["classes"]),
             summary=summary,
             headstart_version=str(config.get("headstart_version", "")),

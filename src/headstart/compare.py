@@ -272,7 +272,7 @@ def _score(
             progress(f"{description}: {where}", done, total, status)
 
     started = time.perf_counter()
-    cv = cross_validate(HeadClassifier(head=head, seed=seed), X, y, folds, seed, report)
+    cv = cross_validate(HeadClassifier(head=head, random_state=seed), X, y, folds, seed, report)
     fit_seconds = time.perf_counter() - started
     accuracy = np.asarray(cv.fold_accuracy)
     return Entry(

@@ -1,13 +1,36 @@
-"""Configuration: preprocessing (a frozen value that travels with the weights), the cache location, progress reporting."""
+"""Configuration: preprocessing (a frozen value that travels with the weights), the head's settings, the cache location, progress reporting."""
 
 from __future__ import annotations
 
 import math
 import numbers
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
+
+from headstart.errors import ConfigError
+
+HEAD_KINDS = ("linear", "mlp")
+SOLVERS = ("auto", "lbfgs", "adamw")
+HEAD_PARAMETERS = (
+    "head",
+    "C",
+    "solver",
+    "hidden",
+    "dropout",
+    "lr",
+    "weight_decay",
+    "batch_size",
+    "max_epochs",
+    "patience",
+    "class_weight",
+    "random_state",
+    "validation_fraction",
+)
+"""`HeadClassifier`'s parameters, the keys of a bundle's `head` settings."""
+MAX_HIDDEN = 1 << 16
 
 Interpolation = Literal["bicubic", "bilinear", "nearest"]
 
@@ -93,3 +116,52 @@ class DataConfig:
         ):
             raise ValueError(f"not a valid data config: {d!r:.200}")
         return cls(d["input_size"], d["resize_size"], d["interpolation"], tuple(float(v) for v in mean), tuple(float(v) for v in std))  # type: ignore[arg-type]
+
+
+def check_head_params(params: Mapping[str, Any]) -> None:
+    """Raise ConfigError for a name that is not a `HeadClassifier` parameter, or a value outside what it accepts.
+
+    Parameters missing from `params` are not checked: they take their defaults.
+    """
+    unknown = sorted(set(params) - set(HEAD_PARAMETERS))
+    if unknown:
+        raise ConfigError(f"Unknown head parameters {unknown[:3]}; this version of headstart knows {sorted(HEAD_PARAMETERS)}.")
+    head, solver = params.get("head", "linear"), params.get("solver", "auto")
+    if head not in HEAD_KINDS:
+        raise ConfigError(f"Unknown head {head!r}. Choose one of: {', '.join(HEAD_KINDS)}.")
+    if solver not in SOLVERS or (solver == "lbfgs" and head != "linear"):
+        raise ConfigError(f"solver must be 'auto', 'lbfgs' (linear head only) or 'adamw', got {solver!r} for a {head} head.")
+    if "C" in params and not (is_finite_number(params["C"]) and params["C"] > 0):
+        raise ConfigError(f"C must be a finite number above 0, got {params['C']!r}.")
+    class_weight = params.get("class_weight")
+    if not (class_weight is None or (isinstance(class_weight, str) and class_weight == "balanced") or _is_weight_map(class_weight)):
+        raise ConfigError(
+            f"class_weight must be None, 'balanced' or a dict of class: weight (a number of at least 0), got {class_weight!r:.100}."
+        )
+    for name, low, high in (
+        ("hidden", 1, MAX_HIDDEN),
+        ("batch_size", 1, 1 << 20),
+        ("max_epochs", 1, 1 << 20),
+        ("patience", 1, 1 << 20),
+        ("random_state", 0, (1 << 32) - 1),
+    ):
+        value = params.get(name, low)
+        if not (is_int(value, low, high) or (name == "random_state" and value is None)):
+            raise ConfigError(
+                f"{name} must be an integer from {low} to {high}{' or None' if name == 'random_state' else ''}, got {value!r}."
+            )
+    for name in ("dropout", "lr", "weight_decay", "validation_fraction"):
+        value = params.get(name, 0.0)
+        if not (is_finite_number(value) and value >= 0):
+            raise ConfigError(f"{name} must be a finite number of at least 0, got {value!r}.")
+        if name in ("dropout", "validation_fraction") and not value < 1:
+            raise ConfigError(f"{name} must be in [0, 1), got {value}.")
+
+
+def uses_lbfgs(params: Mapping[str, Any]) -> bool:
+    """Whether a head with these parameters is fitted by L-BFGS (the linear head with solver "auto" or "lbfgs"), whose strength is `C`."""
+    return params.get("head", "linear") == "linear" and params.get("solver", "auto") in ("auto", "lbfgs")
+
+
+def _is_weight_map(value: Any) -> bool:
+    return isinstance(value, dict) and all(is_finite_number(w) and w >= 0 for w in value.values())

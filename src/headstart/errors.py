@@ -37,10 +37,6 @@ class BundleError(HeadstartError, ValueError):
     """A model folder is missing, malformed, or unsafe to load."""
 
 
-class NotFittedError(HeadstartError, ValueError, AttributeError):
-    """A head was used before `fit` was called."""
-
-
 class ConfigError(HeadstartError, ValueError):
     """An option value outside what it accepts."""
 

@@ -28,10 +28,10 @@ from torch import nn
 from headstart.augment import AUGMENT_PRESETS, AugmentConfig, augmented_input
 from headstart.backbone import Backbone
 from headstart.checkpoints import CHECKPOINT_JSON, Checkpoint, load_checkpoint, save_checkpoint
-from headstart.classifier import HeadClassifier
 from headstart.config import Progress
 from headstart.data import ImageRecord
 from headstart.errors import ConfigError
+from headstart.heads import Head
 from headstart.pipeline import decode_input, load_batches
 from headstart.transforms import normalize
 from headstart.weights import hash_state_dict
@@ -90,7 +90,7 @@ class FinetuneResult:
     """The best epoch's backbone and head, and one history row per epoch."""
 
     backbone: Backbone
-    head: HeadClassifier
+    head: Head
     history: list[dict[str, float]]
     best_epoch: int
     val_proba: NDArray[np.float32]
@@ -118,7 +118,7 @@ class _Network(nn.Module):
 
 def finetune(
     backbone: Backbone,
-    head: HeadClassifier,
+    head: Head,
     train: Sequence[ImageRecord],
     val: Sequence[ImageRecord],
     config: FinetuneConfig,
@@ -132,7 +132,7 @@ def finetune(
     Args:
         backbone: the pretrained backbone; not modified (a copy is tuned).
         head: a head already fitted on this backbone's frozen features.
-        train, val: labelled images; labels must be among `head.classes_`.
+        train, val: labelled images; labels must be among `head.classes`.
         config: see `FinetuneConfig`.
         checkpoint_dir: where the per-epoch checkpoint goes; None keeps none.
         resume: continue from the checkpoint in `checkpoint_dir`.
@@ -143,7 +143,7 @@ def finetune(
         The backbone and head of the epoch with the lowest validation loss; when no
         epoch beats the frozen backbone (epoch 0), `backbone` and `head` unchanged.
     """
-    classes = [str(c) for c in head.classes_]
+    classes = [str(c) for c in head.classes]
     net = _Network(backbone.with_module(copy.deepcopy(backbone.module)), head.to_torch())
     trainable = _unfreeze(net, config)
     param_groups = [{"params": params, "lr": lr} for params, lr in trainable]
@@ -301,9 +301,7 @@ def _trainable_state(net: _Network) -> dict[str, torch.Tensor]:
     return state
 
 
-def _result(
-    net: _Network, head: HeadClassifier, best: dict[str, torch.Tensor], history: list[dict[str, float]], best_epoch: int
-) -> FinetuneResult:
+def _result(net: _Network, head: Head, best: dict[str, torch.Tensor], history: list[dict[str, float]], best_epoch: int) -> FinetuneResult:
     tuned = _Network(net.backbone.with_module(copy.deepcopy(net.trunk)), copy.deepcopy(net.head))
     tuned.load_state_dict({k: v for k, v in best.items() if k != "val_proba"}, strict=False)
     tuned.eval()

@@ -453,7 +453,7 @@ def _summary_html(model: Model, evaluation: Evaluation, n_scored: int, scored_on
     facts: list[tuple[str, object]] = [
         ("backbone", _backbone_fact(model)),
         ("strategy", s.strategy + (f" — {s.auto.reason}" if s.auto is not None else "")),
-        ("head", model.head.head),
+        ("head", model.head.kind),
         ("classes", ", ".join(model.classes)),
         ("scored images", n_scored),
         ("scored on", scored_on),

@@ -17,13 +17,13 @@ from PIL import Image
 from headstart import __version__
 from headstart.backbone import Backbone, create_backbone, ensemble_name, member_weights
 from headstart.bundle import HISTORY_CSV_NAME, HISTORY_NAME, BackboneRecord, BundleConfig, read_bundle, save_bundle
-from headstart.classifier import HeadClassifier
 from headstart.config import DataConfig, Progress, default_cache_dir
 from headstart.data import MAX_ASPECT_RATIO, MAX_PIXELS, MIN_SIDE, ImageRecord, Skipped, list_images, load_dataset, size_problem
 from headstart.engine import Engine, create_engine
 from headstart.errors import BundleError, ConfigError, DataError, UnreadableImageError
 from headstart.features import Extraction, extract_features, mirrored, run_engines
 from headstart.files import csv_bytes, json_bytes
+from headstart.heads import Head
 from headstart.metrics import Evaluation, evaluate_probabilities
 from headstart.summary import TrainingSummary
 from headstart.transforms import preprocess
@@ -122,7 +122,7 @@ class Model:
 
     Attributes:
         backbones: the feature extractors, in the order their features are concatenated (one for most models).
-        head: the fitted `HeadClassifier`.
+        head: the fitted `Head` (`HeadClassifier(...).fit(...).head_`).
         classes: the class names, in the order of `predict_proba`'s columns.
         summary: what training did (data counts, skipped files, validation metrics, history).
         cache_root: where the backbones' exported ONNX engines are kept (default: `default_cache_dir()`).
@@ -132,7 +132,7 @@ class Model:
     def __init__(
         self,
         backbone: Backbone | Sequence[Backbone],
-        head: HeadClassifier,
+        head: Head,
         summary: TrainingSummary | None = None,
         cache_root: Path | None = None,
         detector: UnknownDetector | None = None,
@@ -143,9 +143,9 @@ class Model:
             raise ValueError("a model needs at least one backbone")
         self.head = head
         self.detector = detector
-        self.classes: list[str] = [str(c) for c in head.classes_]
+        self.classes: list[str] = [str(c) for c in head.classes]
         layer = self.backbones[0].layer if len(self.backbones) == 1 else None
-        self.summary = summary or TrainingSummary("", self.backbone_name, head.head, head.head, tuple(self.classes), layer=layer)
+        self.summary = summary or TrainingSummary("", self.backbone_name, head.kind, head.kind, tuple(self.classes), layer=layer)
 
     @property
     def backbone_name(self) -> str:
@@ -183,7 +183,7 @@ class Model:
             return self.head.predict_proba(features), None
         from headstart.calibration import softmax
 
-        logits = self.head.decision_function(features)
+        logits = self.head.logits(features)
         scores = self.detector.score(features, logits) if self.detector is not None else None
         return softmax(logits, self.temperature), scores
 
@@ -365,7 +365,7 @@ class Model:
         Raises:
             BundleError: `directory` holds other files and `force` is off.
         """
-        tensors = {f"head.{k}": v for k, v in self.head.weights_.items()}
+        tensors = {f"head.{k}": v for k, v in self.head.weights.items()}
         if self.detector is not None:
             tensors.update({f"unknown.{k}": np.asarray(v) for k, v in self.detector.tensors.items()})
         tuned = [b for b in self.backbones if b.finetuned_from is not None]
@@ -386,7 +386,7 @@ class Model:
                 )
                 for b in self.backbones
             ),
-            head=self.head.get_params(),
+            head=self.head.params,
             classes=tuple(self.classes),
             summary=self.summary,
             headstart_version=__version__,
@@ -401,7 +401,7 @@ class Model:
         return save_bundle(Path(directory), config, tensors, metrics, extras, force)
 
     def __repr__(self) -> str:
-        return f"Model(backbone={self.backbone_name!r}, head={self.head.head!r}, classes={self.classes})"
+        return f"Model(backbone={self.backbone_name!r}, head={self.head.kind!r}, classes={self.classes})"
 
 
 def load(directory: PathLike, weights: PathLike | None = None, cache_root: PathLike | None = None) -> Model:
@@ -447,18 +447,16 @@ def load(directory: PathLike, weights: PathLike | None = None, cache_root: PathL
         backbones.append(backbone)
     head_state = {k.removeprefix("head."): v for k, v in tensors.items() if k.startswith("head.")}
     try:
-        head = HeadClassifier.from_state(config.head, list(config.classes), head_state)
+        head = Head.from_state(config.head, list(config.classes), head_state)
     except (ConfigError, TypeError) as e:
         raise BundleError(f"{directory}: {e}") from None
     n_features = sum(b.n_features for b in backbones)
-    if head.n_features_in_ != n_features:
-        raise BundleError(f"{directory}: head expects {head.n_features_in_} features, the backbones give {n_features}.")
+    if head.n_features != n_features:
+        raise BundleError(f"{directory}: head expects {head.n_features} features, the backbones give {n_features}.")
     return Model(tuple(backbones), head, config.summary, root, _detector(directory, config.summary, tensors, head))
 
 
-def _detector(
-    directory: Path, summary: TrainingSummary, tensors: dict[str, NDArray[np.float32]], head: HeadClassifier
-) -> UnknownDetector | None:
+def _detector(directory: Path, summary: TrainingSummary, tensors: dict[str, NDArray[np.float32]], head: Head) -> UnknownDetector | None:
     """The unknown detector a bundle records (None for older bundles), its tensors checked against the head's features and classes."""
     state = {k.removeprefix("unknown."): v for k, v in tensors.items() if k.startswith("unknown.")}
     record = summary.calibration
@@ -469,7 +467,7 @@ def _detector(
             )
         return None
     try:
-        return UnknownDetector.from_tensors(record.score, record.threshold, state, head.n_features_in_, len(head.classes_), record.k)
+        return UnknownDetector.from_tensors(record.score, record.threshold, state, head.n_features, len(head.classes), record.k)
     except ConfigError as e:
         raise BundleError(f"{directory}: {e} The model folder is damaged or was edited; re-save or retrain it.") from None
 

@@ -241,7 +241,7 @@ def onnx_model_bytes(model: Model, unknown: bool = False) -> bytes:
     if ensemble:
         joined = "headstart/features"
         backbone_nodes.append(helper.make_node("Concat", features, [joined], "headstart/concat", axis=1))
-    state = model.head.weights_
+    state = model.head.weights
 
     def dense(layer: str, x: str, out: str) -> onnx.NodeProto:
         weight, bias = constant(f"w{layer}", state[f"{layer}.weight"]), constant(f"b{layer}", state[f"{layer}.bias"])
@@ -283,7 +283,7 @@ def onnx_model_bytes(model: Model, unknown: bool = False) -> bytes:
     _prune(graph)
     container.producer_name = "headstart"
     container.producer_version = __version__
-    container.doc_string = f"{model.backbone_name} + {model.head.head} head. Input: {ENSEMBLE_RECIPE if ensemble else RECIPE}"
+    container.doc_string = f"{model.backbone_name} + {model.head.kind} head. Input: {ENSEMBLE_RECIPE if ensemble else RECIPE}"
     onnx.helper.set_model_props(container, metadata(model, unknown))
     onnx.checker.check_model(container, full_check=True)
     data: bytes = container.SerializeToString()
@@ -411,7 +411,7 @@ def metadata(model: Model, unknown: bool = False) -> dict[str, str]:
         "classes": json.dumps(model.classes),
         "preprocessing": json.dumps(preprocessing),
         "backbone": model.backbone_name,
-        "head": model.head.head,
+        "head": model.head.kind,
         "headstart_version": __version__,
     }
 

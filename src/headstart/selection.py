@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+from sklearn.base import clone
 
 from headstart.calibration import negative_log_likelihood, softmax
 from headstart.classifier import HeadClassifier
@@ -106,9 +107,8 @@ def cross_validate(
     for k in range(int(folds.max()) + 1):
         fit_rows, held_out = folds != k, folds == k
         for g, C in enumerate(tried):
-            params = template.get_params() | ({"C": C} if C is not None else {})
-            head = HeadClassifier(**params).fit(features[fit_rows], classes[targets[fit_rows]])
-            logits[g][held_out] = head.decision_function(features[held_out])
+            head = clone(template).set_params(**({"C": C} if C is not None else {})).fit(features[fit_rows], classes[targets[fit_rows]])
+            logits[g][held_out] = head.head_.logits(features[held_out])
             best_epochs.append(head.best_epoch_)
             if progress:
                 progress("Cross-validating the head", k * len(tried) + g + 1, n_fits)
@@ -123,4 +123,5 @@ def cross_validate(
 
 def refit(template: HeadClassifier, cv: CrossValidation, X: ArrayLike, y: ArrayLike) -> HeadClassifier:
     """`template` with the settings `cv` chose, fitted on all of X, y."""
-    return HeadClassifier(**(template.get_params() | cv.params)).fit(X, y)
+    fitted: HeadClassifier = clone(template).set_params(**cv.params).fit(X, y)
+    return fitted

@@ -243,7 +243,7 @@ def _info(model: Model, model_dir: Path) -> dict[str, Any]:
         "n_classes": len(model.classes),
         "backbone": model.backbone_name,
         "layer": single.layer if single else None,
-        "head": model.head.head,
+        "head": model.head.kind,
         "strategy": model.summary.strategy,
         "input_size": single.data_config.input_size if single else None,
         "resize_size": single.data_config.resize_size if single else None,

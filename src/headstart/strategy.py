@@ -56,8 +56,8 @@ def probe_loss(data: ProbeData, seed: int) -> float:
     """Validation log loss of a linear head fitted on the training features."""
     from headstart.calibration import negative_log_likelihood
 
-    head = HeadClassifier(seed=seed).fit(data.X_train, data.y_train)
-    return negative_log_likelihood(head.decision_function(data.X_val), np.searchsorted(head.classes_, data.y_val))
+    head = HeadClassifier(random_state=seed).fit(data.X_train, data.y_train).head_
+    return negative_log_likelihood(head.logits(data.X_val), np.searchsorted(head.classes, data.y_val))
 
 
 def choose(n_train: int, n_classes: int, confidence: float | None, final_loss: float, earlier_loss: float) -> Choice:

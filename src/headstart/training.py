@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from numpy.typing import NDArray
+from sklearn.base import clone
 
 from headstart.augment import AugmentConfig
 from headstart.backbone import Backbone, at_layer, create_backbones, ensemble_name, parse_backbones
@@ -19,7 +20,7 @@ from headstart.bundle import CHECKPOINT_DIR, REPORT_NAME, check_output_folder
 from headstart.cache import CachedExtraction, FeatureCache, extract_members_with_cache
 from headstart.checkpoints import remove_checkpoint
 from headstart.classifier import HeadClassifier
-from headstart.config import Progress, default_cache_dir
+from headstart.config import Progress, check_head_params, default_cache_dir
 from headstart.data import (
     Dataset,
     ImageRecord,
@@ -32,6 +33,7 @@ from headstart.data import (
 )
 from headstart.engine import create_engine
 from headstart.errors import ConfigError
+from headstart.heads import Head
 from headstart.metrics import Evaluation, evaluate_probabilities
 from headstart.model import Model, PathLike, Scores
 from headstart.selection import N_FOLDS, CrossValidation, cross_validate
@@ -147,8 +149,10 @@ def train(
         )
     if out is not None:
         check_output_folder(Path(out), force)
-    clf = HeadClassifier(head="mlp" if strategy == "mlp" else head or "linear", class_weight="balanced" if balanced else None, seed=seed)
-    clf.check_params()
+    clf = HeadClassifier(
+        head="mlp" if strategy == "mlp" else head or "linear", class_weight="balanced" if balanced else None, random_state=seed
+    )
+    check_head_params(clf.get_params())
     augment_config = augment if isinstance(augment, AugmentConfig) else AugmentConfig.preset(augment)
     tune = None
     if strategy in ("finetune", "auto"):  # PyTorch is imported only for strategies that may fine-tune
@@ -196,7 +200,7 @@ def train(
             frozen = fit_head(frozen.dataset, clf, found, extraction, refit=True)
         tune = dataclasses.replace(tune, unfreeze=choice.unfreeze) if tune is not None else None
 
-    dataset, clf = frozen.dataset, frozen.clf
+    dataset, clf, fitted = frozen.dataset, frozen.clf, frozen.clf.head_
     summary = TrainingSummary(
         data=str(data),
         backbone=ensemble_name(nets),
@@ -229,22 +233,24 @@ def train(
         record, detector = _calibration(frozen, seed)
         summary = summary.replace(calibration=record)
     if test:
-        frozen_model = Model(nets, clf, summary, cache_root, detector)
+        frozen_model = Model(nets, fitted, summary, cache_root, detector)
         scored = frozen_model.score(test, features=_features_of(test, found, extraction))
         summary = summary.replace(test=scored.evaluation, test_tta=frozen_model.score(test, tta=True).evaluation if tta else None)
     if tune is not None and (strategy == "finetune" or (choice is not None and choice.strategy == "finetune")):
         # the frozen head's calibration and detector hold only if no tuned epoch replaces it (nor in the best-so-far saves)
         calibration, summary = summary.calibration, summary.replace(calibration=None)
-        net, clf, summary = _finetune(net, clf, dataset, tune, summary, Path(out) if out is not None else None, resume, force, progress)
+        net, fitted, summary = _finetune(
+            net, fitted, dataset, tune, summary, Path(out) if out is not None else None, resume, force, progress
+        )
         if net.finetuned_from is None:
             summary = summary.replace(calibration=calibration)
         else:
             nets, detector = (net,), None
         if test:
-            tuned = Model(nets, clf, summary, cache_root, detector)
+            tuned = Model(nets, fitted, summary, cache_root, detector)
             tuned_tta = tuned.score(test, progress, tta=True).evaluation if tta else None
             summary = summary.replace(test=tuned.score(test, progress).evaluation, test_tta=tuned_tta)
-    model = Model(nets, clf, summary.replace(seconds=round(time.perf_counter() - started, 2)), cache_root, detector)
+    model = Model(nets, fitted, summary.replace(seconds=round(time.perf_counter() - started, 2)), cache_root, detector)
     if out is not None:
         model.save(out, force=force)
         remove_checkpoint(Path(out) / CHECKPOINT_DIR)
@@ -273,15 +279,15 @@ def _calibration(frozen: _Frozen, seed: int) -> tuple[CalibrationRecord, Unknown
     """
     from headstart.unknown import calibrate, fit_detector
 
-    clf, probe = frozen.clf, frozen.features
-    standardization = (clf.weights_["0.mean"], clf.weights_["0.scale"])
+    head, probe = frozen.clf.head_, frozen.features
+    standardization = (head.weights["0.mean"], head.weights["0.scale"])
 
     def detector_on(X: NDArray[np.float32], y: NDArray[np.int64]) -> UnknownDetector:
-        return fit_detector(X, y, len(clf.classes_), standardization=standardization, seed=seed)
+        return fit_detector(X, y, len(head.classes), standardization=standardization, seed=seed)
 
     if frozen.cv is None:
-        y_train, y_val = np.searchsorted(clf.classes_, probe.y_train), np.searchsorted(clf.classes_, probe.y_val)
-        detector, logits = detector_on(probe.X_train, y_train), clf.decision_function(probe.X_val)
+        y_train, y_val = np.searchsorted(head.classes, probe.y_train), np.searchsorted(head.classes, probe.y_val)
+        detector, logits = detector_on(probe.X_train, y_train), head.logits(probe.X_val)
         return calibrate(detector, logits, y_val, detector.score(probe.X_val, logits))
     cv = frozen.cv
     X = np.concatenate([probe.X_train, probe.X_val])
@@ -368,10 +374,10 @@ def _fit_frozen(
         cv = cross_validate(clf, X, y, n_folds, seed, progress)
         scores = evaluate_probabilities(cv.y, cv.proba, dataset.classes)
         return _Frozen(dataset, data, refit_head(clf, cv, X, y), scores, extraction.n_extracted, extraction.n_cached, cv)
-    params = clf.get_params()
+    chosen = clone(clf)
     if clf.uses_lbfgs() and min(Counter(data.y_train.tolist()).values()) >= 2:
-        params |= cross_validate(clf, data.X_train, data.y_train, n_folds, seed, progress).params
-    fitted = HeadClassifier(**params).fit(data.X_train, data.y_train, data.X_val, data.y_val)
+        chosen.set_params(**cross_validate(clf, data.X_train, data.y_train, n_folds, seed, progress).params)
+    fitted = chosen.fit(data.X_train, data.y_train, data.X_val, data.y_val)
     validation: Evaluation | None = None
     if len(data.y_val):
         y_val = np.searchsorted(fitted.classes_, data.y_val)
@@ -381,7 +387,7 @@ def _fit_frozen(
 
 def _finetune(
     net: Backbone,
-    clf: HeadClassifier,
+    head: Head,
     dataset: Dataset,
     config: FinetuneConfig,
     summary: TrainingSummary,
@@ -389,7 +395,7 @@ def _finetune(
     resume: bool,
     force: bool,
     progress: Progress | None,
-) -> tuple[Backbone, HeadClassifier, TrainingSummary]:
+) -> tuple[Backbone, Head, TrainingSummary]:
     """Phase two; the tuned backbone and head, and `summary` with its history and the tuned model's validation scores."""
     from headstart.finetune import finetune
 
@@ -407,5 +413,5 @@ def _finetune(
             Model(result.backbone, result.head, record(result)).save(out, force=force)
 
     checkpoint = out / CHECKPOINT_DIR if out is not None else None
-    result = finetune(net, clf, dataset.train, dataset.val, config, checkpoint, resume, progress, on_best=save_best)
+    result = finetune(net, head, dataset.train, dataset.val, config, checkpoint, resume, progress, on_best=save_best)
     return result.backbone, result.head, record(result)

@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from headstart.config import Progress as ProgressCallback
+from headstart.config import uses_lbfgs
 from headstart.data import Skipped
 from headstart.files import display
 from headstart.triage import PROBLEMS
@@ -232,8 +233,9 @@ def training(model: Model, saved_to: Path, out: Console | None = None) -> None:
     layer = f" (stage {s.layer})" if s.layer is not None else ""
     n_train, n_val, n_test = sum(s.n_train.values()), sum(s.n_val.values()), sum(s.n_test.values())
     images = f"all {n_train + n_val} labelled images" if s.refit else f"{n_train} training and {n_val} validation images"
-    C = model.head.C if model.head.uses_lbfgs() else None
-    how = (f"C={C:g}" if C is not None else f"{len(model.head.history_)} epochs") + (f" chosen by {s.scored_on}" if s.refit else "")
+    params = model.head.params
+    epochs = sum(row.get("phase") == "head" for row in s.history)
+    how = f"C={params['C']:g}" if uses_lbfgs(params) else f"{epochs} epochs" + (f" chosen by {s.scored_on}" if s.refit else "")
     how += f", best epoch {s.best_epoch}" if s.best_epoch else ""
     out.print(
         _text(
