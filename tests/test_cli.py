@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import headstart
 from conftest import CATS_DOGS_TINY, FLOWERS_TINY, PHOTOS
 from headstart.cli.main import app
 from headstart.errors import DataError
@@ -113,3 +114,14 @@ def test_a_full_disk_is_one_line_and_the_saved_model_survives(
     assert len(lines) == 1 and lines[0].startswith("Error: /") and "--cache-dir" in lines[0], result.output  # names the file
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # the old model is intact
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_the_training_summary_says_how_the_head_was_chosen(
+    tiny_model: headstart.Model, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from headstart.cli import render
+
+    render.training(tiny_model, tmp_path)
+    line = " ".join(capsys.readouterr().out.split())
+    C = tiny_model.head.params["C"]
+    assert f"(C={C:g} chosen by 5-fold cross-validation)" in line, line

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from safetensors.numpy import load_file, save_file
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
+import headstart
 from headstart.classifier import HeadClassifier
 from headstart.config import HEAD_KINDS
 from headstart.errors import ConfigError
@@ -105,6 +107,10 @@ def test_invalid_parameters_are_refused_at_fit() -> None:
         HeadClassifier(random_state=-1).fit(X, y)
     with pytest.raises(ConfigError, match="class_weight must be None, 'balanced' or a dict"):
         HeadClassifier(class_weight={"ant": -1.0}).fit(X, y)
+    with pytest.raises(ConfigError, match=r"class_weight names classes that are not in the labels: \['wasp'\]"):
+        HeadClassifier(class_weight={"ant": 2.0, "wasp": 1.0}).fit(X, y)
+    with pytest.raises(ConfigError, match=r"Training the mlp head diverged at epoch 1 \(its loss is nan\); lower lr \(now 1e\+300\)"):
+        HeadClassifier(head="mlp", hidden=8, lr=1e300).fit(X, y)
     with pytest.raises(ValueError, match="Input X contains NaN"):
         HeadClassifier().fit(np.full_like(X, np.nan), y)
     fitted = HeadClassifier(max_epochs=2).fit(X, y)
@@ -114,6 +120,23 @@ def test_invalid_parameters_are_refused_at_fit() -> None:
         fitted.head_.predict_proba(X[:, :3])
     with pytest.raises(ConfigError, match="X contains NaN"):
         fitted.head_.logits(np.full_like(X, np.nan))
+
+
+def test_numpy_parameters_are_saved_as_plain_json_numbers() -> None:
+    X, y = blobs()
+    weights = {"ant": np.float32(2.0), "bee": np.float64(1.0)}
+    clf = HeadClassifier(head="mlp", hidden=np.int64(8), C=np.float32(0.5), class_weight=weights, random_state=np.int64(3), max_epochs=2)
+    params = clf.fit(X, y).head_.params
+    assert json.loads(json.dumps(params)) == params == {**clf.get_params(), "class_weight": {"ant": 2.0, "bee": 1.0}}
+    assert type(params["hidden"]) is int and type(params["C"]) is float and params["class_weight"] is not clf.class_weight
+
+
+def test_the_parameters_headstart_knows_are_the_estimators() -> None:
+    import inspect
+
+    from headstart.config import HEAD_PARAMETERS
+
+    assert tuple(inspect.signature(HeadClassifier).parameters) == HEAD_PARAMETERS
 
 
 def test_fit_standardization_has_a_floor_and_uses_the_sample_std() -> None:
@@ -205,3 +228,10 @@ def test_from_state_refuses_other_parameters_before_allocating() -> None:
         Head.from_state({**head.params, "momentum": 0.9}, ["ant", "bee"], head.weights)
     with pytest.raises(ConfigError, match="hidden must be an integer"):
         Head.from_state({**head.params, "hidden": 1 << 40}, ["ant", "bee"], head.weights)
+
+
+def test_a_model_takes_the_fitted_head_not_the_estimator(tiny_model: headstart.Model) -> None:
+    clf = HeadClassifier().fit(*blobs(n_features=1280))
+    with pytest.raises(ConfigError, match="A Model takes a fitted Head, got HeadClassifier; pass a fitted HeadClassifier's head_"):
+        headstart.Model(tiny_model.backbones, clf)  # type: ignore[arg-type]
+    assert headstart.Model(tiny_model.backbones, clf.head_).classes == ["ant", "bee"]

@@ -248,6 +248,10 @@ def edit_config(bundle: Path, text: str) -> None:
         ("head.hidden", "4096", r"1.weight: \(2, 1280\) instead of \(4096, 1280\)"),  # mlp shapes checked before allocation
         ("head.random_state", '"0"', "head: random_state must be an integer from 0 to 4294967295 or None"),
         ("head.class_weight", "[1, 2]", "head: class_weight must be None, 'balanced' or a dict"),
+        ("head.class_weight", '{"cats": 0, "dogs": 0}', "head: class_weight must be None, 'balanced' or a dict"),
+        ("head.class_weight", '{"cats": 1e308}', r"a number above 0, at most 1e\+06\), got \{'cats': 1e\+308\}"),
+        ("head.class_weight", '{"zebra": 2.0}', r"head: class_weight names classes the model does not have: \['zebra'\]"),
+        ("head.C", "1" + "0" * 4000, r"C must be a finite number above 0, got 10{50,}\.\.\.\. The file is damaged"),
         ("head.momentum", "0.9", r"head: Unknown head parameters \['momentum'\]"),
         ("summary", "[1, 2]", "field 'summary' must be an object"),
         ("summary.val_images", '[["a.jpg"]]', "field 'summary.val_images'"),

@@ -158,10 +158,13 @@ class BundleConfig:
                 f"{directory / CONFIG_NAME}: {field_name}. The file is damaged or was edited; re-save or retrain the model."
             ) from None
         head = dict(config["head"])
-        if config["format_version"] < 6 and "seed" in head:
+        if config["format_version"] < 6 and "seed" in head and "random_state" not in head:  # format 6 renamed it
             head["random_state"] = head.pop("seed")
         try:
             check_head_params(head)
+            unknown = set(head["class_weight"]) - set(config["classes"]) if isinstance(head.get("class_weight"), dict) else set()
+            if unknown:
+                raise ConfigError(f"class_weight names classes the model does not have: {sorted(map(str, unknown))[:3]}.")
         except ConfigError as e:
             raise BundleError(
                 f"{directory / CONFIG_NAME}: head: {e} The file is damaged or was edited; re-save or retrain the model."

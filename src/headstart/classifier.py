@@ -14,6 +14,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from headstart.config import check_head_params, uses_lbfgs
+from headstart.errors import ConfigError
 from headstart.heads import Head, HeadState, fit_standardization, init_head_state
 
 _BETAS = (0.9, 0.999)
@@ -127,7 +128,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]  # s
             ConfigError: a parameter is out of range.
             ValueError: the arrays are not finite features and class labels that fit together, or hold a single class.
         """
-        params = self.get_params()
+        params = _plain(self.get_params())
         check_head_params(params)
         features, labels = validate_data(self, X, y, dtype=np.float32)
         check_classification_targets(labels)
@@ -140,6 +141,11 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]  # s
             raise ValueError("Pass both X_val and y_val, or neither.")
         class_weight = None
         if self.class_weight is not None:
+            if isinstance(self.class_weight, dict) and not set(self.class_weight) <= set(classes.tolist()):
+                unknown = sorted(map(str, set(self.class_weight) - set(classes.tolist())))
+                raise ConfigError(
+                    f"class_weight names classes that are not in the labels: {unknown[:3]}; the labels' classes are {classes.tolist()[:5]}."
+                )
             class_weight = compute_class_weight(self.class_weight, classes=classes, y=labels).astype(np.float32)
         self.classes_ = classes
         if uses_lbfgs(params):  # fitted to convergence: validation data is not needed
@@ -207,6 +213,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]  # s
             weight, bias = np.r_[-weight, weight] / 2, np.r_[-bias, bias] / 2
         return {"0.mean": mean, "0.scale": scale, "1.weight": weight, "1.bias": bias}, int(lr.n_iter_.max())
 
+    @np.errstate(over="ignore", invalid="ignore")  # a diverging run shows as a non-finite loss, refused in one line
     def _train(
         self,
         X: NDArray[np.float32],
@@ -244,6 +251,11 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]  # s
                 record["val_accuracy"] = float((logits.argmax(1) == val[1]).mean())
             history.append(record)
             monitored = record.get("val_loss", record["loss"])
+            if not math.isfinite(monitored):
+                raise ConfigError(
+                    f"Training the {self.head} head diverged at epoch {epoch} (its loss is {monitored}); "
+                    f"lower lr (now {self.lr:g}) or weight_decay (now {self.weight_decay:g})."
+                )
             if monitored < best[0]:
                 best = (monitored, [p.copy() for p in params], epoch)
             elif val is not None and epoch - best[2] >= self.patience:
@@ -313,6 +325,13 @@ class _AdamW:
             tmp *= step_size
             p *= decay
             p -= tmp
+
+
+def _plain(value: Any) -> Any:
+    """`value` with NumPy scalars as Python numbers, in fresh dicts: parameters as `bundle.json` stores them."""
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _stratified_hold_out(y: NDArray[np.intp], n_classes: int, fraction: float, rng: np.random.Generator) -> NDArray[np.bool_]:

@@ -31,6 +31,7 @@ HEAD_PARAMETERS = (
 )
 """`HeadClassifier`'s parameters, the keys of a bundle's `head` settings."""
 MAX_HIDDEN = 1 << 16
+MAX_CLASS_WEIGHT = 1e6
 
 Interpolation = Literal["bicubic", "bilinear", "nearest"]
 
@@ -49,9 +50,9 @@ def is_int(value: Any, low: int = 0, high: int = 1 << 62) -> bool:
 
 
 def is_finite_number(value: Any) -> bool:
-    """Whether `value` is an int or float (not a bool), neither NaN nor infinite."""
+    """Whether `value` is a real number (not a bool), neither NaN nor infinite."""
     try:
-        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     except OverflowError:  # an int too large for a float, e.g. read from a file
         return False
 
@@ -123,20 +124,21 @@ def check_head_params(params: Mapping[str, Any]) -> None:
 
     Parameters missing from `params` are not checked: they take their defaults.
     """
-    unknown = sorted(set(params) - set(HEAD_PARAMETERS))
+    unknown = sorted(str(name)[:40] for name in set(params) - set(HEAD_PARAMETERS))
     if unknown:
         raise ConfigError(f"Unknown head parameters {unknown[:3]}; this version of headstart knows {sorted(HEAD_PARAMETERS)}.")
     head, solver = params.get("head", "linear"), params.get("solver", "auto")
     if head not in HEAD_KINDS:
-        raise ConfigError(f"Unknown head {head!r}. Choose one of: {', '.join(HEAD_KINDS)}.")
+        raise ConfigError(f"Unknown head {_shown(head)}. Choose one of: {', '.join(HEAD_KINDS)}.")
     if solver not in SOLVERS or (solver == "lbfgs" and head != "linear"):
-        raise ConfigError(f"solver must be 'auto', 'lbfgs' (linear head only) or 'adamw', got {solver!r} for a {head} head.")
+        raise ConfigError(f"solver must be 'auto', 'lbfgs' (linear head only) or 'adamw', got {_shown(solver)} for a {head} head.")
     if "C" in params and not (is_finite_number(params["C"]) and params["C"] > 0):
-        raise ConfigError(f"C must be a finite number above 0, got {params['C']!r}.")
+        raise ConfigError(f"C must be a finite number above 0, got {_shown(params['C'])}.")
     class_weight = params.get("class_weight")
     if not (class_weight is None or (isinstance(class_weight, str) and class_weight == "balanced") or _is_weight_map(class_weight)):
         raise ConfigError(
-            f"class_weight must be None, 'balanced' or a dict of class: weight (a number of at least 0), got {class_weight!r:.100}."
+            f"class_weight must be None, 'balanced' or a dict of class: weight (a number above 0, at most {MAX_CLASS_WEIGHT:g}), "
+            f"got {_shown(class_weight)}."
         )
     for name, low, high in (
         ("hidden", 1, MAX_HIDDEN),
@@ -148,12 +150,12 @@ def check_head_params(params: Mapping[str, Any]) -> None:
         value = params.get(name, low)
         if not (is_int(value, low, high) or (name == "random_state" and value is None)):
             raise ConfigError(
-                f"{name} must be an integer from {low} to {high}{' or None' if name == 'random_state' else ''}, got {value!r}."
+                f"{name} must be an integer from {low} to {high}{' or None' if name == 'random_state' else ''}, got {_shown(value)}."
             )
     for name in ("dropout", "lr", "weight_decay", "validation_fraction"):
         value = params.get(name, 0.0)
         if not (is_finite_number(value) and value >= 0):
-            raise ConfigError(f"{name} must be a finite number of at least 0, got {value!r}.")
+            raise ConfigError(f"{name} must be a finite number of at least 0, got {_shown(value)}.")
         if name in ("dropout", "validation_fraction") and not value < 1:
             raise ConfigError(f"{name} must be in [0, 1), got {value}.")
 
@@ -164,4 +166,10 @@ def uses_lbfgs(params: Mapping[str, Any]) -> bool:
 
 
 def _is_weight_map(value: Any) -> bool:
-    return isinstance(value, dict) and all(is_finite_number(w) and w >= 0 for w in value.values())
+    return isinstance(value, dict) and all(is_finite_number(w) and 0 < w <= MAX_CLASS_WEIGHT for w in value.values())
+
+
+def _shown(value: Any) -> str:
+    """A value's repr, cut to a length that fits an error line."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -141,6 +141,8 @@ class Model:
         self.backbones: tuple[Backbone, ...] = (backbone,) if isinstance(backbone, Backbone) else tuple(backbone)
         if not self.backbones:
             raise ValueError("a model needs at least one backbone")
+        if not isinstance(head, Head):
+            raise ConfigError(f"A Model takes a fitted Head, got {type(head).__name__}; pass a fitted HeadClassifier's head_.")
         self.head = head
         self.detector = detector
         self.classes: list[str] = [str(c) for c in head.classes]

@@ -235,7 +235,7 @@ def training(model: Model, saved_to: Path, out: Console | None = None) -> None:
     images = f"all {n_train + n_val} labelled images" if s.refit else f"{n_train} training and {n_val} validation images"
     params = model.head.params
     epochs = sum(row.get("phase") == "head" for row in s.history)
-    how = f"C={params['C']:g}" if uses_lbfgs(params) else f"{epochs} epochs" + (f" chosen by {s.scored_on}" if s.refit else "")
+    how = (f"C={params['C']:g}" if uses_lbfgs(params) else f"{epochs} epochs") + (f" chosen by {s.scored_on}" if s.refit else "")
     how += f", best epoch {s.best_epoch}" if s.best_epoch else ""
     out.print(
         _text(
