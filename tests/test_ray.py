@@ -274,7 +274,10 @@ def test_ray_options_out_of_place_are_one_line_errors(tiny_model_dir: Path, tmp_
     for args, words in (
         (["predict", str(tiny_model_dir), photo, "--ray"], "give --out predictions.parquet"),
         (["predict", str(tiny_model_dir), photo, "--address", "auto"], "give --ray too"),
-        (["predict", str(tiny_model_dir), photo, "--ray", "--tta", "--out", str(tmp_path / "p.parquet")], "--tta is not available with --ray"),
+        (
+            ["predict", str(tiny_model_dir), photo, "--ray", "--tta", "--out", str(tmp_path / "p.parquet")],
+            "--tta is not available with --ray",
+        ),
         (["predict", str(tiny_model_dir), photo, "--ray", "--out", str(tmp_path / "p.txt")], "give a file name ending in .parquet"),
         (["extract", "s3://bucket/photos/", "--cache-dir", str(tmp_path)], "a URI is read on Ray workers; add --ray"),
         (["extract", str(tmp_path / "nowhere"), "--ray"], "no such file or folder"),

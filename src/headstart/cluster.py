@@ -141,13 +141,13 @@ class ImageWorker:
 
     Each image is decoded once, prepared for each backbone by its own preprocessing, and its
     features are the backbones' concatenated, as `Model.extract` does. Images whose digest is in
-    `known` (already cached) are only hashed.
+    `known` (already cached; raw sha256 digests, sorted, dtype S32: 32 bytes an image) are only hashed.
 
     Output columns: `index` (int64, the input's), `digest` (sha256 hex; empty when the file could not
     be read), `features` (float32 bytes; empty when cached or skipped), `reason` (why it was skipped, UTF-8).
     """
 
-    def __init__(self, backbones: Sequence[Backbone], onnx: Sequence[bytes], known: frozenset[str], reduced_decode: bool) -> None:
+    def __init__(self, backbones: Sequence[Backbone], onnx: Sequence[bytes], known: NDArray[np.bytes_], reduced_decode: bool) -> None:
         from headstart.engine import OnnxEngine
 
         self.engines = [OnnxEngine(b, Path(f"{b.name}.onnx"), threads=1, data=data) for b, data in zip(backbones, onnx, strict=True)]
@@ -173,8 +173,9 @@ class ImageWorker:
             if isinstance(data, str):
                 reasons[k] = data
                 continue
-            digests[k] = hashlib.sha256(data).hexdigest()
-            if digests[k] in self.known:
+            digest = hashlib.sha256(data).digest()
+            digests[k] = digest.hex()
+            if _contains(self.known, digest):
                 continue
             try:
                 pixels.append(decode_inputs(data, self.cfgs, self.reduced_decode, name=locations[k]))
@@ -225,6 +226,17 @@ class ImageWorker:
         if len(data) > MAX_FILE_BYTES:
             raise FileRefusedError(Path(uri), f"too large: more than the {MAX_FILE_BYTES:,} bytes allowed")
         return data
+
+
+def _sorted_digests(digests: set[str]) -> NDArray[np.bytes_]:
+    """Hex sha256 digests as the sorted array of raw digests an `ImageWorker` looks them up in."""
+    return np.sort(np.array([bytes.fromhex(d) for d in digests], dtype="S32"))
+
+
+def _contains(known: NDArray[np.bytes_], digest: bytes) -> bool:
+    """Whether a raw sha256 digest is in a sorted array of them (NumPy ignores trailing zero bytes on both sides alike)."""
+    k = int(np.searchsorted(known, digest))
+    return k < len(known) and bytes(known[k]) == digest.rstrip(b"\0")
 
 
 def _unbuilt() -> None:
@@ -289,7 +301,7 @@ def _stream(
     listing: Listing,
     backbones: Sequence[Backbone],
     onnx: Sequence[bytes],
-    known: frozenset[str],
+    known: NDArray[np.bytes_],
     n_cpus: int,
     batch_size: int,
     reduced_decode: bool,
@@ -373,14 +385,14 @@ def extract_on_ray(
     Images whose content is cached already are hashed and skipped by the actors. New features
     are written as a shard every `cache.SHARD_SIZE` images (atomically), each digest once.
     """
-    known = frozenset(cache.digests())
+    known = cache.digests()
     pending: dict[str, NDArray[np.float32]] = {}
     stored: set[str] = set()
     bad: dict[int, str] = {}
     n_cached = done = 0
     total = len(listing.locations)
     onnx = _onnx_bytes(backbone, cache_root)
-    for table in _stream(listing, (backbone,), (onnx,), known, n_cpus, batch_size, reduced_decode=True):
+    for table in _stream(listing, (backbone,), (onnx,), _sorted_digests(known), n_cpus, batch_size, reduced_decode=True):
         for index, digest, features, reason in _rows(table):
             if reason:
                 bad[index] = reason
@@ -424,7 +436,7 @@ def predict_on_ray(
     bad: dict[int, str] = {}
     total = len(listing.locations)
     n_features = sum(b.n_features for b in model.backbones)
-    for table in _stream(listing, model.backbones, onnx, frozenset(), n_cpus, batch_size, reduced_decode=True):
+    for table in _stream(listing, model.backbones, onnx, _sorted_digests(set()), n_cpus, batch_size, reduced_decode=True):
         indices: list[int] = []
         rows: list[NDArray[np.float32]] = []
         for index, _, features, reason in _rows(table):
