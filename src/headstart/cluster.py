@@ -20,6 +20,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,7 +38,7 @@ from headstart.backbone import Backbone
 from headstart.cache import FeatureCache
 from headstart.config import Progress
 from headstart.data import IMAGE_EXTENSIONS, MAX_FILE_BYTES, Skipped
-from headstart.errors import ConfigError, DataError, FileRefusedError, UnreadableImageError
+from headstart.errors import ClusterError, ConfigError, DataError, FileRefusedError, UnreadableImageError
 from headstart.files import display, read_regular
 from headstart.pipeline import available_cpus
 
@@ -150,6 +151,7 @@ class ImageWorker:
     def __init__(self, backbones: Sequence[Backbone], onnx: Sequence[bytes], known: NDArray[np.bytes_], reduced_decode: bool) -> None:
         from headstart.engine import OnnxEngine
 
+        # Each engine's file is given as bytes; its path only names it.
         self.engines = [OnnxEngine(b, Path(f"{b.name}.onnx"), threads=1, data=data) for b, data in zip(backbones, onnx, strict=True)]
         self.cfgs = [b.data_config for b in backbones]
         self.known = known
@@ -335,7 +337,12 @@ def _stream(
             "reduced_decode": reduced_decode,
         },
     )
-    yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow")
+    try:
+        yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow")
+    except ray.exceptions.RayError as e:  # a worker that cannot start, a node lost for good, ...
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # Ray colours its messages
+        reason = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
+        raise ClusterError(f"The Ray job failed: {reason[:300]}. Ray's logs are under /tmp/ray/session_latest/logs on each node.") from None
 
 
 def _rows(table: pyarrow.Table) -> Iterator[tuple[int, str, bytes, str]]:
@@ -409,7 +416,7 @@ def extract_on_ray(
             stored.update(pending)
             pending = {}
         if progress:
-            progress(f"Extracting features on Ray ({n_cpus} CPUs)", done, total)
+            progress(f"Extracting features on Ray ({n_cpus} CPUs, {backbone.name})", done, total)
     cache.store(pending)
     stored.update(pending)
     skipped = [Skipped(listing.path(k), bad[k]) for k in sorted(bad)]
