@@ -41,7 +41,9 @@ def variant(job: tuple[Path, Path, int]) -> None:
 
 
 def make_images(root: Path, n_images: int) -> list[Path]:
-    sources = sorted(FLOWERS.rglob("*.jpg"))
+    from headstart.files import file_digest
+
+    sources = list({file_digest(p): p for p in sorted(FLOWERS.rglob("*.jpg"), reverse=True)}.values())[::-1]  # one of each identical pair
     jobs = []
     for i in range(n_images):
         source, k = sources[i % len(sources)], i // len(sources)

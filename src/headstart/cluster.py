@@ -96,16 +96,14 @@ def list_remote(uri: str) -> list[str]:
 
     try:
         filesystem, root = pyarrow.fs.FileSystem.from_uri(uri)
-        info = filesystem.get_file_info(root)
-        if info.type == pyarrow.fs.FileType.File:
-            return [uri]
-        if info.type != pyarrow.fs.FileType.Directory:
-            raise DataError(
-                f"{display(uri)}: no such file or folder. Give a folder of photos (s3://bucket/photos/, gs://..., a local path)."
-            )
-        found = filesystem.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))
+        kind = filesystem.get_file_info(root).type
+        found = filesystem.get_file_info(pyarrow.fs.FileSelector(root, recursive=True)) if kind == pyarrow.fs.FileType.Directory else []
     except (OSError, ValueError) as e:  # pyarrow's errors: ArrowInvalid (a ValueError), ArrowIOError (an OSError)
         raise DataError(f"{display(uri)}: cannot be listed ({str(e).splitlines()[0]}). Check the URI and the credentials for it.") from None
+    if kind == pyarrow.fs.FileType.File:
+        return [uri]
+    if kind != pyarrow.fs.FileType.Directory:
+        raise DataError(f"{display(uri)}: no such file or folder. Give a folder of photos (s3://bucket/photos/, gs://..., a local path).")
     prefix = uri.rstrip("/")
     names = []
     for item in found:
@@ -213,8 +211,8 @@ class ImageWorker:
             return self._read_remote(location) if is_remote else read_regular(Path(location), MAX_FILE_BYTES)
         except FileRefusedError as e:  # a FIFO, a device, a file too large
             return e.reason
-        except OSError as e:  # a vanished file, a symlink loop, no permission, an object store error
-            return e.strerror or str(e).splitlines()[0] or type(e).__name__
+        except (OSError, ValueError) as e:  # a vanished file, a symlink loop, no permission; pyarrow's errors for an object
+            return (e.strerror if isinstance(e, OSError) else None) or str(e).splitlines()[0] or type(e).__name__
 
     def _read_remote(self, uri: str) -> bytes:
         import pyarrow.fs
