@@ -19,7 +19,7 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 import headstart
-from conftest import SHARED, copy_flowers, write_image
+from conftest import CATS_DOGS_TINY, SHARED, copy_flowers, write_image
 from headstart import api
 from headstart import cache as feature_cache
 from headstart.backbone import create_backbone
@@ -123,8 +123,6 @@ def test_train_after_extract_on_ray_runs_no_image_through_the_backbone(flowers_o
     model = headstart.train(FLOWERS, cache_dir=cache, report=False, refit=False)  # no cross-validation: its features are the point
     assert model.summary.n_extracted == 0
     assert model.summary.n_cached == 1500
-    rerun = api.extract(str(FLOWERS), ray=True, cache_dir=cache)
-    assert (rerun.n_extracted, rerun.n_cached) == (0, 1500)
 
 
 @pytest.mark.slow
@@ -168,6 +166,16 @@ def test_predict_on_ray_equals_predict_in_the_api_the_csv_and_parquet(
     assert [row["label"] for row in table] == [row["label"] for row in expected]
     assert [row["unknown"] for row in table] == [row["unknown"] == "true" for row in expected]
     np.testing.assert_allclose([row["probability_3"] for row in table], [float(row["probability_3"]) for row in expected], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_an_ensemble_predicts_on_ray_as_it_does_here(ray_session: Any) -> None:
+    model = headstart.load(Path(__file__).parent / "fixtures" / "model_v5")  # efficientnet_lite0 + efficientnet_lite1
+    assert len(model.backbones) == 2
+    local = api.predict(model, [CATS_DOGS_TINY / "val"], top_k=2)
+    remote = api.predict(model, [CATS_DOGS_TINY / "val"], top_k=2, ray=True)
+    assert [(p.path, p.label, p.unknown) for p in remote] == [(p.path, p.label, p.unknown) for p in local]
+    np.testing.assert_allclose([p.probability for p in remote], [p.probability for p in local], rtol=0, atol=1e-6)
 
 
 @pytest.mark.slow
