@@ -11,7 +11,7 @@ install: $(BIN)/headstart
 
 $(BIN)/headstart: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,serve,tflite]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,serve,tflite,ray]'
 	touch $@
 
 # The report test opens report.html in Debian's headless Chromium.

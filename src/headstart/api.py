@@ -6,6 +6,8 @@ models, ONNX Runtime or PyTorch.
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +22,7 @@ from headstart.triage import Triage, triage
 
 if TYPE_CHECKING:
     from headstart.augment import AugmentConfig
+    from headstart.cache import ExtractSummary
     from headstart.compare import Comparison, HeadName
     from headstart.gradcam import Explanations
     from headstart.model import EvaluationResult, ImageLike, Model, PathLike, Prediction, Predictions, UnknownOption
@@ -38,11 +41,14 @@ __all__ = [
     "evaluate",
     "explain",
     "export",
+    "extract",
     "imagenet",
     "imagenet_grid",
     "predict",
     "report",
+    "save_predictions",
     "save_predictions_csv",
+    "save_predictions_parquet",
     "serve",
     "train",
 ]
@@ -144,6 +150,90 @@ def compare(
     return Comparison(board, written.csv, written.html, model, Path(out))
 
 
+def extract(
+    data: PathLike,
+    backbone: str = "efficientnet_lite0",
+    layer: int | None = None,
+    weights: PathLike | None = None,
+    ray: bool = False,
+    address: str | None = None,
+    cache_dir: PathLike | None = None,
+    batch_size: int | None = None,
+    progress: Progress | None = None,
+) -> ExtractSummary:
+    """Compute the backbone's features of every image in `data` into the feature cache, here or on a Ray cluster;
+    `train` (and `compare`, `check --labels`) on the same photos then reads them and runs no image through the backbone.
+
+    Args:
+        data: a folder with one sub-folder per class (or train/ and val/), or a CSV of path,label: the
+            images `train` would read. With `ray`, also a URI that pyarrow's filesystems read
+            (`s3://bucket/photos/`, `gs://bucket/photos/`): every image under it, recursively.
+        backbone, layer, weights: as for `train`; an ensemble ("a+b") fills each member's cache.
+        ray: compute on Ray (`pip install 'headstart[ray]'`): each Ray worker runs headstart's decoding and
+            ONNX engine, so the features are those a local run computes.
+        address: the Ray cluster (`ray://HEAD:10001`, or `auto` on one of its nodes); default `$RAY_ADDRESS`,
+            else a local Ray on this machine's CPUs.
+        cache_dir: the feature cache (default: `default_cache_dir()`); with `ray`, on the machine running this.
+        batch_size: images per forward pass (default 32), or with `ray` per Ray task (default 64).
+
+    Raises:
+        DataError: no images found, or the URI cannot be listed.
+        ConfigError: `address` without `ray`, a URI without `ray`, Ray not installed, or a cluster that cannot be reached.
+    """
+    from headstart.backbone import create_backbones, ensemble_name
+    from headstart.cache import ExtractSummary, FeatureCache, extract_with_cache
+    from headstart.cluster import BATCH_SIZE, Listing, extract_on_ray, is_uri, list_remote, ray_session
+    from headstart.data import read_source
+    from headstart.pipeline import available_cpus
+
+    started = time.perf_counter()
+    if address is not None and not ray:
+        raise ConfigError("--address names the Ray cluster to compute on: give --ray too.")
+    if isinstance(data, str) and is_uri(data):
+        if not ray:
+            raise ConfigError(f"{display(data)}: a URI is read on Ray workers; add --ray.")
+        found = list_remote(data)
+        listing, listed_skipped = Listing(found, [True] * len(found), []), list[Skipped]()
+    else:
+        records, val, listed_skipped = read_source(Path(data).expanduser())
+        paths = [r.path for r in records + (val or [])]
+        listing = Listing([os.fspath(p) for p in paths], [False] * len(paths), [])
+    if not listing.locations:
+        raise _no_readable_images([data], listed_skipped, "Put each class's images in its own sub-folder (e.g. photos/cats/*.jpg).")
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    nets = create_backbones(backbone, weights, layer, cache_root=root)
+    caches = [FeatureCache(root, net) for net in nets]
+    counts: list[tuple[int, int]] = []
+    reasons: dict[Path, str] = {}
+    if ray:
+        with ray_session(address) as n_cpus:
+            for net, cache in zip(nets, caches, strict=True):
+                run = extract_on_ray(net, listing, cache, root, n_cpus, batch_size or BATCH_SIZE, progress)
+                counts.append((run.n_extracted, run.n_cached))
+                reasons.update({s.path: s.reason for s in run.skipped if s.path not in reasons})
+    else:
+        n_cpus = available_cpus()
+        paths = [Path(location) for location in listing.locations]
+        for net, cache in zip(nets, caches, strict=True):
+            result = extract_with_cache(net, paths, cache, batch_size or 32, progress)
+            counts.append((result.n_extracted, result.n_cached))
+            reasons.update({s.path: s.reason for s in result.skipped if s.path not in reasons})
+    skipped = listed_skipped + [
+        Skipped(path, reasons[path]) for path in dict.fromkeys(map(listing.path, range(len(listing.locations)))) if path in reasons
+    ]
+    return ExtractSummary(
+        backbone=ensemble_name(nets),
+        directories=tuple(c.directory for c in caches),
+        n_images=len(listing.locations),
+        n_extracted=max(n for n, _ in counts),
+        n_cached=min(n for _, n in counts),
+        skipped=skipped,
+        seconds=round(time.perf_counter() - started, 2),
+        n_cpus=n_cpus,
+        ray=ray,
+    )
+
+
 def info(model: PathLike) -> BundleContents:
     """What a model folder holds, read from its JSON and the safetensors header; no weights are loaded."""
     return read_bundle(Path(model), load_weights=False)
@@ -156,20 +246,51 @@ def predict(
     progress: Progress | None = None,
     unknown: UnknownOption = "auto",
     tta: bool = False,
+    ray: bool = False,
+    address: str | None = None,
 ) -> Predictions:
     """Top-k predictions for image files, folders (searched recursively), PIL images or RGB arrays; unreadable files are skipped.
 
     `unknown`: "auto" (default) marks images past the model's unknown threshold, a number past that score, "off" none.
     `tta`: average each image's probabilities with its mirror image's (test-time augmentation).
+    `ray`: compute the backbones' features on a Ray cluster (`pip install 'headstart[ray]'`; see `extract` for `address`):
+    for many images, files and folders only, which may also be URIs that pyarrow reads (`s3://bucket/photos/`).
 
     Raises:
         DataError: none of the images could be read (the message gives the first reason).
+        ConfigError: `ray` with images in memory or with `tta`, or `address` without `ray`.
     """
     model = _loaded(model)
-    result = model.predict(images, top_k, progress, unknown, tta)
+    if ray:
+        result = _predict_on_ray(model, images, top_k, progress, unknown, tta, address)
+    elif address is not None:
+        raise ConfigError("--address names the Ray cluster to compute on: give --ray too.")
+    else:
+        result = model.predict(images, top_k, progress, unknown, tta)
     if not result.predictions:
         raise _no_readable_images([i for i in images if isinstance(i, str | Path)], result.skipped)
     return result
+
+
+def _predict_on_ray(
+    model: Model, images: Sequence[ImageLike], top_k: int, progress: Progress | None, unknown: UnknownOption, tta: bool, address: str | None
+) -> Predictions:
+    from headstart.cluster import list_inputs, predict_on_ray, ray_session
+    from headstart.model import Predictions
+
+    if tta:
+        raise ConfigError("--tta is not available with --ray; leave one of them out.")
+    if top_k < 1:
+        raise ConfigError(f"top_k must be at least 1, got {top_k}.")
+    inputs = [i for i in images if isinstance(i, str | os.PathLike)]
+    if len(inputs) != len(images):
+        raise ConfigError("With ray, give image files, folders or URIs; images in memory are predicted here: leave out ray.")
+    listing = list_inputs(inputs)
+    if not listing.locations:
+        return Predictions([], listing.missing)
+    with ray_session(address) as n_cpus:
+        predictions, skipped = predict_on_ray(model, listing, n_cpus, top_k, unknown, progress=progress)
+    return Predictions(predictions, listing.missing + skipped)
 
 
 def evaluate(model: PathLike | Model, data: PathLike, progress: Progress | None = None, tta: bool = False) -> EvaluationResult:
@@ -276,6 +397,42 @@ def save_predictions_csv(predictions: Sequence[Prediction], path: PathLike) -> P
         for row, p in zip(rows, predictions):
             row += [str(p.unknown).lower(), "" if p.unknown_score is None else f"{p.unknown_score:.6f}"]
     return atomic_write_bytes(output_file(Path(path), ".csv"), csv_bytes(header, rows))
+
+
+def save_predictions_parquet(predictions: Sequence[Prediction], path: PathLike) -> Path:
+    """Write the columns of `save_predictions_csv` as a Parquet file (atomically; needs pyarrow, which `headstart[ray]` brings).
+
+    Probabilities and unknown scores are float32 and `unknown` boolean; a label beyond an image's classes is null.
+    Paths are UTF-8 text, with the undecodable bytes of non-UTF-8 file names written as `\\xNN`.
+    """
+    import io
+
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ConfigError("Writing Parquet needs pyarrow, which is not installed: pip install 'headstart[ray]', or write a .csv.") from None
+    k = max((len(p.top_k) for p in predictions), default=1)
+    columns: dict[str, pa.Array] = {
+        "path": pa.array([os.fsencode(p.path).decode("utf-8", "backslashreplace") if p.path else None for p in predictions], pa.string())
+    }
+    for i in range(k):
+        suffix = f"_{i + 1}" if i else ""
+        columns[f"label{suffix}"] = pa.array([p.top_k[i][0] if i < len(p.top_k) else None for p in predictions], pa.string())
+        columns[f"probability{suffix}"] = pa.array([p.top_k[i][1] if i < len(p.top_k) else None for p in predictions], pa.float32())
+    if any(p.unknown_score is not None for p in predictions):
+        columns["unknown"] = pa.array([p.unknown for p in predictions], pa.bool_())
+        columns["unknown_score"] = pa.array([p.unknown_score for p in predictions], pa.float32())
+    buffer = io.BytesIO()
+    pq.write_table(pa.table(columns), buffer)
+    return atomic_write_bytes(output_file(Path(path), ".parquet"), buffer.getvalue())
+
+
+def save_predictions(predictions: Sequence[Prediction], path: PathLike) -> Path:
+    """`save_predictions_parquet` or `save_predictions_csv`, as the file name ends (.parquet or .csv)."""
+    if Path(path).suffix.lower() == ".parquet":
+        return save_predictions_parquet(predictions, path)
+    return save_predictions_csv(predictions, path)
 
 
 def augment_preview(

@@ -67,6 +67,17 @@ class FeatureCache:
                 shard.unlink(missing_ok=True)
         return found
 
+    def digests(self) -> set[str]:
+        """The digests of every image in a readable shard, from the shard headers alone (no tensor is read)."""
+        found: set[str] = set()
+        for shard in sorted(self.directory.glob("*.safetensors")) if self.directory.is_dir() else []:
+            try:
+                with safe_open(shard, framework="numpy") as f:
+                    found.update(f.keys())
+            except Exception:  # a damaged shard: `load` deletes it, and its images are extracted again
+                continue
+        return found
+
     def _valid(self, tensor: NDArray[np.float32]) -> bool:
         return tensor.shape == (self.n_features,) and tensor.dtype == np.float32 and bool(np.isfinite(tensor).all())
 
@@ -96,6 +107,33 @@ class CachedExtraction(Extraction):
 
     n_extracted: int
     n_cached: int
+
+
+@dataclass(frozen=True)
+class ExtractSummary:
+    """What `headstart extract` left in the feature cache.
+
+    Attributes:
+        backbone: the backbone's name (an ensemble's members joined by '+': each has its own cache folder).
+        directories: the cache folder of each backbone, in member order.
+        n_images: the image files found.
+        n_extracted: images run through a backbone (the most any member ran).
+        n_cached: images whose features were cached already (the fewest any member found).
+        skipped: the files left out, and why.
+        seconds: how long it took.
+        n_cpus: the CPUs that computed the features (this machine's, or the Ray cluster's).
+        ray: whether they were computed on Ray.
+    """
+
+    backbone: str
+    directories: tuple[Path, ...]
+    n_images: int
+    n_extracted: int
+    n_cached: int
+    skipped: list[Skipped]
+    seconds: float
+    n_cpus: int
+    ray: bool
 
 
 def extract_with_cache(

@@ -91,12 +91,13 @@ class OnnxEngine(Engine):
 
     name = "onnxruntime"
 
-    def __init__(self, backbone: Backbone, path: Path, threads: int | None = None) -> None:
+    def __init__(self, backbone: Backbone, path: Path, threads: int | None = None, data: bytes | None = None) -> None:
+        """`data`: the file's bytes when they are already at hand (sent to a Ray worker, say), instead of reading `path`."""
         super().__init__(backbone)
         self.path = path
         self.threads = threads or available_cpus()
         self.mean_pooled = bool((_read_record(path.with_suffix(".json")) or {}).get("mean_pooled"))  # from the export's verdict
-        data = read_regular(path, MAX_EXPORT_BYTES)
+        data = read_regular(path, MAX_EXPORT_BYTES) if data is None else data
         self.sessions = [cpu_session(data, 1) for _ in range(self.threads)]
         self._idle: queue.SimpleQueue[onnxruntime.InferenceSession] = queue.SimpleQueue()
         for session in self.sessions:

@@ -55,3 +55,7 @@ class FileRefusedError(HeadstartError, OSError):
 
 class TFLiteConversionError(HeadstartError, RuntimeError):
     """The TFLite converter failed on a model; its log has been written to stderr."""
+
+
+class ClusterError(HeadstartError, RuntimeError):
+    """A Ray cluster could not finish a job (`extract --ray`, `predict --ray`)."""

@@ -102,18 +102,21 @@ def decode_input(path: Path, cfg: DataConfig, reduced_decode: bool = True) -> ND
     return decode_inputs(path, (cfg,), reduced_decode)[0]
 
 
-def decode_inputs(path: Path, cfgs: Sequence[DataConfig], reduced_decode: bool = True) -> tuple[NDArray[np.uint8], ...]:
+def decode_inputs(
+    source: Path | bytes, cfgs: Sequence[DataConfig], reduced_decode: bool = True, name: str = "upload"
+) -> tuple[NDArray[np.uint8], ...]:
     """`decode_input` for several preprocessings (an ensemble's backbones) from one decode of the file.
 
     A large JPEG is decoded at the reduced scale the largest `resize_size` allows; each
     preprocessing then resizes and crops that image (configs that are equal share the work).
+    `source` may also be a file's bytes already read (then `name` stands for its path in errors).
     """
 
     def crops(image: Image.Image) -> tuple[NDArray[np.uint8], ...]:
         done = {cfg: crop_pixels(image, cfg) for cfg in dict.fromkeys(cfgs)}
         return tuple(done[cfg] for cfg in cfgs)
 
-    return decode_image(path, crops, min_size=2 * max(cfg.resize_size for cfg in cfgs) if reduced_decode else None)
+    return decode_image(source, crops, min_size=2 * max(cfg.resize_size for cfg in cfgs) if reduced_decode else None, name=name)
 
 
 def decode_pixels(

@@ -59,6 +59,17 @@ TrainWeights = Annotated[
 ]
 
 
+RayFlag = Annotated[bool, typer.Option("--ray", help="Compute on a Ray cluster (needs headstart\\[ray]); see --address.")]
+RayAddress = Annotated[
+    str | None,
+    typer.Option(
+        help="--ray: the cluster to run on, e.g. ray://HEAD:10001, or auto on one of its nodes "
+        "[default: $RAY_ADDRESS, else a local Ray on this machine's CPUs].",
+        show_default=False,
+    ),
+]
+
+
 @app.callback()
 def main(ctx: typer.Context, debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False) -> None:
     ctx.obj = {"debug": debug}
@@ -340,6 +351,45 @@ def _layer(value: str) -> int | None:
 
 
 @app.command()
+def extract(
+    ctx: typer.Context,
+    data: Annotated[
+        str,
+        typer.Argument(
+            help="Folder with one sub-folder per class (or train/ and val/), or a CSV of path,label; "
+            "with --ray also a URI: s3://bucket/photos/, gs://bucket/photos/."
+        ),
+    ],
+    ray: RayFlag = False,
+    address: RayAddress = None,
+    backbone: Backbones = "efficientnet_lite0",
+    layer: Annotated[int | None, typer.Option(help="Pool an earlier stage's output instead of the final features, e.g. -2.")] = None,
+    weights: TrainWeights = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache folder [default: ~/.cache/headstart].")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, help="Images per forward pass [default: 32], or with --ray per Ray task [default: 64].")
+    ] = None,
+) -> None:
+    """Compute the features of a dataset into the feature cache, here or on a Ray cluster; `train` then runs no image through the backbone."""
+    from headstart import api
+    from headstart.cli import render
+
+    with handled(ctx), render.progress_bar() as progress:
+        result = api.extract(
+            data,
+            backbone=backbone,
+            layer=layer,
+            weights=weights,
+            ray=ray,
+            address=address,
+            cache_dir=cache_dir,
+            batch_size=batch_size,
+            progress=progress,
+        )
+    render.extracted(result)
+
+
+@app.command()
 def info(
     ctx: typer.Context,
     model: Annotated[Path, typer.Argument(help="A model folder from `headstart train`.")],
@@ -357,25 +407,47 @@ def info(
 def predict(
     ctx: typer.Context,
     model: Annotated[Path, typer.Argument(help="A model folder from `headstart train`.")],
-    images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    images: Annotated[list[str], typer.Argument(help="Image files or folders; with --ray also URIs (s3://bucket/photos/).")],
     top_k: Annotated[int, typer.Option(min=1, help="How many classes to show per image.")] = 3,
     csv: Annotated[Path | None, typer.Option(help="Also write the predictions to this CSV file.")] = None,
     unknown: Annotated[
         str, typer.Option(help="Mark images unlike any class as unknown: auto (the model's threshold), off, or a score threshold.")
     ] = "auto",
     tta: Annotated[bool, typer.Option(help="Average each image's probabilities with its mirror image's (test-time augmentation).")] = False,
+    ray: Annotated[
+        bool,
+        typer.Option("--ray", help="Compute on a Ray cluster (needs headstart\\[ray]) and write --out instead of printing each image."),
+    ] = False,
+    address: RayAddress = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Write the predictions to this .parquet (needs headstart\\[ray]) or .csv file.", show_default=False)
+    ] = None,
 ) -> None:
     """Predict the classes of new images."""
     from headstart import api
     from headstart.cli import render
+    from headstart.errors import ConfigError
+    from headstart.files import output_file
 
     with handled(ctx), render.progress_bar() as progress:
-        result = api.predict(model, images, top_k=top_k, progress=progress, unknown=_unknown_option(unknown), tta=tta)
+        if ray and out is None:
+            raise ConfigError("--ray writes the predictions to a file: give --out predictions.parquet (or .csv).")
+        inputs = [Path(i) for i in images]
+        target = output_file(out, ".csv" if out.suffix.lower() == ".csv" else ".parquet", inputs) if out is not None else None
+        result = api.predict(
+            model, images, top_k=top_k, progress=progress, unknown=_unknown_option(unknown), tta=tta, ray=ray, address=address
+        )
         if csv:
             api.save_predictions_csv(result.predictions, csv)
-    render.predictions(result)
-    if csv:
-        render.message(f"Wrote {len(result.predictions)} rows to {csv}.")
+        if target is not None:
+            api.save_predictions(result.predictions, target)
+    if ray:
+        render.skipped(result.skipped)
+    else:
+        render.predictions(result)
+    for path in (csv, out):
+        if path:
+            render.message(f"Wrote {len(result.predictions)} rows to {path}.")
 
 
 def _unknown_option(value: str) -> UnknownOption:

@@ -27,6 +27,7 @@ from headstart.triage import PROBLEMS
 if TYPE_CHECKING:
     from headstart.backbone import BackboneInfo
     from headstart.bundle import BundleContents
+    from headstart.cache import ExtractSummary
     from headstart.compare import Leaderboard
     from headstart.gradcam import Explanations
     from headstart.metrics import Evaluation
@@ -369,6 +370,22 @@ def backbones(infos: list[BackboneInfo], out: Console | None = None) -> None:
     for b in infos:
         table.add_row(_text(b.name), "yes" if b.offline else "no", _text(b.description))
     (out or console).print(table)
+
+
+def extracted(result: ExtractSummary, out: Console | None = None) -> None:
+    """What `extract` did: images found, extracted and already cached, where, and the files skipped."""
+    out = out or console
+    where = f"on Ray ({result.n_cpus} CPUs)" if result.ray else f"on this machine ({result.n_cpus} CPUs)"
+    out.print(
+        _text(
+            f"{result.n_images} images, {result.backbone}: {result.n_extracted} extracted {where}, "
+            f"{result.n_cached} already cached, {len(result.skipped)} skipped, in {result.seconds:.1f} s."
+        ),
+        soft_wrap=True,
+    )
+    for directory in result.directories:
+        out.print(_text(f"Features in {directory}"), soft_wrap=True)
+    skipped(result.skipped, out)
 
 
 def message(text: str, out: Console | None = None) -> None:
