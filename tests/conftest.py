@@ -6,6 +6,7 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,13 @@ import pytest
 from PIL import Image
 
 import headstart
+from headstart.cache import ExtractSummary
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 PHOTOS = SHARED / "photos"
 FIXTURES = SHARED / "fixtures"
 CATS_DOGS_TINY = FIXTURES / "cats_dogs_tiny"
+FLOWERS = SHARED / "datasets" / "flowers"
 FLOWERS_TINY = FIXTURES / "flowers5_tiny"
 ODD_FILES = FIXTURES / "odd_files"
 
@@ -28,7 +31,7 @@ if not SHARED.is_dir():
 
 def copy_flowers(root: Path, per_class: int) -> Path:
     """The first `per_class` photos of each class of ../shared/datasets/flowers, copied into `root`."""
-    for folder in sorted((SHARED / "datasets" / "flowers").iterdir()):
+    for folder in sorted(FLOWERS.iterdir()):
         (root / folder.name).mkdir(parents=True)
         for path in sorted(folder.iterdir())[:per_class]:
             shutil.copy(path, root / folder.name / path.name)
@@ -68,6 +71,14 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def flowers_cache(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ExtractSummary]:
+    """A feature cache of all 1,500 flower photos (efficientnet_lite0, the local engine), extracted once for the
+    session, and what `extract` said. Tests read it and train on it; none adds other images to it."""
+    cache = tmp_path_factory.mktemp("flowers-cache")
+    return cache, headstart.extract(FLOWERS, cache_dir=cache)
+
+
+@pytest.fixture(scope="session")
 def tiny_model(cache_dir: Path) -> headstart.Model:
     """efficientnet_lite0 + linear head trained on cats_dogs_tiny's train/ split (validated on val/)."""
     return headstart.train(CATS_DOGS_TINY, cache_dir=cache_dir)
@@ -78,7 +89,9 @@ def tiny_model_dir(tiny_model: headstart.Model, tmp_path_factory: pytest.TempPat
     return tiny_model.save(tmp_path_factory.mktemp("models") / "cats_dogs")
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Keep tests out of the user's real cache."""
-    monkeypatch.setenv("HEADSTART_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "default-cache"))
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Keep the tests, and the session's and modules' fixtures (set up before any test's own), out of the user's real cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HEADSTART_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "default-cache"))
+        yield

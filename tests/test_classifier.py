@@ -112,3 +112,28 @@ def test_a_two_class_lbfgs_head_gives_two_logits_with_scikit_learns_probabilitie
     assert weights["1.weight"].shape == (2, 6)
     z = (X - weights["0.mean"]) / weights["0.scale"]
     np.testing.assert_allclose(head.predict_proba(X), LogisticRegression(C=1.0, max_iter=1000).fit(z, y).predict_proba(z), atol=1e-4)
+
+
+def test_a_spurious_invalid_value_flag_inside_lbfgs_is_not_a_failure_but_non_finite_weights_are(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Some OpenBLAS kernels set the invalid-value flag on finite float32 products (numpy/numpy#24067); CI met one."""
+    from sklearn.linear_model import LogisticRegression
+
+    from headstart.errors import ConfigError
+
+    fit = LogisticRegression.fit
+
+    def fit_raising_the_flag(self: LogisticRegression, X: np.ndarray, y: np.ndarray) -> LogisticRegression:
+        np.float32(np.inf) - np.float32(np.inf)  # sets the flag as the BLAS kernel did: a RuntimeWarning unless silenced
+        return fit(self, X, y)
+
+    X, y = gaussians(6, n_classes=2, n_features=5, seed=8)
+    monkeypatch.setattr(LogisticRegression, "fit", fit_raising_the_flag)
+    assert HeadClassifier().fit(X, y).score(X, y) > 0.5  # pytest turns any warning into an error
+
+    def fit_diverging(self: LogisticRegression, X: np.ndarray, y: np.ndarray) -> LogisticRegression:
+        fit(self, X, y).coef_[:] = np.nan
+        return self
+
+    monkeypatch.setattr(LogisticRegression, "fit", fit_diverging)
+    with pytest.raises(ConfigError, match="not finite"):
+        HeadClassifier().fit(X, y)

@@ -14,12 +14,12 @@ import pytest
 from typer.testing import CliRunner
 
 import headstart
-from conftest import CATS_DOGS_TINY, FLOWERS_TINY, PHOTOS, SHARED
+from conftest import CATS_DOGS_TINY, FLOWERS, FLOWERS_TINY, PHOTOS
+from headstart.cache import ExtractSummary
 from headstart.cli.main import app
 from headstart.model_export import INPUT_NAME, OUTPUT_NAME, export
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "onnx_predict.py"
-FLOWERS = SHARED / "datasets" / "flowers"
 
 
 def example_predictions(onnx_file: Path, images: list[Path]) -> dict[str, list[tuple[str, float]]]:
@@ -170,8 +170,8 @@ def test_earlier_layer_and_finetuned_models_export_with_parity(tmp_path: Path) -
 
 
 @pytest.fixture(scope="module")
-def flowers_model(tmp_path_factory: pytest.TempPathFactory) -> headstart.Model:
-    return headstart.train(FLOWERS, cache_dir=tmp_path_factory.mktemp("cache"), report=False)
+def flowers_model(flowers_cache: tuple[Path, ExtractSummary]) -> headstart.Model:
+    return headstart.train(FLOWERS, cache_dir=flowers_cache[0], report=False)
 
 
 @pytest.mark.slow

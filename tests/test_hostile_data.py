@@ -261,6 +261,24 @@ def _children(pid: int) -> list[int]:
     return children
 
 
+def _forked_child(process: subprocess.Popen[bytes], deadline: float) -> int:
+    """The first child of `process` that runs its command line and lives on (a fork, not a short-lived helper
+    such as the `ldconfig` a library may run while it is imported, whose name briefly is the parent's)."""
+    command = Path(f"/proc/{process.pid}/cmdline").read_bytes()
+    while process.poll() is None and time.monotonic() < deadline:
+        for child in _children(process.pid):
+            try:
+                forked = Path(f"/proc/{child}/cmdline").read_bytes() == command
+            except OSError:
+                continue
+            if forked:
+                time.sleep(0.05)
+                if _state(child) not in ("gone", "Z"):
+                    return child
+        time.sleep(0.01)
+    raise AssertionError(f"no decoding worker started (exit status {process.poll()})")
+
+
 def _state(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -292,9 +310,7 @@ def _interrupt_extraction(command: list[str], stderr_path: Path) -> tuple[int, s
         )
         try:
             deadline = time.monotonic() + 240
-            while process.poll() is None and not _children(process.pid) and time.monotonic() < deadline:
-                time.sleep(0.01)  # its first child is the decoding worker: extraction has started
-            (worker,) = _children(process.pid)
+            worker = _forked_child(process, deadline)  # the decoding worker: extraction has started
             idle = 0
             while idle < 5 and process.poll() is None and time.monotonic() < deadline:
                 idle = idle + 1 if _state(worker) == "S" else 0  # asleep for 50 ms: waiting on the task queue

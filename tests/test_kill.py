@@ -25,15 +25,15 @@ pytestmark = pytest.mark.kill
 TRAIN = """
 import sys
 import headstart, headstart.cache
-headstart.cache.SHARD_SIZE = 32
+headstart.cache.SHARD_SIZE = 16
 headstart.train(sys.argv[1], cache_dir=sys.argv[2], out=sys.argv[3], report=False)
 """
 
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """320 flower photos, 64 per class."""
-    return copy_flowers(tmp_path_factory.mktemp("kill") / "flowers", per_class=64)
+    """160 flower photos, 32 per class."""
+    return copy_flowers(tmp_path_factory.mktemp("kill") / "flowers", per_class=32)
 
 
 def _kill_when(command: list[str], ready: Callable[[], bool], jitter: float) -> bool:
@@ -79,8 +79,8 @@ def test_extraction_killed_at_random_points_resumes_to_the_same_model(photos: Pa
     )
     reference = headstart.load(reference_out)
     rng = random.Random(5)
-    paths = sorted(photos.rglob("*.jpg"))[::16]
-    # 320 images in shards of 32: kill early, midway and late in extraction, at a random moment after the k-th shard.
+    paths = sorted(photos.rglob("*.jpg"))[::8]
+    # 160 images in shards of 16: kill early, midway and late in extraction, at a random moment after the k-th shard.
     for trial, shards in enumerate([rng.randint(1, 3), rng.randint(4, 6), rng.randint(7, 8)]):
         cache, out = tmp_path / f"cache{trial}", tmp_path / f"model{trial}"
         command = [sys.executable, "-c", TRAIN, str(photos), str(cache), str(out)]
@@ -89,8 +89,8 @@ def test_extraction_killed_at_random_points_resumes_to_the_same_model(photos: Pa
         _assert_every_file_complete(cache, out)
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         model = headstart.load(out)
-        assert model.summary.n_cached >= shards * 32
-        assert model.summary.n_extracted + model.summary.n_cached == 320
+        assert model.summary.n_cached >= shards * 16
+        assert model.summary.n_extracted + model.summary.n_cached == 160
         np.testing.assert_allclose(model.predict_proba(paths), reference.predict_proba(paths), atol=1e-4)
 
 

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 import headstart
-from conftest import CATS_DOGS_TINY, SHARED, copy_flowers, write_image
+from conftest import CATS_DOGS_TINY, FLOWERS, SHARED, copy_flowers, write_image
 from headstart import api
 from headstart import cache as feature_cache
 from headstart.backbone import create_backbone
@@ -28,7 +28,6 @@ from headstart.cli.main import app
 from headstart.data import MAX_FILE_BYTES
 from headstart.files import file_digest
 
-FLOWERS = SHARED / "datasets" / "flowers"
 WORKER_TITLE = b"ImageWorker"  # Ray names each actor process ray::MapWorker(MapBatches(ImageWorker))
 
 
@@ -46,13 +45,6 @@ def flowers_on_ray(ray_session: Any, tmp_path_factory: pytest.TempPathFactory) -
     """Every flower photo extracted on Ray into a new cache: (cache folder, what extract said)."""
     cache = tmp_path_factory.mktemp("ray-cache")
     return cache, api.extract(str(FLOWERS), ray=True, cache_dir=cache)
-
-
-@pytest.fixture(scope="module")
-def flowers_local(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ExtractSummary]:
-    """Every flower photo extracted by the local engine into a new cache."""
-    cache = tmp_path_factory.mktemp("local-cache")
-    return cache, api.extract(str(FLOWERS), cache_dir=cache)
 
 
 def _features(cache: Path) -> dict[str, np.ndarray]:
@@ -103,9 +95,9 @@ def _worker_pids() -> list[int]:
 
 @pytest.mark.slow
 def test_features_on_ray_equal_the_local_features_of_every_flower_photo(
-    flowers_on_ray: tuple[Path, Any], flowers_local: tuple[Path, Any]
+    flowers_on_ray: tuple[Path, Any], flowers_cache: tuple[Path, Any]
 ) -> None:
-    (ray_cache, on_ray), (local_cache, local) = flowers_on_ray, flowers_local
+    (ray_cache, on_ray), (local_cache, local) = flowers_on_ray, flowers_cache
     assert on_ray.ray and on_ray.n_cpus == 2
     assert on_ray.n_images == local.n_images == 1500
     assert on_ray.n_extracted == local.n_extracted == 1498  # two pairs of identical photos: one digest each
@@ -206,14 +198,14 @@ def test_bad_files_are_skipped_with_the_reasons_of_a_local_run(ray_session: Any,
 
 
 @pytest.mark.slow
-def test_a_uri_is_listed_and_read_through_pyarrow(flowers_local: tuple[Path, Any], ray_session: Any, tmp_path: Path) -> None:
+def test_a_uri_is_listed_and_read_through_pyarrow(flowers_cache: tuple[Path, Any], ray_session: Any, tmp_path: Path) -> None:
     data = copy_flowers(tmp_path / "photos", per_class=4)
     (data / "tulips" / "note.jpg").write_text("not an image")
     (data / "tulips" / ".hidden.jpg").write_bytes((data / "tulips" / "note.jpg").read_bytes())
     result = api.extract(data.resolve().as_uri() + "/", ray=True, cache_dir=tmp_path / "cache")
     assert result.n_images == 21 and result.n_extracted == len({file_digest(p) for p in data.rglob("*.jpg")}) - 1
     assert [(s.path.name, s.reason) for s in result.skipped] == [("note.jpg", "cannot identify image file")]
-    local_features = _features(flowers_local[0])
+    local_features = _features(flowers_cache[0])
     for digest, row in _features(tmp_path / "cache").items():
         np.testing.assert_allclose(row, local_features[digest], rtol=0, atol=1e-6)
     model = headstart.train(data, cache_dir=tmp_path / "cache", report=False, folds=2)
@@ -223,7 +215,7 @@ def test_a_uri_is_listed_and_read_through_pyarrow(flowers_local: tuple[Path, Any
 @pytest.mark.slow
 @pytest.mark.kill
 def test_killing_a_ray_worker_mid_run_leaves_every_feature_once(
-    flowers_local: tuple[Path, Any], ray_session: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    flowers_cache: tuple[Path, Any], ray_session: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(feature_cache, "SHARD_SIZE", 64)  # several shards, so that some are written before and after the kill
     data = copy_flowers(tmp_path / "photos", per_class=60)
@@ -243,7 +235,7 @@ def test_killing_a_ray_worker_mid_run_leaves_every_feature_once(
     counts = _keys_per_shard(tmp_path / "cache")
     assert set(counts) == digests
     assert set(counts.values()) == {1}  # none twice
-    local_features = _features(flowers_local[0])
+    local_features = _features(flowers_cache[0])
     for digest, row in _features(tmp_path / "cache").items():
         np.testing.assert_allclose(row, local_features[digest], rtol=0, atol=1e-6)
 

@@ -1,7 +1,7 @@
 """Suspect labels: flipped labels found by confident learning on out-of-fold predictions; `check --labels`; the report section.
 
-The photos' efficientnet_lite0 features are read from the user's feature cache (content-keyed, so copies and
-links of the shared photos hit it), which makes the full flowers set a matter of seconds; a cold cache extracts them.
+The photos' efficientnet_lite0 features are read from the session's flowers cache (content-keyed, so copies of
+the shared photos hit it), which makes the full flowers set a matter of seconds.
 """
 
 from __future__ import annotations
@@ -17,14 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import CATS_DOGS_TINY, SHARED
+from conftest import CATS_DOGS_TINY, FLOWERS
+from headstart.cache import ExtractSummary
 from headstart.data import ImageRecord, scan_folder
 from headstart.errors import DataError
 from headstart.html_report import suspects_section
 from headstart.suspects import SuspectLabel, find_suspects, flip_labels, recall_at_k, suspects_for_data
-
-FLOWERS = SHARED / "datasets" / "flowers"
-USER_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "headstart"
 
 
 def flipped_csv(root: Path, per_class: int | None, fraction: float = 0.05, seed: int = 0) -> tuple[Path, list[Path]]:
@@ -41,10 +39,12 @@ def flipped_csv(root: Path, per_class: int | None, fraction: float = 0.05, seed:
 
 
 @pytest.mark.slow
-def test_the_top_suspects_of_flowers_with_5_percent_of_labels_flipped_hold_80_percent_of_them(tmp_path: Path) -> None:
+def test_the_top_suspects_of_flowers_with_5_percent_of_labels_flipped_hold_80_percent_of_them(
+    tmp_path: Path, flowers_cache: tuple[Path, ExtractSummary]
+) -> None:
     listing, flipped = flipped_csv(tmp_path, per_class=None)
     assert len(flipped) == 75
-    search = suspects_for_data(listing, cache_dir=USER_CACHE, seed=0)
+    search = suspects_for_data(listing, cache_dir=flowers_cache[0], seed=0)
     assert search.n_images == 1500 and len(search.suspects) >= len(flipped)
     assert recall_at_k([s.path for s in search.suspects], flipped) >= 0.8
     first = search.suspects[0]
@@ -52,10 +52,12 @@ def test_the_top_suspects_of_flowers_with_5_percent_of_labels_flipped_hold_80_pe
     assert [s.p_given for s in search.suspects] == sorted(s.p_given for s in search.suspects)
 
 
-def test_the_top_suspects_of_a_flowers_subset_with_flipped_labels_hold_most_of_them(tmp_path: Path) -> None:
+def test_the_top_suspects_of_a_flowers_subset_with_flipped_labels_hold_most_of_them(
+    tmp_path: Path, flowers_cache: tuple[Path, ExtractSummary]
+) -> None:
     """The fast variant: 500 photos, 25 flipped. Fewer photos make a weaker head; 18 of the 25 are found (chance: 1 or 2)."""
     listing, flipped = flipped_csv(tmp_path, per_class=100, fraction=0.05, seed=1)
-    search = suspects_for_data(listing, cache_dir=USER_CACHE, seed=0)
+    search = suspects_for_data(listing, cache_dir=flowers_cache[0], seed=0)
     assert search.n_images == 500 and len(flipped) == 25
     assert recall_at_k([s.path for s in search.suspects], flipped) >= 0.6
 
@@ -85,9 +87,9 @@ def test_too_few_images_per_class_for_cross_validation_is_a_one_line_error(tmp_p
         for path in sorted((CATS_DOGS_TINY / "train" / name).iterdir())[:n]:
             shutil.copy(path, tmp_path / "data" / name / path.name)
     with pytest.raises(DataError, match=r"2 classes of 2 usable images each; found cats 3, dogs 1\. Add images") as e:
-        suspects_for_data(tmp_path / "data", cache_dir=USER_CACHE)
+        suspects_for_data(tmp_path / "data", cache_dir=tmp_path / "cache")
     assert "\n" not in str(e.value)
-    run = headstart("check", tmp_path / "data", "--labels", "--val-split", "0", "--cache-dir", USER_CACHE)
+    run = headstart("check", tmp_path / "data", "--labels", "--val-split", "0", "--cache-dir", tmp_path / "cache")
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert [line for line in run.stderr.splitlines() if line.strip()] == [f"Error: {e.value}"]
 
@@ -109,7 +111,9 @@ HOSTILE = {"b[bold]c.jpg": "b[bold]c.jpg", "\x1b[31mred.jpg": "\\x1b[31mred.jpg"
 
 
 @pytest.mark.subprocess
-def test_check_labels_lists_mislabelled_photos_with_hostile_names_and_its_csv_round_trips(tmp_path: Path) -> None:
+def test_check_labels_lists_mislabelled_photos_with_hostile_names_and_its_csv_round_trips(
+    tmp_path: Path, flowers_cache: tuple[Path, ExtractSummary]
+) -> None:
     data = tmp_path / "data"
     for name in ("daisy", "roses", "sunflowers"):
         (data / name).mkdir(parents=True)
@@ -119,7 +123,7 @@ def test_check_labels_lists_mislabelled_photos_with_hostile_names_and_its_csv_ro
     for path, daisy in zip(intruders, sorted((FLOWERS / "daisy").iterdir())[20:], strict=False):
         shutil.copy(daisy, path)
     listing = tmp_path / "suspects.csv"
-    run = headstart("check", data, "--labels", "--labels-csv", listing, "--cache-dir", USER_CACHE)
+    run = headstart("check", data, "--labels", "--labels-csv", listing, "--cache-dir", flowers_cache[0])
     assert run.returncode == 0 and "Traceback" not in run.stderr and "\x1b" not in run.stdout + run.stderr, run.stdout + run.stderr
     assert "Training can proceed" in run.stdout and "suspect label(s) among 39 images" in run.stdout
     assert all(shown in run.stdout for shown in HOSTILE.values()), run.stdout

@@ -14,12 +14,12 @@ from typer.testing import CliRunner
 
 import headstart
 from conftest import SHARED, copy_flowers
+from headstart.cache import ExtractSummary
 from headstart.calibration import expected_calibration_error
 from headstart.cli.main import app
 from headstart.errors import BundleError, ConfigError
 from headstart.unknown import SCORE_KINDS, calibrate, choose_threshold, fit_detector, ledoit_wolf
 
-SHARED_CACHE = Path.home() / ".cache" / "headstart"  # content-keyed: holds the flowers features, so training is instant
 CATS_DOGS = sorted((SHARED / "datasets" / "cats_dogs").rglob("*.jpg"))[::150]  # 20 photos, cats and dogs
 UNSEEN_FLOWERS = [p for folder in sorted((SHARED / "datasets" / "flowers").iterdir()) for p in sorted(folder.iterdir())[200:204]]
 
@@ -85,9 +85,11 @@ def test_calibrate_records_what_it_measured() -> None:
 
 
 @pytest.fixture(scope="module")
-def flowers_model(tmp_path_factory: pytest.TempPathFactory) -> headstart.Model:
-    """efficientnet_lite0 + linear head on 40 photos per flower class, cross-validated and refitted on all 200."""
-    return headstart.train(copy_flowers(tmp_path_factory.mktemp("flowers40"), 40), cache_dir=SHARED_CACHE)
+def flowers_model(tmp_path_factory: pytest.TempPathFactory, flowers_cache: tuple[Path, ExtractSummary]) -> headstart.Model:
+    """efficientnet_lite0 + linear head on 40 photos per flower class, cross-validated and refitted on all 200.
+
+    Their features are in the session's flowers cache (content-keyed: the copies hit it), so training is instant."""
+    return headstart.train(copy_flowers(tmp_path_factory.mktemp("flowers40"), 40), cache_dir=flowers_cache[0])
 
 
 @pytest.fixture(scope="module")
@@ -255,16 +257,16 @@ def test_old_bundles_load_without_calibration(version: int) -> None:
 # The service and the ONNX export
 
 
-def test_the_service_answers_unknown_as_predict_does(flowers_dir: Path) -> None:
+def test_the_service_answers_unknown_as_predict_does(flowers_dir: Path, flowers_model: headstart.Model) -> None:
     import httpx
 
     from conftest import start_server
     from headstart.server import create_app
 
-    model = headstart.load(flowers_dir, cache_root=SHARED_CACHE)
+    model = headstart.load(flowers_dir, cache_root=flowers_model.cache_root)
     paths = [CATS_DOGS[0], UNSEEN_FLOWERS[0]]
     want = model.predict(paths).predictions
-    server, thread, url = start_server(create_app(flowers_dir, cache_root=SHARED_CACHE))
+    server, thread, url = start_server(create_app(flowers_dir, cache_root=flowers_model.cache_root))
     try:
         files = [("file", (p.name, p.read_bytes(), "application/octet-stream")) for p in paths]
         response = httpx.post(f"{url}/predict", files=files, timeout=120)
@@ -294,7 +296,7 @@ def test_the_onnx_export_carries_the_same_probabilities_and_unknown_score_as_pre
         y = np.tile(np.repeat(np.arange(5), 4), 3)  # UNSEEN_FLOWERS: 4 photos of each class in turn
         w = model.head.weights
         detector = fit_detector(features, y, 5, kind, (w["0.mean"], w["0.scale"])).with_threshold(0.5)  # type: ignore[arg-type]
-        model = headstart.Model(model.backbone, model.head, model.summary, SHARED_CACHE, detector)
+        model = headstart.Model(model.backbone, model.head, model.summary, model.cache_root, detector)
     assert model.detector is not None and model.temperature != 1.0
     session = onnxruntime.InferenceSession(onnx_model_bytes(model, unknown=True), providers=["CPUExecutionProvider"])
     meta = session.get_modelmeta().custom_metadata_map

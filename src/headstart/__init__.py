@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from headstart.api import evaluate as evaluate
     from headstart.api import explain as explain
     from headstart.api import export as export
+    from headstart.api import extract as extract
     from headstart.api import imagenet as imagenet
     from headstart.api import info as info
     from headstart.api import predict as predict
@@ -49,6 +50,7 @@ _EXPORTS = {
     "report": "headstart.api",
     "explain": "headstart.api",
     "export": "headstart.api",
+    "extract": "headstart.api",
     "serve": "headstart.api",
     "load": "headstart.model",
     "Model": "headstart.model",

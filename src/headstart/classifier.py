@@ -205,10 +205,14 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]  # s
         mean, scale = fit_standardization(X)
         weights = dict(enumerate(class_weight.tolist())) if class_weight is not None else None
         lr = LogisticRegression(C=self.C, class_weight=weights, max_iter=self.max_epochs * 10, tol=1e-4)
-        with warnings.catch_warnings():  # stopping at max_iter is a result, not a failure: the best weights found so far
+        # Stopping at max_iter is a result, not a failure: the best weights found so far. Some OpenBLAS kernels raise
+        # the invalid-value flag on finite float32 inputs (numpy/numpy#24067): the weights are checked instead.
+        with warnings.catch_warnings(), np.errstate(invalid="ignore"):
             warnings.simplefilter("ignore", ConvergenceWarning)
             lr.fit((X - mean) / scale, y)
         weight, bias = lr.coef_.astype(np.float32), lr.intercept_.astype(np.float32)
+        if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
+            raise ConfigError(f"The linear head's weights are not finite after fitting (C={self.C}); try a smaller C.")
         if len(lr.classes_) == 2:  # one logit for the second class: as two, softmax gives the same probabilities
             weight, bias = np.r_[-weight, weight] / 2, np.r_[-bias, bias] / 2
         return {"0.mean": mean, "0.scale": scale, "1.weight": weight, "1.bias": bias}, int(lr.n_iter_.max())

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from headstart.calibration import softmax
 from headstart.config import HEAD_KINDS, check_head_params, is_int
 from headstart.errors import ConfigError
 
@@ -70,11 +71,7 @@ class Head:
 
     def predict_proba(self, X: ArrayLike) -> NDArray[np.float32]:
         """Class probabilities, float32 of shape (n_samples, n_classes): the softmax of `logits`."""
-        logits = self.logits(X)
-        logits -= logits.max(1, keepdims=True)
-        np.exp(logits, out=logits)
-        logits /= logits.sum(1, keepdims=True)
-        return logits
+        return softmax(self.logits(X))
 
     def logit_gradient(self, X: ArrayLike, class_index: int) -> NDArray[np.float32]:
         """Gradient of class `class_index`'s logit with respect to each row of X: float32, shape like X (n_samples, n_features).
