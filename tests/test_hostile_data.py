@@ -272,9 +272,12 @@ def _forked_child(process: subprocess.Popen[bytes], deadline: float) -> int:
             except OSError:
                 continue
             if forked:
-                time.sleep(0.05)
-                if _state(child) not in ("gone", "Z"):
-                    return child
+                time.sleep(0.05)  # still running the parent's command line: a fork, not a helper between fork and exec
+                try:
+                    if _state(child) not in ("gone", "Z") and Path(f"/proc/{child}/cmdline").read_bytes() == command:
+                        return child
+                except OSError:
+                    continue
         time.sleep(0.01)
     raise AssertionError(f"no decoding worker started (exit status {process.poll()})")
 

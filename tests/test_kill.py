@@ -111,9 +111,13 @@ def test_finetuning_killed_at_random_points_resumes_to_the_same_model(tmp_path: 
         jitter = rng.uniform(0, 0.5)
         assert _kill_when(command(out, cache), ready, jitter), f"the kill at stage {stage!r} should land while the run is going"
         _assert_every_file_complete(out, cache)
+        checkpoint = out / ".checkpoint" / "checkpoint.json"
+        if stage == "checkpoint":  # killed after epoch 1: its checkpoint names a tensor file that is there, beside a saved model
+            assert (checkpoint.parent / json.loads(checkpoint.read_text())["tensors"]).is_file()
+            assert (out / "bundle.json").exists()
         if (out / "bundle.json").exists():
             headstart.load(out)  # the best-so-far model saved before the kill loads
-        resume = ["--resume"] if (out / ".checkpoint" / "checkpoint.json").exists() else []
+        resume = ["--resume"] if checkpoint.exists() else []
         subprocess.run([*command(out, cache), *resume], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         model = headstart.load(out)
         assert [r["phase"] for r in model.summary.history].count("finetune") == 2

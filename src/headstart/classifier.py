@@ -205,8 +205,9 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]  # s
         mean, scale = fit_standardization(X)
         weights = dict(enumerate(class_weight.tolist())) if class_weight is not None else None
         lr = LogisticRegression(C=self.C, class_weight=weights, max_iter=self.max_epochs * 10, tol=1e-4)
-        # Stopping at max_iter is a result, not a failure: the best weights found so far. Some OpenBLAS kernels raise
-        # the invalid-value flag on finite float32 inputs (numpy/numpy#24067): the weights are checked instead.
+        # Stopping at max_iter is a result, not a failure: the best weights found so far. On CI's machine the invalid-value
+        # flag came up inside this fit on finite float32 inputs (not reproduced here; BLAS kernels have done so, as in
+        # numpy/numpy#24067): the fitted weights are checked instead.
         with warnings.catch_warnings(), np.errstate(invalid="ignore"):
             warnings.simplefilter("ignore", ConvergenceWarning)
             lr.fit((X - mean) / scale, y)
