@@ -28,7 +28,7 @@ test: $(BIN)/headstart browser
 	$(BIN)/mypy
 	$(BIN)/pytest
 
-# The edit-test loop (under 90 s on 2 idle cores): every test but those marked slow (fine-tuning, reports,
+# The edit-test loop (3 min on 2 idle cores, the full suite about 13): every test but those marked slow (fine-tuning, reports,
 # ONNX-vs-PyTorch checks, fuzzing), kill (kill -9, Ctrl-C), subprocess (CLI processes importing torch) and browser.
 test-fast: $(BIN)/headstart
 	$(BIN)/pytest -m "not slow and not kill and not subprocess and not browser"
