@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -181,14 +182,13 @@ def extract(
         ConfigError: `address` without `ray`, a URI without `ray`, Ray not installed, or a cluster that cannot be reached.
     """
     from headstart.backbone import create_backbones, ensemble_name
-    from headstart.cache import ExtractSummary, FeatureCache, extract_with_cache
-    from headstart.cluster import BATCH_SIZE, Listing, extract_on_ray, is_uri, list_remote, ray_session
+    from headstart.cache import CachedExtraction, ExtractSummary, FeatureCache, extract_with_cache
+    from headstart.cluster import BATCH_SIZE, Listing, RayExtraction, extract_on_ray, is_uri, list_remote, ray_session
     from headstart.data import read_source
     from headstart.pipeline import available_cpus
 
     started = time.perf_counter()
-    if address is not None and not ray:
-        raise ConfigError("--address names the Ray cluster to compute on: give --ray too.")
+    _check_address(ray, address)
     if isinstance(data, str) and is_uri(data):
         if not ray:
             raise ConfigError(f"{display(data)}: a URI is read on Ray workers; add --ray.")
@@ -196,31 +196,28 @@ def extract(
         listing, listed_skipped = Listing(found, [True] * len(found), []), list[Skipped]()
     else:
         records, val, listed_skipped = read_source(Path(data).expanduser())
-        paths = [r.path for r in records + (val or [])]
-        listing = Listing([os.fspath(p) for p in paths], [False] * len(paths), [])
+        local = [os.fspath(r.path) for r in records + (val or [])]
+        listing = Listing(local, [False] * len(local), [])
     if not listing.locations:
         raise _no_readable_images([data], listed_skipped, "Put each class's images in its own sub-folder (e.g. photos/cats/*.jpg).")
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     nets = create_backbones(backbone, weights, layer, cache_root=root)
     caches = [FeatureCache(root, net) for net in nets]
+    paths = [listing.path(k) for k in range(len(listing.locations))]  # as each image is reported
     counts: list[tuple[int, int]] = []
     reasons: dict[Path, str] = {}
-    if ray:
-        with ray_session(address) as n_cpus:
-            for net, cache in zip(nets, caches, strict=True):
-                run = extract_on_ray(net, listing, cache, root, n_cpus, batch_size or BATCH_SIZE, progress)
-                counts.append((run.n_extracted, run.n_cached))
-                reasons.update({s.path: s.reason for s in run.skipped if s.path not in reasons})
-    else:
-        n_cpus = available_cpus()
-        paths = [Path(location) for location in listing.locations]
+    with ray_session(address) if ray else nullcontext(available_cpus()) as n_cpus:
         for net, cache in zip(nets, caches, strict=True):
-            result = extract_with_cache(net, paths, cache, batch_size or 32, progress)
-            counts.append((result.n_extracted, result.n_cached))
-            reasons.update({s.path: s.reason for s in result.skipped if s.path not in reasons})
-    skipped = listed_skipped + [
-        Skipped(path, reasons[path]) for path in dict.fromkeys(map(listing.path, range(len(listing.locations)))) if path in reasons
-    ]
+            if ray:
+                run: RayExtraction | CachedExtraction = extract_on_ray(
+                    net, listing, cache, root, n_cpus, batch_size or BATCH_SIZE, progress
+                )
+            else:
+                run = extract_with_cache(net, paths, cache, batch_size or 32, progress)
+            counts.append((run.n_extracted, run.n_cached))
+            for s in run.skipped:
+                reasons.setdefault(s.path, s.reason)
+    skipped = listed_skipped + [Skipped(path, reasons[path]) for path in dict.fromkeys(paths) if path in reasons]
     return ExtractSummary(
         backbone=ensemble_name(nets),
         directories=tuple(c.directory for c in caches),
@@ -260,16 +257,20 @@ def predict(
         DataError: none of the images could be read (the message gives the first reason).
         ConfigError: `ray` with images in memory or with `tta`, or `address` without `ray`.
     """
+    _check_address(ray, address)
     model = _loaded(model)
     if ray:
         result = _predict_on_ray(model, images, top_k, progress, unknown, tta, address)
-    elif address is not None:
-        raise ConfigError("--address names the Ray cluster to compute on: give --ray too.")
     else:
         result = model.predict(images, top_k, progress, unknown, tta)
     if not result.predictions:
         raise _no_readable_images([i for i in images if isinstance(i, str | Path)], result.skipped)
     return result
+
+
+def _check_address(ray: bool, address: str | None) -> None:
+    if address is not None and not ray:
+        raise ConfigError("--address names the Ray cluster to compute on: give --ray too.")
 
 
 def _predict_on_ray(
