@@ -224,6 +224,7 @@ def extract(
         n_images=len(listing.locations),
         n_extracted=max(n for n, _ in counts),
         n_cached=min(n for _, n in counts),
+        n_copies=max(0, len(listing.locations) - max(n for n, _ in counts) - min(n for _, n in counts) - len(skipped)),
         skipped=skipped,
         seconds=round(time.perf_counter() - started, 2),
         n_cpus=n_cpus,

@@ -119,6 +119,7 @@ class ExtractSummary:
         n_images: the image files found.
         n_extracted: images run through a backbone (the most any member ran).
         n_cached: images whose features were cached already (the fewest any member found).
+        n_copies: images run through no backbone because they are byte-for-byte copies of another image of this run.
         skipped: the files left out, and why.
         seconds: how long it took.
         n_cpus: the CPUs that computed the features (this machine's, or the Ray cluster's).
@@ -130,6 +131,7 @@ class ExtractSummary:
     n_images: int
     n_extracted: int
     n_cached: int
+    n_copies: int
     skipped: list[Skipped]
     seconds: float
     n_cpus: int

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
 from headstart.errors import ConfigError, DataError, FileRefusedError, UnreadableImageError
-from headstart.files import display, open_regular, read_regular, visible_files
+from headstart.files import display, open_regular, read_csv_cell, read_regular, visible_files
 
 if TYPE_CHECKING:  # NumPy and Pillow are imported where images are split or decoded, so listing a folder stays light
     from PIL import Image
@@ -30,6 +30,7 @@ MAX_ASPECT_RATIO = 100  # long side / short side beyond which an image is refuse
 MAX_FILE_BYTES = 1 << 30  # image files larger than 1 GiB are refused unread (no photo is this large; a file that is may not end)
 MAX_CSV_BYTES = 1 << 28  # a path,label CSV larger than 256 MiB (several million rows) is refused
 DECODE_SECONDS = 20.0  # a file that takes longer to decode is refused (crafted files can make decoders crawl)
+MAX_JPEG_SCANS = 100  # encoders write 1 to ~20; a file repeating a scan thousands of times decodes for hours (a scan bomb)
 
 
 @dataclass(frozen=True)
@@ -216,10 +217,10 @@ def read_csv(path: Path) -> tuple[list[ImageRecord], list[Skipped]]:
                 continue
             if len(row) < 2 or not row[0].strip() or not row[1].strip():
                 raise DataError(f"{display(path)}, line {i}: expected 'path,label', got {display(','.join(row))!r}.")
-            image = Path(row[0].strip()).expanduser()
+            image = Path(read_csv_cell(row[0].strip())).expanduser()
             image = image if image.is_absolute() else path.parent / image
             if image.exists():  # a special file is refused, with its reason, when it is read
-                records.append(ImageRecord(image, row[1].strip()))
+                records.append(ImageRecord(image, read_csv_cell(row[1].strip())))
             else:
                 skipped.append(Skipped(image, f"listed in {path.name} line {i} but not found"))
     except csv.Error as e:
@@ -336,13 +337,15 @@ def decode_image(source: Path | bytes, convert: Callable[[Image.Image], _T], min
             io.BytesIO(source) if isinstance(source, bytes) else open_regular(source, MAX_FILE_BYTES) as file,
             open_image(file) as opened,
         ):
-            problem = size_problem(*opened.size)
+            problem = size_problem(*opened.size) or _scan_problem(opened, file)
             if problem:
                 raise UnreadableImageError(path, problem)
             if min_size:
                 opened.draft(None, (min_size, min_size))
             opened.load()
-            return convert(_to_rgb(ImageOps.exif_transpose(opened)))
+            with exif_warnings():
+                upright = ImageOps.exif_transpose(opened)
+            return convert(_to_rgb(upright))
     except UnreadableImageError:
         raise
     except FileRefusedError as e:
@@ -356,6 +359,40 @@ def decode_image(source: Path | bytes, convert: Callable[[Image.Image], _T], min
     except Exception as e:  # Pillow raises many types for broken files
         reason = "cannot identify image file" if isinstance(e, UnidentifiedImageError) else str(e)
         raise UnreadableImageError(path, reason or type(e).__name__) from None
+
+
+@contextmanager
+def exif_warnings() -> Iterator[list[warnings.WarningMessage]]:
+    """Pillow's warnings about broken EXIF data, caught (returned) instead of printed: the pixels are fine, and what
+    EXIF could be read (the orientation, mostly) is used. `check` reports them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield caught
+
+
+def _scan_problem(opened: Image.Image, file: BinaryIO) -> str | None:
+    """Why a JPEG's scans are refused (more than `MAX_JPEG_SCANS`), or None. The decoder's work grows with
+    pixels x scans and the signal-based time limit reaches no server thread or Ray actor, so both are bounded up front.
+
+    Scans start with the marker FF DA, which cannot occur inside entropy-coded data (an FF there is followed by 00),
+    so counting it is exact but for embedded thumbnails, which only count high.
+    """
+    if opened.format not in ("JPEG", "MPO"):
+        return None
+    start = file.tell()
+    file.seek(0)
+    n_scans, tail = 0, b""
+    try:
+        while n_scans <= MAX_JPEG_SCANS and (chunk := file.read(1 << 20)):
+            n_scans += (tail + chunk).count(b"\xff\xda")
+            tail = chunk[-1:]
+    finally:
+        file.seek(start)
+    return (
+        f"a JPEG of more than {MAX_JPEG_SCANS} scans (a scan bomb: decoding it would take minutes or hours)"
+        if n_scans > MAX_JPEG_SCANS
+        else None
+    )
 
 
 @contextmanager

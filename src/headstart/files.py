@@ -111,12 +111,26 @@ def open_regular(path: Path, max_bytes: int, dir_fd: int | None = None) -> Binar
 
 
 def read_regular(path: Path, max_bytes: int, dir_fd: int | None = None) -> bytes:
-    """The bytes of a regular file of at most `max_bytes` (see `open_regular`)."""
+    """The bytes of a regular file of at most `max_bytes` (see `open_regular` and `read_bounded`)."""
     with open_regular(path, max_bytes, dir_fd) as f:
-        data = f.read(max_bytes + 1)
-    if len(data) > max_bytes:  # grew while being read
+        return read_bounded(f, max_bytes, path, os.fstat(f.fileno()).st_size)
+
+
+def read_bounded(f: BinaryIO, max_bytes: int, path: Path, expected: int = 0) -> bytes:
+    """The rest of `f`, at most `max_bytes`, allocating what it holds (`expected` bytes at first), never the bound,
+    so a 4 GiB bound costs nothing under an address-space limit (`ulimit -v`).
+
+    Raises:
+        FileRefusedError: more than `max_bytes` remain (the file grew while being read, or was larger than said).
+    """
+    parts = [f.read(min(expected, max_bytes + 1))]
+    total = len(parts[0])
+    while total <= max_bytes and (part := f.read(min(1 << 20, max_bytes + 1 - total))):
+        parts.append(part)
+        total += len(part)
+    if total > max_bytes:
         raise FileRefusedError(path, f"too large: more than the {max_bytes:,} bytes allowed")
-    return data
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def atomic_write_folder(directory: Path, files: dict[str, bytes], replaced: Collection[str]) -> Path:
@@ -252,21 +266,73 @@ def display(text: str | os.PathLike[str]) -> str:
     return _UNPRINTABLE.sub(escape, value)
 
 
+_FORMULA_STARTS = tuple("=+-@\t\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """`value` safe in a spreadsheet: text that a spreadsheet would run as a formula (starting with = + - @, a tab or a
+    carriage return, after any apostrophes) gets an apostrophe in front; numbers, and text that reads as a number, are
+    kept. `read_csv_cell` undoes it.
+
+    >>> csv_cell("=HYPERLINK(1)"), csv_cell("-0.5"), csv_cell("daisy"), read_csv_cell(csv_cell("'@x"))
+    ("'=HYPERLINK(1)", '-0.5', 'daisy', "'@x")
+    """
+    if not isinstance(value, str) or not value.lstrip("'").startswith(_FORMULA_STARTS):
+        return value
+    try:
+        float(value)
+        return value
+    except ValueError:
+        return "'" + value
+
+
+def read_csv_cell(text: str) -> str:
+    """A cell as `csv_cell` was given it: the apostrophe it put in front of formula-like text taken off."""
+    return text[1:] if text.startswith("'") and text.lstrip("'").startswith(_FORMULA_STARTS) else text
+
+
 def csv_bytes(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> bytes:
-    """CSV text in UTF-8. Undecodable bytes of non-UTF-8 file names are written back as the original bytes,
-    so a path read from the CSV (with `errors="surrogateescape"`) names the same file."""
+    """CSV text in UTF-8, every cell through `csv_cell` (no cell runs as a spreadsheet formula). Undecodable bytes of
+    non-UTF-8 file names are written back as the original bytes, so a path read from the CSV (with
+    `errors="surrogateescape"`, and `read_csv_cell`) names the same file."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(header)
-    writer.writerows(rows)
+    writer.writerow([csv_cell(c) for c in header])
+    writer.writerows([csv_cell(c) for c in row] for row in rows)
     return buffer.getvalue().encode("utf-8", errors="surrogateescape")
+
+
+def walk(folder: Path) -> Iterator[tuple[Path, list[str], list[str]]]:
+    """`os.walk(folder)` without recursion, so a tree nested thousands of levels deep is walked like any other:
+    top-down (prune the folder names in place), links to folders listed but not followed, unreadable folders
+    (no permission, a path longer than the system allows) passed over."""
+    stack = [folder]
+    while stack:
+        top = stack.pop()
+        folders: list[str] = []
+        files: list[str] = []
+        descend: set[str] = set()
+        try:
+            with os.scandir(top) as entries:
+                for entry in entries:
+                    try:
+                        is_folder = entry.is_dir()
+                    except OSError:
+                        is_folder = False
+                    (folders if is_folder else files).append(entry.name)
+                    if is_folder and not entry.is_symlink():
+                        descend.add(entry.name)
+        except OSError:
+            continue
+        yield top, folders, files
+        stack += [top / name for name in reversed(folders) if name in descend]
 
 
 def visible_files(folder: Path) -> Iterator[Path]:
     """The files under `folder`, recursively, in sorted order; hidden files and folders (names starting with '.') left out."""
-    for dirpath, dirnames, filenames in os.walk(folder):
+    for dirpath, dirnames, filenames in walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        yield from (Path(dirpath) / name for name in sorted(filenames) if not name.startswith("."))
+        yield from (dirpath / name for name in sorted(filenames) if not name.startswith("."))
 
 
 def file_digest(path: Path, max_bytes: int = 1 << 30) -> str:

@@ -21,13 +21,14 @@ from headstart.data import (
     Skipped,
     check_class_counts,
     check_val_split,
+    exif_warnings,
     load_image,
     open_image,
     read_source,
     split_records,
 )
 from headstart.errors import DataError, UnreadableImageError
-from headstart.files import atomic_write_bytes, csv_bytes, file_digest, open_regular
+from headstart.files import atomic_write_bytes, csv_bytes, file_digest, open_regular, walk
 
 Action = Literal["blocks training", "skipped", "warning", "used as is", "ignored"]
 IMBALANCE_RATIO = 5.0  # largest class / smallest class beyond which class weights are suggested
@@ -65,6 +66,9 @@ PROBLEMS: dict[str, Problem] = {
     "empty class folder": Problem("warning", "Add images to the folder, or delete it; it is not a class until it has images."),
     "animated": Problem("used as is", "Nothing to do: the first frame is used. Save other frames as separate images to use them."),
     "converted to RGB": Problem("used as is", "Nothing to do: converted to 8-bit RGB (transparency over white)."),
+    "corrupt EXIF": Problem(
+        "used as is", "Nothing to do: what EXIF could be read (the orientation) is used; re-save the image to repair it."
+    ),
     "rotated by EXIF": Problem("used as is", "Nothing to do: turned upright as its EXIF orientation says."),
 }
 
@@ -188,16 +192,20 @@ def _empty_class_folders(root: Path) -> list[Finding]:
         for entry in sorted(top.iterdir())
         if not entry.name.startswith(".")
         and entry.is_dir()
-        and not any(p.is_symlink() or not p.is_dir() for p in entry.rglob("*") if not p.name.startswith("."))
+        and not any(
+            not name.startswith(".") and (name in files or (top / name).is_symlink())
+            for top, folders, files in walk(entry)
+            for name in folders + files
+        )
     ]
 
 
 def _hidden_files(root: Path) -> list[Finding]:
     findings = []
     for top in _class_tops(root):
-        for dirpath, dirnames, filenames in os.walk(top):
+        for dirpath, dirnames, filenames in walk(top):
             findings += [
-                Finding(Path(dirpath) / n, "hidden file", "name starts with '.'") for n in sorted(filenames + dirnames) if n.startswith(".")
+                Finding(dirpath / n, "hidden file", "name starts with '.'") for n in sorted(filenames + dirnames) if n.startswith(".")
             ]
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
     return findings
@@ -221,7 +229,12 @@ def inspect_file(path: Path) -> list[tuple[str, str]]:
                 notes.append(("animated", f"{frames} frames"))
             if image.mode != "RGB":
                 notes.append(("converted to RGB", f"mode {image.mode}" + (" with transparency" if "transparency" in image.info else "")))
-            orientation = image.getexif().get(0x0112, 1)  # the EXIF Orientation tag
+            with exif_warnings() as broken:
+                exif = image.getexif()
+                orientation = exif.get(0x0112, 1)  # the EXIF Orientation tag
+                exif.get_ifd(0x8769)  # the Exif sub-folder of tags, read as turning the image upright reads it
+            if broken:
+                notes.append(("corrupt EXIF", str(broken[0].message).strip()))
             if orientation not in (0, 1):
                 notes.append(("rotated by EXIF", f"orientation {orientation}"))
             return notes

@@ -64,7 +64,7 @@ RayAddress = Annotated[
     str | None,
     typer.Option(
         help="--ray: the cluster to run on, e.g. ray://HEAD:10001, or auto on one of its nodes "
-        "[default: $RAY_ADDRESS, else a local Ray on this machine's CPUs].",
+        "\\[default: $RAY_ADDRESS, else a local Ray on this machine's CPUs].",
         show_default=False,
     ),
 ]
@@ -78,6 +78,8 @@ def main(ctx: typer.Context, debug: Annotated[bool, typer.Option("--debug", help
 @contextmanager
 def handled(ctx: typer.Context) -> Iterator[None]:
     """Turn headstart's errors into one line and exit code 1 (tracebacks with --debug)."""
+    from concurrent.futures.process import BrokenProcessPool
+
     from headstart.cli import render
     from headstart.errors import HeadstartError
 
@@ -87,6 +89,22 @@ def handled(ctx: typer.Context) -> Iterator[None]:
         if ctx.obj and ctx.obj.get("debug"):
             raise
         render.error(str(e) if isinstance(e, HeadstartError) else _os_error_line(e))
+        raise typer.Exit(1) from None
+    except (MemoryError, BrokenProcessPool):  # a decoding process that runs out of memory dies: its pool breaks
+        if ctx.obj and ctx.obj.get("debug"):
+            raise
+        render.error(
+            "Out of memory (the machine's, or a limit such as `ulimit -v` or a container's): give a smaller --batch-size, "
+            "close other programs or raise the limit, and run again; files already written are complete."
+        )
+        raise typer.Exit(1) from None
+    except ImportError as e:  # under an address-space limit: "libtorch_cuda.so: failed to map segment from shared object"
+        if ctx.obj and ctx.obj.get("debug"):
+            raise
+        render.error(
+            f"Could not load a library: {e}. Under a memory limit (`ulimit -v`, a container's), raise it; "
+            "otherwise reinstall headstart. Run with --debug for the traceback."
+        )
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         render.error("Interrupted. Files already written are complete; to continue a fine-tuning run, repeat the command with --resume.")
@@ -116,7 +134,7 @@ def train(
         Strategy | None,
         typer.Option(help="linear/mlp: that head on frozen features; finetune: then train the top blocks too; auto: choose."),
     ] = None,
-    head: Annotated[Head | None, typer.Option(help="linear (softmax) or mlp (Dense 512 + dropout 0.5) [default: linear].")] = None,
+    head: Annotated[Head | None, typer.Option(help="linear (softmax) or mlp (Dense 512 + dropout 0.5) \\[default: linear].")] = None,
     layer: Annotated[int | None, typer.Option(help="Pool an earlier stage's output instead of the final features, e.g. -2.")] = None,
     weights: TrainWeights = None,
     val_split: Annotated[float, typer.Option(help="Fraction of each class held out for validation.")] = 0.2,
@@ -141,7 +159,7 @@ def train(
     force: Annotated[
         bool, typer.Option(help="Write into --out even if it holds other files (kept; only the model's own files are replaced).")
     ] = False,
-    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache folder [default: ~/.cache/headstart].")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache folder \\[default: ~/.cache/headstart].")] = None,
     cache: Annotated[bool, typer.Option(help="Read and write the feature cache.")] = True,
     batch_size: Annotated[int, typer.Option(help="Images per backbone forward pass or training step.")] = 32,
     report: Annotated[bool, typer.Option(help="Also write OUT/report.html (curves, confusion matrix, Grad-CAM).")] = True,
@@ -255,7 +273,7 @@ def check(
         Path | None,
         typer.Option(help="Write every suspect label to this CSV: rank, path, given, suggested, probabilities (implies --labels)."),
     ] = None,
-    cache_dir: Annotated[Path | None, typer.Option(help="--labels: feature cache folder [default: ~/.cache/headstart].")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="--labels: feature cache folder \\[default: ~/.cache/headstart].")] = None,
 ) -> None:
     """Find every problem in a dataset before training; exit code 1 when training cannot proceed."""
     from headstart import api
@@ -288,13 +306,15 @@ def compare(
     data: Annotated[Path, typer.Argument(help="Folder with one sub-folder per class (or train/ and val/), or a CSV of path,label.")],
     backbone: Annotated[
         list[str] | None,
-        typer.Option(help="Backbones to compare, repeatable or comma-separated; a+b is their ensemble [default: efficientnet_lite0,1,2]."),
+        typer.Option(
+            help="Backbones to compare, repeatable or comma-separated; a+b is their ensemble \\[default: efficientnet_lite0,1,2]."
+        ),
     ] = None,
     ensembles: Annotated[bool, typer.Option(help="Also score the ensemble of all the single backbones given.")] = True,
-    head: Annotated[list[Head] | None, typer.Option(help="Heads to compare, repeatable [default: linear and mlp].")] = None,
+    head: Annotated[list[Head] | None, typer.Option(help="Heads to compare, repeatable \\[default: linear and mlp].")] = None,
     layer: Annotated[
         list[str] | None,
-        typer.Option(help="Layers, repeatable or comma-separated: final, or an earlier stage such as -2 [default: final]."),
+        typer.Option(help="Layers, repeatable or comma-separated: final, or an earlier stage such as -2 \\[default: final]."),
     ] = None,
     folds: Annotated[int, typer.Option(help="Stratified cross-validation folds.")] = 5,
     seed: Annotated[int, typer.Option(help="Seed of the folds and the heads.", min=0, max=2**32 - 1)] = 0,
@@ -303,7 +323,7 @@ def compare(
     train_best: Annotated[bool, typer.Option(help="Train the best row with `headstart train` and save it to --out.")] = False,
     out: Annotated[Path | None, typer.Option(help="Folder to save the winner in (with --train-best).")] = None,
     force: Annotated[bool, typer.Option(help="Let --out be a folder of other files (they are kept).")] = False,
-    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache folder [default: ~/.cache/headstart].")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache folder \\[default: ~/.cache/headstart].")] = None,
 ) -> None:
     """Rank backbones, their ensemble and heads by cross-validated accuracy on the same images and folds."""
     from headstart import api
@@ -365,9 +385,9 @@ def extract(
     backbone: Backbones = "efficientnet_lite0",
     layer: Annotated[int | None, typer.Option(help="Pool an earlier stage's output instead of the final features, e.g. -2.")] = None,
     weights: TrainWeights = None,
-    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache folder [default: ~/.cache/headstart].")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache folder \\[default: ~/.cache/headstart].")] = None,
     batch_size: Annotated[
-        int | None, typer.Option(min=1, help="Images per forward pass [default: 32], or with --ray per Ray task [default: 64].")
+        int | None, typer.Option(min=1, help="Images per forward pass \\[default: 32], or with --ray per Ray task \\[default: 64].")
     ] = None,
 ) -> None:
     """Compute the features of a dataset into the feature cache, here or on a Ray cluster; `train` then runs no image through the backbone."""
@@ -496,7 +516,7 @@ def export(
     ] = ExportFormat.onnx,
     int8: Annotated[bool, typer.Option("--int8", help="Quantise to 8 bits (about 4x smaller), calibrated on the training photos.")] = False,
     out: Annotated[
-        Path | None, typer.Option(help="File to write [default: MODEL.onnx, MODEL.int8.onnx, MODEL.tflite, ... beside the folder].")
+        Path | None, typer.Option(help="File to write \\[default: MODEL.onnx, MODEL.int8.onnx, MODEL.tflite, ... beside the folder].")
     ] = None,
     calibration: Annotated[Path | None, typer.Option(help="--int8: calibrate on these photos instead of the training photos.")] = None,
 ) -> None:
@@ -550,7 +570,7 @@ def report(
     ctx: typer.Context,
     model: Annotated[Path, typer.Argument(help="A model folder from `headstart train`.")],
     data: Annotated[Path | None, typer.Argument(help="Labelled images to score instead of the recorded validation split.")] = None,
-    out: Annotated[Path | None, typer.Option(help="HTML file to write [default: MODEL/report.html].")] = None,
+    out: Annotated[Path | None, typer.Option(help="HTML file to write \\[default: MODEL/report.html].")] = None,
 ) -> None:
     """(Re)build the HTML report: curves, confusion matrix, prediction grid, top losses, Grad-CAM."""
     from headstart import api

@@ -7,6 +7,8 @@ File names, class names and messages are data: each is shown through `files.disp
 from __future__ import annotations
 
 import math
+import os
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,8 +38,19 @@ if TYPE_CHECKING:
     from headstart.suspects import SuspectSearch
     from headstart.triage import Triage
 
-console = Console()
-err_console = Console(stderr=True)
+UNWRAPPED_WIDTH = 100_000  # piped or logged output: tables at their natural width, never squeezed into 80 columns
+
+
+def _console(stderr: bool = False) -> Console:
+    """A console as wide as the terminal; when the output is no terminal (a pipe, a log, a notebook's `!headstart`) and
+    COLUMNS is not set, wide enough that no path or number is broken over lines."""
+    stream = sys.stderr if stderr else sys.stdout
+    wide = "COLUMNS" not in os.environ and not (hasattr(stream, "isatty") and stream.isatty())
+    return Console(stderr=stderr, width=UNWRAPPED_WIDTH if wide else None)
+
+
+console = _console()
+err_console = _console(stderr=True)
 N_FINDINGS_SHOWN = 20
 N_SUSPECTS_SHOWN = 20
 
@@ -380,6 +393,7 @@ def extracted(result: ExtractSummary, out: Console | None = None) -> None:
         _text(
             f"{result.n_images} images, {result.backbone}: {result.n_extracted} extracted {where}, "
             f"{result.n_cached} already cached, {len(result.skipped)} skipped, in {result.seconds:.1f} s."
+            + (f" {result.n_copies} were copies of another image (the same bytes), extracted once." if result.n_copies else "")
         ),
         soft_wrap=True,
     )
