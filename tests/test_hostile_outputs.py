@@ -101,7 +101,74 @@ def test_report_without_any_readable_validation_image_says_so(tiny_model_dir: Pa
     config = json.loads((model / "bundle.json").read_text())
     assert config["summary"]["val_images"]
     config["summary"]["val_images"] = [[str(tmp_path / "gone" / f"{i}.jpg"), "cats"] for i in range(3)]
+    config["summary"]["refit"] = False  # a head fitted on the training split alone: the validation split is held out
     (model / "bundle.json").write_text(json.dumps(config))
     code, output = run("report", str(model))
     assert code == 1 and "no readable images; 3 skipped" in output and "Give labelled images: headstart report" in output
     assert not (model / "report.html").exists()
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+    return {p.name: digest(p) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_no_output_option_writes_into_a_model_folder(tiny_model_dir: Path, tmp_path: Path, photo: Path) -> None:
+    """A third hostile run overwrote a model's own files through --csv, --labels-csv, --out and --html."""
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    other = shutil.copytree(tiny_model_dir, tmp_path / "other")
+    (model / "history.csv").write_text("epoch,loss\n")  # as a fine-tuned model has
+    before = folder_digest(model), folder_digest(other)
+    attempts = [
+        ["check", str(CATS_DOGS_TINY), "--csv", str(model / "history.csv")],
+        ["check", str(CATS_DOGS_TINY), "--csv", str(other / "report.csv")],
+        ["check", str(CATS_DOGS_TINY), "--labels", "--model", str(model), "--labels-csv", str(model / "metrics.csv")],
+        ["predict", str(model), str(photo), "--csv", str(model / "history.csv")],
+        ["predict", str(model), str(photo), "--csv", str(other / "history.csv")],
+        ["predict", str(model), str(photo), "--out", str(model / "predictions.parquet")],
+        ["compare", str(CATS_DOGS_TINY), "--html", str(model / "report.html")],
+        ["compare", str(CATS_DOGS_TINY), "--csv", str(other / "rows.csv")],
+        ["export", str(model), "--out", str(other / "m.onnx")],
+        ["augment-preview", str(CATS_DOGS_TINY), "--out", str(other / "grid.png")],
+        ["report", str(model), str(CATS_DOGS_TINY), "--out", str(other / "report.html")],
+    ]
+    for args in attempts:
+        code, output = run(*args)
+        assert code == 1 and ("inside the model folder" in output or "inside an input of this command" in output), (args, output)
+    assert (folder_digest(model), folder_digest(other)) == before
+
+
+def test_outputs_replace_only_files_headstart_wrote_unless_forced(tiny_model_dir: Path, tmp_path: Path, photo: Path) -> None:
+    """export --out and predict --out/--csv silently replaced a user's own file of the same name."""
+    for name in ("mine.onnx", "mine.parquet", "mine.csv", "grid.png"):
+        (tmp_path / name).write_bytes(b"the user's own file")
+    attempts = [
+        ["export", str(tiny_model_dir), "--out", str(tmp_path / "mine.onnx")],
+        ["predict", str(tiny_model_dir), str(photo), "--out", str(tmp_path / "mine.parquet")],
+        ["predict", str(tiny_model_dir), str(photo), "--csv", str(tmp_path / "mine.csv")],
+        ["augment-preview", str(CATS_DOGS_TINY), "--out", str(tmp_path / "grid.png")],
+    ]
+    for args in attempts:
+        code, output = run(*args)
+        assert code == 1 and "headstart did not write it" in output and "--force" in output, (args, output)
+        assert Path(args[-1]).read_bytes() == b"the user's own file"
+    for args in attempts:  # --force replaces them; then each is headstart's own, replaced again without --force
+        assert run(*args, "--force")[0] == 0, args
+        code, output = run(*args)
+        assert code == 0, (args, output)
+        assert Path(args[-1]).read_bytes() != b"the user's own file"
+
+
+def test_a_rebuilt_report_never_headlines_a_score_on_images_the_head_was_fitted_on(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`report MODEL` scored the refitted head on its own training images: accuracy 1.0, a perfect confusion matrix."""
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    code, output = run("report", str(model))
+    assert code == 1 and "refitted on every labelled image" in output and "out-of-fold" in output, output
+    assert not (model / "report.html").exists()
+    code, output = run("report", str(model), str(CATS_DOGS_TINY / "val"))  # held-out images the user names are scored
+    assert code == 0 and (model / "report.html").is_file(), output
+
+
+def test_export_checked_on_fitted_photos_shows_no_accuracy(tiny_model_dir: Path, tmp_path: Path) -> None:
+    code, output = run("export", str(tiny_model_dir), "--out", str(tmp_path / "m.onnx"))
+    assert code == 0 and "training photos (the head was fitted on them: agreement only)" in output, output
+    assert "accuracy" not in output and "same top-1 class" in output

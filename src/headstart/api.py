@@ -124,8 +124,8 @@ def compare(
     from headstart.compare import compare as compare_rows
 
     inputs = [Path(data).expanduser()]
-    csv_path = output_file(Path(csv), ".csv", inputs) if csv is not None else None
-    html_path = output_file(Path(html), ".html", inputs) if html is not None else None
+    csv_path = output_file(Path(csv), ".csv", inputs, force) if csv is not None else None
+    html_path = output_file(Path(html), ".html", inputs, force) if html is not None else None
     if train_best != (out is not None):
         raise ConfigError("--train-best saves the winner to --out: give both, or neither.")
     if out is not None:
@@ -315,6 +315,7 @@ def export(
     int8: bool = False,
     calibration: PathLike | None = None,
     progress: Progress | None = None,
+    force: bool = False,
 ) -> ExportResult:
     """Write the model as one ONNX or TFLite file (uint8 RGB pixels in, probabilities out), checked on its validation photos.
 
@@ -334,7 +335,7 @@ def export(
             raise ConfigError(f"{folder}: not a model folder; give the folder `headstart train --out` wrote.")
         out = folder.resolve().with_name(folder.resolve().name + (".int8" if int8 else "") + suffix)
     inputs = [Path(p) for p in (folder, calibration) if p is not None]
-    path = output_file(Path(out), suffix, inputs)
+    path = output_file(Path(out), suffix, inputs, force)
     return export_model(_loaded(model), path, format, int8, Path(calibration) if calibration is not None else None, progress)
 
 
@@ -385,7 +386,7 @@ def imagenet(
     return Predictions(predictions, missing + extraction.skipped)
 
 
-def save_predictions_csv(predictions: Sequence[Prediction], path: PathLike) -> Path:
+def save_predictions_csv(predictions: Sequence[Prediction], path: PathLike, force: bool = False) -> Path:
     """Write one row per image: path, label, probability, then label_2, probability_2, ... (atomically);
     then unknown (true/false) and unknown_score when the model has an unknown detector.
 
@@ -398,16 +399,18 @@ def save_predictions_csv(predictions: Sequence[Prediction], path: PathLike) -> P
         header += ["unknown", "unknown_score"]
         for row, p in zip(rows, predictions):
             row += [str(p.unknown).lower(), "" if p.unknown_score is None else f"{p.unknown_score:.6f}"]
-    return atomic_write_bytes(output_file(Path(path), ".csv"), csv_bytes(header, rows))
+    return atomic_write_bytes(output_file(Path(path), ".csv", force=force), csv_bytes(header, rows))
 
 
-def save_predictions_parquet(predictions: Sequence[Prediction], path: PathLike) -> Path:
+def save_predictions_parquet(predictions: Sequence[Prediction], path: PathLike, force: bool = False) -> Path:
     """Write the columns of `save_predictions_csv` as a Parquet file (atomically; needs pyarrow, which `headstart[ray]` brings).
 
     Probabilities and unknown scores are float32 and `unknown` boolean; a label beyond an image's classes is null.
     Paths are UTF-8 text, with the undecodable bytes of non-UTF-8 file names written as `\\xNN`.
     """
     import io
+
+    from headstart import __version__
 
     try:
         import pyarrow as pa
@@ -426,15 +429,17 @@ def save_predictions_parquet(predictions: Sequence[Prediction], path: PathLike) 
         columns["unknown"] = pa.array([p.unknown for p in predictions], pa.bool_())
         columns["unknown_score"] = pa.array([p.unknown_score for p in predictions], pa.float32())
     buffer = io.BytesIO()
-    pq.write_table(pa.table(columns), buffer)
-    return atomic_write_bytes(output_file(Path(path), ".parquet"), buffer.getvalue())
+    pq.write_table(
+        pa.table(columns).replace_schema_metadata({"headstart_version": __version__}), buffer
+    )  # the mark `output_file` looks for
+    return atomic_write_bytes(output_file(Path(path), ".parquet", force=force), buffer.getvalue())
 
 
-def save_predictions(predictions: Sequence[Prediction], path: PathLike) -> Path:
+def save_predictions(predictions: Sequence[Prediction], path: PathLike, force: bool = False) -> Path:
     """`save_predictions_parquet` or `save_predictions_csv`, as the file name ends (.parquet or .csv)."""
     if Path(path).suffix.lower() == ".parquet":
-        return save_predictions_parquet(predictions, path)
-    return save_predictions_csv(predictions, path)
+        return save_predictions_parquet(predictions, path, force)
+    return save_predictions_csv(predictions, path, force)
 
 
 def augment_preview(
@@ -445,6 +450,7 @@ def augment_preview(
     n_images: int = 4,
     n_variants: int = 5,
     seed: int = 0,
+    force: bool = False,
 ) -> Path:
     """Save a PNG grid: a few training images as the model sees them in evaluation, then augmented.
 
@@ -473,16 +479,22 @@ def augment_preview(
         image = load_image(record.path)
         rows.append([resize_and_crop(image, data_config)] + [augment_image(image, config, data_config, rng) for _ in range(n_variants)])
         titles.append([f"{display(record.label)}: original"] + [f"augmented {k + 1}" for k in range(n_variants)])
-    return save_figure(image_grid(rows, titles), output_file(Path(out), ".png"))
+    return save_figure(image_grid(rows, titles), output_file(Path(out), ".png", force=force))
 
 
-def report(model: PathLike, data: PathLike | None = None, out: PathLike | None = None) -> Path:
-    """(Re)build a model's HTML report, scored on its validation images or on labelled `data`.
+def report(model: PathLike, data: PathLike | None = None, out: PathLike | None = None, force: bool = False) -> Path:
+    """(Re)build a model's HTML report, scored on its test split, its validation split, or labelled `data`.
 
     Writes `out` (default: `report.html` in the model folder) and returns its path.
+
+    Raises:
+        ConfigError: no labelled `data` was given and no recorded image was held out of the head's fit (it was
+            refitted on every labelled image): such a report would headline a score on images the head has seen.
     """
     from headstart.html_report import build_report
 
+    default = Path(model) / REPORT_NAME
+    target = default if out is None or Path(out).resolve() == default.resolve() else output_file(Path(out), ".html", force=force)
     loaded = _loaded(model)
     s = loaded.summary
     if data is not None:
@@ -490,16 +502,21 @@ def report(model: PathLike, data: PathLike | None = None, out: PathLike | None =
         records, scored_on = dataset.val or dataset.train, f"the labelled images of {display(str(data))}"
     elif s.test_images:
         records, scored_on = list(s.test_images), "the test split, held out of training and of every choice"
+    elif s.refit:
+        cross_validated = f" (cross-validated accuracy {s.validation.accuracy:.2%}, in metrics.json)" if s.validation else ""
+        raise ConfigError(
+            f"{display(str(model))}: its head was refitted on every labelled image, so none is left to score it honestly; "
+            f"`train` wrote report.html from out-of-fold predictions{cross_validated}. Give held-out labelled images: "
+            f"headstart report {display(str(model))} DATA."
+        )
     else:
-        records = list(s.val_images)
-        refitted = " (the head was refitted on these images too: optimistic; the cross-validated score is in metrics.json)"
-        scored_on = "the validation split" + (refitted if s.refit else "")
+        records, scored_on = list(s.val_images), "the validation split"
         if not records:
             raise ConfigError(f"{model}: no validation images are recorded; give labelled images: headstart report {model} DATA.")
     scores = loaded.score([r for r in records if r.label in loaded.classes])
     if not scores.records:
         raise _no_readable_images([model], scores.skipped, f"Give labelled images: headstart report {model} DATA.")
-    return build_report(loaded, scores, output_file(Path(out), ".html") if out is not None else Path(model) / REPORT_NAME, scored_on)
+    return build_report(loaded, scores, target, scored_on)
 
 
 def explain(
@@ -564,7 +581,7 @@ def activations(model_or_backbone: str | PathLike, image: PathLike, out: PathLik
     return save_figure(figure, Path(out) / output_name(path.stem, "_activations.png", existing_names(Path(out))))
 
 
-def imagenet_grid(result: Predictions, out: PathLike, n_cols: int = 4) -> Path:
+def imagenet_grid(result: Predictions, out: PathLike, n_cols: int = 4, force: bool = False) -> Path:
     """A PNG grid of the images, each titled with its top-1 ImageNet class and probability."""
     from PIL import ImageOps
 
@@ -576,7 +593,9 @@ def imagenet_grid(result: Predictions, out: PathLike, n_cols: int = 4) -> Path:
     views = [ImageOps.fit(load_image(path), (256, 256)) for _, path in shown]
     titles = [f"{display(p.label.split(',')[0])} ({p.probability:.2f})" for p, _ in shown]
     rows = [views[k : k + n_cols] for k in range(0, len(views), n_cols)]
-    return save_figure(image_grid(rows, [titles[k : k + n_cols] for k in range(0, len(titles), n_cols)]), output_file(Path(out), ".png"))
+    return save_figure(
+        image_grid(rows, [titles[k : k + n_cols] for k in range(0, len(titles), n_cols)]), output_file(Path(out), ".png", force=force)
+    )
 
 
 def _no_readable_images(

@@ -15,7 +15,7 @@ import stat
 import sys
 import time
 import uuid
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -50,9 +50,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
     return path
 
 
-def output_file(path: Path, suffix: str, inputs: Iterable[Path] = ()) -> Path:
+def output_file(path: Path, suffix: str, inputs: Iterable[Path] = (), force: bool = False) -> Path:
     """`path` checked as a file to write, symbolic links followed: its name ends in `suffix`, and it is not a
-    special file, a link loop or one of `inputs`, so an output option never replaces a photo, a device or the data.
+    special file, a link loop, one of `inputs` or inside them, nor inside a model folder; and, unless `force`, a file
+    that exists was written by headstart. So an output option never replaces a photo, a device, the data, a model's
+    files or a file of the user's.
 
     Raises:
         ConfigError: naming what is wrong and what to give instead.
@@ -73,7 +75,41 @@ def output_file(path: Path, suffix: str, inputs: Iterable[Path] = ()) -> Path:
         inside = i.is_dir() and resolved.is_relative_to(i.resolve())
         if inside or (resolved.exists() and i.exists() and os.path.samefile(resolved, i)):
             raise ConfigError(f"{display(path)}: is {'inside' if inside else 'also'} an input of this command; give another file name.")
+    model = next((folder for folder in resolved.parents if (folder / MODEL_MARKER).is_file()), None)
+    if model is not None:
+        raise ConfigError(
+            f"{display(path)}: inside the model folder {display(model)}, whose files only train writes; give a file outside it."
+        )
+    if resolved.exists() and not force and not written_by_headstart(resolved):
+        raise ConfigError(f"{display(path)}: exists, and headstart did not write it; give another file name, or --force to replace it.")
     return resolved
+
+
+MODEL_MARKER = "bundle.json"  # the file that makes a folder a model folder
+_CSV_HEADERS = ("path,label,probability", "path,problem,action,detail,fix", "rank,path,given,suggested", "rank,backbone,head")
+_MARKS: dict[str, Callable[[bytes, bytes], bool]] = {  # how each kind of output headstart writes is told apart: (first, last 64 KiB)
+    ".csv": lambda head, tail: head.lstrip(b"\xef\xbb\xbf").startswith(tuple(h.encode() for h in _CSV_HEADERS)),
+    ".onnx": lambda head, tail: b"headstart_version" in tail,  # the metadata, at the end of the file
+    ".parquet": lambda head, tail: head.startswith(b"PAR1") and b"headstart_version" in tail,  # the schema's metadata, in the footer
+    ".tflite": lambda head, tail: head[4:8] == b"TFL3" and b"serving_default" in tail and b"probabilities" in tail,
+    ".html": lambda head, tail: b'<meta name="generator" content="headstart">' in head,
+    ".png": lambda head, tail: head.startswith(b"\x89PNG") and b"Software\x00headstart" in head,
+}
+
+
+def written_by_headstart(path: Path) -> bool:
+    """Whether `path` is a file of a kind headstart writes (by its name's ending) that carries headstart's mark: the
+    header row of one of its CSVs, its metadata in an ONNX, Parquet or TFLite file, its generator tag in a page or a PNG."""
+    mark = _MARKS.get(path.suffix.lower())
+    if mark is None:
+        return False
+    try:
+        with open_regular(path, 1 << 40) as f:
+            head = f.read(1 << 16)
+            f.seek(max(0, os.fstat(f.fileno()).st_size - (1 << 16)))
+            return mark(head, f.read(1 << 16))
+    except OSError:
+        return False
 
 
 def json_bytes(obj: Any) -> bytes:

@@ -181,7 +181,7 @@ def accuracy_bars(labels: Sequence[str], means: Sequence[float], stds: Sequence[
 
 def png_bytes(figure: Figure, dpi: int = 100) -> bytes:
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi)
+    figure.savefig(buffer, format="png", dpi=dpi, metadata={"Software": "headstart"})  # the mark `output_file` looks for
     return buffer.getvalue()
 
 
@@ -317,7 +317,7 @@ def render_html(title: str, sections: Sequence[Section]) -> str:
     """A self-contained page: styles inline, images as data URLs."""
     parts = [f'<section id="{_html(s.title.lower().replace(" ", "-"))}"><h2>{_html(s.title)}</h2>{s.body}</section>' for s in sections]
     return (
-        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{_html(title)}</title>'
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="generator" content="headstart"><title>{_html(title)}</title>'
         f"<style>{_STYLE}</style></head><body><h1>{_html(title)}</h1>{''.join(parts)}</body></html>\n"
     )
 

@@ -59,6 +59,7 @@ TrainWeights = Annotated[
 ]
 
 
+Force = Annotated[bool, typer.Option(help="Replace an existing output file that headstart did not write.")]
 RayFlag = Annotated[bool, typer.Option("--ray", help="Compute on a Ray cluster (needs headstart\\[ray]); see --address.")]
 RayAddress = Annotated[
     str | None,
@@ -227,13 +228,16 @@ def augment_preview(
     n_images: Annotated[int, typer.Option(min=1, help="How many training images (rows).")] = 4,
     n_variants: Annotated[int, typer.Option(min=1, help="How many augmented versions of each (columns after the original).")] = 5,
     seed: Annotated[int, typer.Option(help="Seed of the image choice and the augmentations.", min=0, max=2**32 - 1)] = 0,
+    force: Force = False,
 ) -> None:
     """Save a grid of augmented training images: what the model sees while fine-tuning."""
     from headstart import api
     from headstart.cli import render
 
     with handled(ctx):
-        path = api.augment_preview(data, out, augment=augment.value, backbone=backbone, n_images=n_images, n_variants=n_variants, seed=seed)
+        path = api.augment_preview(
+            data, out, augment=augment.value, backbone=backbone, n_images=n_images, n_variants=n_variants, seed=seed, force=force
+        )
     render.message(f"Wrote {path}.")
 
 
@@ -274,6 +278,7 @@ def check(
         typer.Option(help="Write every suspect label to this CSV: rank, path, given, suggested, probabilities (implies --labels)."),
     ] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="--labels: feature cache folder \\[default: ~/.cache/headstart].")] = None,
+    force: Force = False,
 ) -> None:
     """Find every problem in a dataset before training; exit code 1 when training cannot proceed."""
     from headstart import api
@@ -281,8 +286,9 @@ def check(
     from headstart.files import output_file
 
     with handled(ctx), render.progress_bar() as progress:
-        listing = output_file(csv, ".csv", [data]) if csv is not None else None  # checked before the long work
-        suspects_listing = output_file(labels_csv, ".csv", [data]) if labels_csv is not None else None
+        inputs = [data, *([model] if model is not None else [])]
+        listing = output_file(csv, ".csv", inputs, force) if csv is not None else None  # checked before the long work
+        suspects_listing = output_file(labels_csv, ".csv", inputs, force) if labels_csv is not None else None
         result = api.check(data, val_split=val_split, seed=seed, progress=progress)
     render.triage(result)
     if listing is not None:
@@ -322,7 +328,12 @@ def compare(
     html: Annotated[Path | None, typer.Option(help="Also write a page with a bar chart and the table to this HTML file.")] = None,
     train_best: Annotated[bool, typer.Option(help="Train the best row with `headstart train` and save it to --out.")] = False,
     out: Annotated[Path | None, typer.Option(help="Folder to save the winner in (with --train-best).")] = None,
-    force: Annotated[bool, typer.Option(help="Let --out be a folder of other files (they are kept).")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            help="Let --out be a folder of other files (they are kept), and replace --csv and --html files headstart did not write."
+        ),
+    ] = False,
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache folder \\[default: ~/.cache/headstart].")] = None,
 ) -> None:
     """Rank backbones, their ensemble and heads by cross-validated accuracy on the same images and folds."""
@@ -442,6 +453,7 @@ def predict(
     out: Annotated[
         Path | None, typer.Option(help="Write the predictions to this .parquet (needs headstart\\[ray]) or .csv file.", show_default=False)
     ] = None,
+    force: Force = False,
 ) -> None:
     """Predict the classes of new images."""
     from headstart import api
@@ -452,15 +464,16 @@ def predict(
     with handled(ctx), render.progress_bar() as progress:
         if ray and out is None:
             raise ConfigError("--ray writes the predictions to a file: give --out predictions.parquet (or .csv).")
-        inputs = [Path(i) for i in images]
-        target = output_file(out, ".csv" if out.suffix.lower() == ".csv" else ".parquet", inputs) if out is not None else None
+        inputs = [model, *(Path(i) for i in images)]
+        listing = output_file(csv, ".csv", inputs, force) if csv is not None else None  # checked before the long work
+        target = output_file(out, ".csv" if out.suffix.lower() == ".csv" else ".parquet", inputs, force) if out is not None else None
         result = api.predict(
             model, images, top_k=top_k, progress=progress, unknown=_unknown_option(unknown), tta=tta, ray=ray, address=address
         )
-        if csv:
-            api.save_predictions_csv(result.predictions, csv)
+        if listing is not None:
+            api.save_predictions_csv(result.predictions, listing, force)
         if target is not None:
-            api.save_predictions(result.predictions, target)
+            api.save_predictions(result.predictions, target, force)
     if ray:
         render.skipped(result.skipped)
     else:
@@ -519,13 +532,14 @@ def export(
         Path | None, typer.Option(help="File to write \\[default: MODEL.onnx, MODEL.int8.onnx, MODEL.tflite, ... beside the folder].")
     ] = None,
     calibration: Annotated[Path | None, typer.Option(help="--int8: calibrate on these photos instead of the training photos.")] = None,
+    force: Force = False,
 ) -> None:
     """One file for apps and phones: uint8 RGB pixels in, class probabilities out; checked on the validation photos."""
     from headstart import api
     from headstart.cli import render
 
     with handled(ctx), render.progress_bar() as progress:
-        result = api.export(model, out, format.value, int8, calibration, progress)
+        result = api.export(model, out, format.value, int8, calibration, progress, force)
     render.exported(result)
 
 
@@ -551,6 +565,7 @@ def imagenet(
     weights: Weights = None,
     top_k: Annotated[int, typer.Option(min=1, help="How many ImageNet classes to show.")] = 5,
     grid: Annotated[Path | None, typer.Option(help="Also save a PNG grid of the images titled with their top-1 class.")] = None,
+    force: Force = False,
 ) -> None:
     """The pretrained backbone's own ImageNet-1000 predictions."""
     from headstart import api
@@ -559,7 +574,7 @@ def imagenet(
     with handled(ctx), render.progress_bar() as progress:
         result = api.imagenet(images, backbone=backbone, weights=weights, top_k=top_k, progress=progress)
         if grid:
-            api.imagenet_grid(result, grid)
+            api.imagenet_grid(result, grid, force=force)
     render.predictions(result)
     if grid:
         render.message(f"Wrote {grid}.")
@@ -571,13 +586,14 @@ def report(
     model: Annotated[Path, typer.Argument(help="A model folder from `headstart train`.")],
     data: Annotated[Path | None, typer.Argument(help="Labelled images to score instead of the recorded validation split.")] = None,
     out: Annotated[Path | None, typer.Option(help="HTML file to write \\[default: MODEL/report.html].")] = None,
+    force: Force = False,
 ) -> None:
     """(Re)build the HTML report: curves, confusion matrix, prediction grid, top losses, Grad-CAM."""
     from headstart import api
     from headstart.cli import render
 
     with handled(ctx):
-        path = api.report(model, data, out)
+        path = api.report(model, data, out, force)
     render.message(f"Wrote {path}; open it in a browser.")
 
 

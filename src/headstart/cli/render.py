@@ -360,15 +360,13 @@ def exported(result: ExportResult, out: Console | None = None) -> None:
     if check is None:
         out.print(_text("Not checked: none of the model's validation photos could be read here."), soft_wrap=True)
         return
-    photos = (
-        "training photos (the head was refitted on them: accuracy optimistic)"
-        if result.checked_on == "training"
-        else f"{result.checked_on} photos"
-    )
+    fitted = result.checked_on == "training"  # no accuracy on photos the head was fitted on: it would flatter the model
+    photos = "training photos (the head was fitted on them: agreement only)" if fitted else f"{result.checked_on} photos"
     table = Table(title=f"Checked on {check.n_images} {photos} against the {result.reference}")
     for column in ("", "this file", result.reference):
         table.add_column(column, justify="right")
-    table.add_row("accuracy", f"{check.accuracy:.2%}", f"{check.reference_accuracy:.2%}")
+    if not fitted:
+        table.add_row("accuracy", f"{check.accuracy:.2%}", f"{check.reference_accuracy:.2%}")
     table.add_row("images/s", f"{check.images_per_second:.1f}", f"{check.reference_images_per_second:.1f}")
     table.add_row("same top-1 class", f"{check.agreement:.2%}", "")
     table.add_row("largest probability difference", f"{check.max_difference:.2g}", "")
