@@ -15,6 +15,7 @@ from PIL import Image
 import headstart
 from conftest import FLOWERS_TINY, SHARED
 from headstart.errors import ConfigError, TFLiteConversionError
+from headstart.files import written_by_headstart
 from headstart.model_export import INPUT_NAME, OUTPUT_NAME
 from headstart.tflite import convert, run_tflite
 from headstart.transforms import crop_pixels
@@ -71,6 +72,7 @@ def test_fp32_tflite_answers_as_the_onnx_file(flowers_onnx: Path, test_pixels: N
     (inp,) = interpreter.get_input_details()
     assert inp["dtype"] is np.uint8 and list(inp["shape_signature"]) == [-1, 224, 224, 3]
     assert interpreter.get_signature_list() == {"serving_default": {"inputs": [INPUT_NAME], "outputs": [OUTPUT_NAME]}}
+    assert written_by_headstart(out) and written_by_headstart(flowers_onnx)  # export may replace them without --force
     expected = onnx_probabilities(flowers_onnx, test_pixels)
     proba = run_tflite(out, test_pixels)
     assert proba.dtype == np.float32 and proba.shape == expected.shape == (50, 5)

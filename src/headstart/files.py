@@ -91,7 +91,7 @@ _MARKS: dict[str, Callable[[bytes, bytes], bool]] = {  # how each kind of output
     ".csv": lambda head, tail: head.lstrip(b"\xef\xbb\xbf").startswith(tuple(h.encode() for h in _CSV_HEADERS)),
     ".onnx": lambda head, tail: b"headstart_version" in tail,  # the metadata, at the end of the file
     ".parquet": lambda head, tail: head.startswith(b"PAR1") and b"headstart_version" in tail,  # the schema's metadata, in the footer
-    ".tflite": lambda head, tail: head[4:8] == b"TFL3" and b"serving_default" in tail and b"probabilities" in tail,
+    ".tflite": lambda head, tail: head[4:8] == b"TFL3" and all(m in head or m in tail for m in (b"serving_default", b"probabilities")),
     ".html": lambda head, tail: b'<meta name="generator" content="headstart">' in head,
     ".png": lambda head, tail: head.startswith(b"\x89PNG") and b"Software\x00headstart" in head,
 }
