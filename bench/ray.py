@@ -95,7 +95,7 @@ def main() -> None:
             )
         ]
 
-        listing = Listing([str(p) for p in paths], [False] * len(paths), [])
+        listing = Listing.local(paths)
         per_cpu: dict[int, float] = {}
         worst = 0.0
         for cpus in args.cpus:

@@ -7,6 +7,7 @@ import csv
 import logging
 import os
 import signal
+import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -19,12 +20,13 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 import headstart
-from conftest import CATS_DOGS_TINY, FLOWERS, SHARED, copy_flowers, write_image
+from conftest import CATS_DOGS_TINY, FLOWERS, FLOWERS_TINY, SHARED, copy_flowers, write_image
 from headstart import api
 from headstart import cache as feature_cache
 from headstart.backbone import create_backbone
 from headstart.cache import ExtractSummary, FeatureCache
 from headstart.cli.main import app
+from headstart.cluster import list_inputs
 from headstart.data import MAX_FILE_BYTES
 from headstart.files import file_digest
 
@@ -79,6 +81,18 @@ def _hostile_folder(root: Path) -> Path:
     with (roses / "huge.jpg").open("wb") as f:
         f.truncate(MAX_FILE_BYTES + 1)  # sparse: no disk space
     return root
+
+
+def _assert_same_csv_rows(rows: list[dict[str, str]], expected: list[dict[str, str]]) -> None:
+    """The same rows, but for the numbers (6 decimals), which may differ in their last decimal: an image's features, and the
+    head's products, round differently with the batch they are computed in. Probabilities must agree to within 2e-6 (the
+    rounding of each, and one unit), unknown scores to within the 1e-5 the API's are compared with above."""
+    tolerance = {key: 1e-5 if key == "unknown_score" else 2e-6 for key in expected[0] if key.startswith(("probability", "unknown_score"))}
+    for row, want in zip(rows, expected, strict=True):
+        assert row.keys() == want.keys()
+        assert {k: v for k, v in row.items() if k not in tolerance} == {k: v for k, v in want.items() if k not in tolerance}
+        for key, atol in tolerance.items():
+            np.testing.assert_allclose(float(row[key] or "nan"), float(want[key] or "nan"), rtol=0, atol=atol, err_msg=key)
 
 
 def _worker_pids() -> list[int]:
@@ -149,7 +163,7 @@ def test_predict_on_ray_equals_predict_in_the_api_the_csv_and_parquet(
     with (tmp_path / "local.csv").open(newline="", encoding="utf-8", errors="surrogateescape") as f:
         expected = list(csv.DictReader(f))
     with (tmp_path / "ray.csv").open(newline="", encoding="utf-8", errors="surrogateescape") as f:
-        assert list(csv.DictReader(f)) == expected
+        _assert_same_csv_rows(list(csv.DictReader(f)), expected)
     on_ray = [p for p in remote if Path(p.path).parent.parent == images]  # `listed`'s images, as `--out ray.parquet` writes them
     api.save_predictions(on_ray, tmp_path / "ray.parquet")
     import pyarrow.parquet as pq
@@ -200,17 +214,48 @@ def test_bad_files_are_skipped_with_the_reasons_of_a_local_run(ray_session: Any,
 
 @pytest.mark.slow
 def test_a_uri_is_listed_and_read_through_pyarrow(flowers_cache: tuple[Path, Any], ray_session: Any, tmp_path: Path) -> None:
+    pytest.importorskip("fsspec")  # Ray Data's dependency: `fsspec+file://` is a filesystem pyarrow reads as it reads s3://
     data = copy_flowers(tmp_path / "photos", per_class=4)
     (data / "tulips" / "note.jpg").write_text("not an image")
     (data / "tulips" / ".hidden.jpg").write_bytes((data / "tulips" / "note.jpg").read_bytes())
-    result = api.extract(data.resolve().as_uri() + "/", ray=True, cache_dir=tmp_path / "cache")
-    assert result.n_images == 21 and result.n_extracted == len({file_digest(p) for p in data.rglob("*.jpg")}) - 1
-    assert [(s.path.name, s.reason) for s in result.skipped] == [("note.jpg", "cannot identify image file")]
+    (data / "daisy" / "a photo #1 ?50%.jpg").write_bytes(next((data / "roses").iterdir()).read_bytes())  # no valid URI
+    result = api.extract(f"fsspec+{data.resolve().as_uri()}/", ray=True, cache_dir=tmp_path / "cache")
+    assert result.n_images == 22 and result.n_extracted == len({file_digest(p) for p in data.rglob("*.jpg")}) - 1
+    assert [(s.path, s.reason) for s in result.skipped] == [
+        (Path(f"fsspec+file:{data.resolve()}/tulips/note.jpg"), "cannot identify image file")
+    ]
     local_features = _features(flowers_cache[0])
     for digest, row in _features(tmp_path / "cache").items():
         np.testing.assert_allclose(row, local_features[digest], rtol=0, atol=1e-6)
     model = headstart.train(data, cache_dir=tmp_path / "cache", report=False, folds=2)
     assert model.summary.n_extracted == 0
+
+
+def test_a_file_uri_is_listed_as_a_local_folder_each_photo_once_whatever_its_symlinks(tmp_path: Path) -> None:
+    data = copy_flowers(tmp_path / "photos", per_class=2)
+    (data / "daisy" / "self").symlink_to(".")  # a loop: daisy/self/self/...
+    (data / "roses" / "up").symlink_to("..")  # a loop through the root: roses/up/roses/up/...
+    (data / "tulips" / "a photo #1 ?50%.jpg").write_bytes(b"")  # a name that is no valid URI
+    listing = list_inputs([data.resolve().as_uri()])
+    assert sorted(listing.locations) == sorted(os.fspath(p) for p in data.resolve().rglob("*.jpg"))  # rglob: no symlinked folder
+    assert len(listing.locations) == 5 * 2 + 1
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize(
+    ("where", "words"),
+    [
+        (["gs://headstart-no-such-bucket/photos/"], "gs://headstart-no-such-bucket/photos/"),  # no network here: its client retries
+        ([str(FLOWERS_TINY), "--address", "127.0.0.1:1"], "Could not connect to the Ray cluster at 127.0.0.1:1"),
+    ],
+)
+def test_storage_or_a_cluster_that_does_not_answer_is_a_one_line_error_within_a_deadline(
+    where: list[str], words: str, tmp_path: Path
+) -> None:
+    command = [sys.executable, "-m", "headstart.cli.main", "extract", *where, "--ray", "--cache-dir", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)  # without deadlines: 15 minutes, 3 minutes and more
+    output = (done.stdout + done.stderr).strip()
+    assert done.returncode == 1 and words in output and "\n" not in output, output
 
 
 @pytest.mark.slow

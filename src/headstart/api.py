@@ -183,7 +183,7 @@ def extract(
     """
     from headstart.backbone import create_backbones, ensemble_name
     from headstart.cache import CachedExtraction, ExtractSummary, FeatureCache, extract_with_cache
-    from headstart.cluster import BATCH_SIZE, Listing, RayExtraction, extract_on_ray, is_uri, list_remote, ray_session
+    from headstart.cluster import BATCH_SIZE, Listing, RayExtraction, extract_on_ray, is_uri, list_inputs, ray_session
     from headstart.data import read_source
     from headstart.pipeline import available_cpus
 
@@ -192,12 +192,11 @@ def extract(
     if isinstance(data, str) and is_uri(data):
         if not ray:
             raise ConfigError(f"{display(data)}: a URI is read on Ray workers; add --ray.")
-        found = list_remote(data)
-        listing, listed_skipped = Listing(found, [True] * len(found), []), list[Skipped]()
+        listing = list_inputs([data])
+        listed_skipped = listing.missing
     else:
         records, val, listed_skipped = read_source(Path(data).expanduser())
-        local = [os.fspath(r.path) for r in records + (val or [])]
-        listing = Listing(local, [False] * len(local), [])
+        listing = Listing.local([r.path for r in records + (val or [])])
     if not listing.locations:
         raise _no_readable_images([data], listed_skipped, "Put each class's images in its own sub-folder (e.g. photos/cats/*.jpg).")
     root = Path(cache_dir) if cache_dir else default_cache_dir()

@@ -21,14 +21,17 @@ import logging
 import math
 import os
 import re
+import socket
+import threading
+import urllib.parse
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -44,13 +47,18 @@ from headstart.pipeline import available_cpus
 
 if TYPE_CHECKING:
     import pyarrow
+    import pyarrow.fs
 
     from headstart.model import Model, Prediction, UnknownOption
 
 BATCH_SIZE = 64  # images per Ray task: large enough that Ray's per-task cost (milliseconds) is small beside the work (about a second)
 TASKS_PER_CPU = 4  # fewer images than BATCH_SIZE x this per CPU are cut into smaller batches, so that every CPU has work
 READ_AHEAD = 8  # files each actor reads at once: object stores answer each request in tens of milliseconds
+REACH_SECONDS = 30  # for a URI's storage to say what is at the URI, and for a Ray cluster's address to accept a connection
+GCS_RETRY_SECONDS = 15  # for Google Cloud Storage's client to retry a request (its default, 15 minutes, looks like a hang)
 INSTALL_HINT = "pip install 'headstart[ray]'"
+
+_T = TypeVar("_T")
 
 
 def import_ray() -> ModuleType:
@@ -73,65 +81,170 @@ def is_uri(location: str) -> bool:
     return bool(sep) and scheme.isascii() and scheme.replace("+", "").isalnum() and not Path(location).exists()
 
 
+LOCAL = -1  # `Listing.sources` of a local path
+
+
+@dataclass(frozen=True)
+class Store:
+    """A pyarrow filesystem that a URI named: objects are read through it by their path in it.
+
+    Attributes:
+        uri: the URI as given, without its query and trailing slash; an object is reported as this, `/`, and its path below `root`.
+        filesystem: the filesystem (`S3FileSystem`, `GcsFileSystem`, ...), which each Ray actor receives once.
+        root: the URI's path in `filesystem`.
+    """
+
+    uri: str
+    filesystem: pyarrow.fs.FileSystem
+    root: str
+
+
 @dataclass(frozen=True)
 class Listing:
-    """Image locations in order: local paths (as `os.fsdecode` gives them) or URIs, and the inputs that named nothing."""
+    """Image locations in order, and the inputs that named nothing.
+
+    Attributes:
+        locations: local paths (as `os.fsdecode` gives them), or objects' paths in their store's filesystem.
+        sources: for each location, the index of its store in `stores`, or `LOCAL`.
+        missing: the inputs that named nothing.
+        stores: the filesystems of the URIs listed.
+    """
 
     locations: list[str]
-    remote: list[bool]
+    sources: list[int]
     missing: list[Skipped]
+    stores: list[Store] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def local(cls, paths: Sequence[str | os.PathLike[str]]) -> Listing:
+        """Local paths only."""
+        return cls([os.fspath(p) for p in paths], [LOCAL] * len(paths), [])
 
     def path(self, k: int) -> Path:
         """How location `k` is reported (a URI's `//` shows as `/`)."""
-        return Path(self.locations[k])
+        source = self.sources[k]
+        if source == LOCAL:
+            return Path(self.locations[k])
+        store = self.stores[source]
+        relative = self.locations[k][len(store.root) :].lstrip("/")
+        return Path(f"{store.uri}/{relative}" if relative else store.uri)
 
 
-def list_remote(uri: str) -> list[str]:
-    """The image objects under `uri` (or `uri` itself if it names an object), recursively, sorted, hidden names left out.
+def list_inputs(inputs: Sequence[str | os.PathLike[str]]) -> Listing:
+    """Expand local files and folders (as `data.list_images` does) and URIs into image locations, in the given order.
+
+    A `file://` URI is listed, and read, as the local path it names (symlinked folders are not followed, so each file
+    is listed once). Elsewhere (`s3://`, `gs://`, ...) the objects with image extensions under the URI, or the object
+    it names, are listed, recursively, sorted, hidden names left out.
 
     Raises:
-        DataError: the URI cannot be read (unknown scheme, no credentials, not found).
+        DataError: a URI cannot be listed (unknown scheme, no credentials, not found), or its storage gave no answer
+            within `REACH_SECONDS`.
+    """
+    import pyarrow.fs
+
+    from headstart.data import list_images
+
+    locations: list[str] = []
+    sources: list[int] = []
+    missing: list[Skipped] = []
+    stores: list[Store] = []
+    for item in inputs:
+        store, kind = _reach(item) if isinstance(item, str) and is_uri(item) else (None, None)
+        if store is None or isinstance(store.filesystem, pyarrow.fs.LocalFileSystem):
+            paths, skipped = list_images([item if store is None else store.root])
+            locations += [os.fspath(p) for p in paths]
+            sources += [LOCAL] * len(paths)
+            missing += skipped
+        else:
+            found = [store.root] if kind == pyarrow.fs.FileType.File else _list_objects(store)
+            locations += found
+            sources += [len(stores)] * len(found)
+            stores.append(store)
+    return Listing(locations, sources, missing, stores)
+
+
+def _reach(uri: str) -> tuple[Store, pyarrow.fs.FileType]:
+    """The filesystem of `uri`, and what is at the URI (for a local one, possibly nothing), asked under a deadline.
+
+    Raises:
+        DataError: the URI cannot be read, names nothing, or its storage gave no answer within `REACH_SECONDS`.
+    """
+    import pyarrow.fs
+
+    def ask() -> tuple[Store, pyarrow.fs.FileType]:
+        try:
+            filesystem, root = pyarrow.fs.FileSystem.from_uri(_bounded_retries(uri))  # s3:// asks for the bucket's region here
+            kind = filesystem.get_file_info(root).type
+        except (OSError, ValueError) as e:  # pyarrow's errors: ArrowInvalid (a ValueError), ArrowIOError (an OSError)
+            raise _unlisted(uri, e) from None
+        local = isinstance(filesystem, pyarrow.fs.LocalFileSystem)  # `list_images` says what is not there
+        if kind not in (pyarrow.fs.FileType.File, pyarrow.fs.FileType.Directory) and not local:
+            raise DataError(
+                f"{display(uri)}: no such file or folder. Give a folder of photos (s3://bucket/photos/, gs://..., a local path)."
+            )
+        return Store(uri.partition("?")[0].rstrip("/"), filesystem, root.rstrip("/") or root), kind
+
+    return _within_deadline(ask, uri)
+
+
+def _bounded_retries(uri: str) -> str:
+    """`uri`, with Google Cloud Storage's retries limited to `GCS_RETRY_SECONDS` (its client's default: 15 minutes)."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("gs", "gcs") or "retry_limit_seconds" in urllib.parse.parse_qs(parts.query):
+        return uri
+    return f"{uri}{'&' if parts.query else '?'}retry_limit_seconds={GCS_RETRY_SECONDS}"
+
+
+def _within_deadline(call: Callable[[], _T], uri: str) -> _T:
+    """`call()`, given up on after `REACH_SECONDS`: it runs in a daemon thread, which this process does not wait for at exit.
+
+    Raises:
+        DataError: no answer came in time.
+    """
+    answers: list[_T] = []
+    errors: list[Exception] = []
+
+    def run() -> None:
+        try:
+            answers.append(call())
+        except Exception as e:  # raised again in the calling thread
+            errors.append(e)
+
+    thread = threading.Thread(target=run, name=f"headstart: {uri}", daemon=True)
+    thread.start()
+    thread.join(REACH_SECONDS)
+    if errors:
+        raise errors[0]
+    if not answers:
+        raise DataError(f"{display(uri)}: no answer within {REACH_SECONDS} s. Check the URI, the network and the credentials for it.")
+    return answers[0]
+
+
+def _unlisted(uri: str, error: Exception) -> DataError:
+    reason = next(iter(str(error).splitlines()), "") or type(error).__name__
+    return DataError(f"{display(uri)}: cannot be listed ({reason}). Check the URI and the credentials for it.")
+
+
+def _list_objects(store: Store) -> list[str]:
+    """The paths of the image objects under `store.root`, recursively, sorted, hidden names left out.
+
+    Raises:
+        DataError: the listing failed.
     """
     import pyarrow.fs
 
     try:
-        filesystem, root = pyarrow.fs.FileSystem.from_uri(uri)
-        kind = filesystem.get_file_info(root).type
-        found = filesystem.get_file_info(pyarrow.fs.FileSelector(root, recursive=True)) if kind == pyarrow.fs.FileType.Directory else []
+        found = store.filesystem.get_file_info(pyarrow.fs.FileSelector(store.root, recursive=True))
     except (OSError, ValueError) as e:  # pyarrow's errors: ArrowInvalid (a ValueError), ArrowIOError (an OSError)
-        raise DataError(f"{display(uri)}: cannot be listed ({str(e).splitlines()[0]}). Check the URI and the credentials for it.") from None
-    if kind == pyarrow.fs.FileType.File:
-        return [uri]
-    if kind != pyarrow.fs.FileType.Directory:
-        raise DataError(f"{display(uri)}: no such file or folder. Give a folder of photos (s3://bucket/photos/, gs://..., a local path).")
-    prefix = uri.rstrip("/")
+        raise _unlisted(store.uri, e) from None
     names = []
     for item in found:
-        relative = item.path[len(root.rstrip("/")) :].lstrip("/")
+        relative = item.path[len(store.root) :].lstrip("/")
         hidden = any(part.startswith(".") for part in relative.split("/"))
         if item.type == pyarrow.fs.FileType.File and not hidden and Path(relative).suffix.lower() in IMAGE_EXTENSIONS:
-            names.append(f"{prefix}/{relative}")
+            names.append(item.path)
     return sorted(names)
-
-
-def list_inputs(inputs: Sequence[str | os.PathLike[str]]) -> Listing:
-    """Expand local files and folders (as `data.list_images` does) and URIs into image locations, in the given order."""
-    from headstart.data import list_images
-
-    locations: list[str] = []
-    remote: list[bool] = []
-    missing: list[Skipped] = []
-    for item in inputs:
-        if isinstance(item, str) and is_uri(item):
-            found = list_remote(item)
-            locations += found
-            remote += [True] * len(found)
-        else:
-            paths, skipped = list_images([item])
-            locations += [os.fspath(p) for p in paths]
-            remote += [False] * len(paths)
-            missing += skipped
-    return Listing(locations, remote, missing)
 
 
 class ImageWorker:
@@ -141,12 +254,21 @@ class ImageWorker:
     Each image is decoded once, prepared for each backbone by its own preprocessing, and its
     features are the backbones' concatenated, as `Model.extract` does. Images whose digest is in
     `known` (already cached; raw sha256 digests, sorted, dtype S32: 32 bytes an image) are only hashed.
+    Objects are read through `filesystems` (those of `Listing.stores`).
 
+    Input columns: `index` (int64), `location` (bytes), `source` (int32: the index of its filesystem, or `LOCAL`).
     Output columns: `index` (int64, the input's), `digest` (sha256 hex; empty when the file could not
     be read), `features` (float32 bytes; empty when cached or skipped), `reason` (why it was skipped, UTF-8).
     """
 
-    def __init__(self, backbones: Sequence[Backbone], onnx: Sequence[bytes], known: NDArray[np.bytes_], reduced_decode: bool) -> None:
+    def __init__(
+        self,
+        backbones: Sequence[Backbone],
+        onnx: Sequence[bytes],
+        known: NDArray[np.bytes_],
+        reduced_decode: bool,
+        filesystems: Sequence[pyarrow.fs.FileSystem],
+    ) -> None:
         from headstart.engine import OnnxEngine
 
         # Each engine's file is given as bytes; its path only names it.
@@ -154,6 +276,7 @@ class ImageWorker:
         self.cfgs = [b.data_config for b in backbones]
         self.known = known
         self.reduced_decode = reduced_decode
+        self.filesystems = filesystems
         self.reader = ThreadPoolExecutor(max_workers=READ_AHEAD)
 
     def __call__(self, batch: pyarrow.Table) -> pyarrow.Table:
@@ -164,12 +287,12 @@ class ImageWorker:
         from headstart.transforms import normalize
 
         locations = [os.fsdecode(b) for b in batch.column("location").to_pylist()]
-        remote = batch.column("remote").to_pylist()
+        sources = batch.column("source").to_pylist()
         n = len(locations)
         digests, reasons, features = [""] * n, [""] * n, [b""] * n
         decoded: list[int] = []
         pixels: list[tuple[NDArray[np.uint8], ...]] = []
-        for k, data in enumerate(self._read_all(locations, remote)):
+        for k, data in enumerate(self._read_all(locations, sources)):
             if isinstance(data, str):
                 reasons[k] = data
                 continue
@@ -195,36 +318,35 @@ class ImageWorker:
             }
         )
 
-    def _read_all(self, locations: list[str], remote: list[bool]) -> Iterator[bytes | str]:
+    def _read_all(self, locations: list[str], sources: list[int]) -> Iterator[bytes | str]:
         """Each file's bytes, or why it cannot be read, in order; at most `READ_AHEAD` files are held at once."""
         pending: deque[Future[bytes | str]] = deque()
-        items = iter(zip(locations, remote))
-        for location, is_remote in items:
-            pending.append(self.reader.submit(self._read, location, is_remote))
+        for location, source in zip(locations, sources):
+            pending.append(self.reader.submit(self._read, location, source))
             if len(pending) >= READ_AHEAD:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
 
-    def _read(self, location: str, is_remote: bool) -> bytes | str:
+    def _read(self, location: str, source: int) -> bytes | str:
         try:
-            return self._read_remote(location) if is_remote else read_regular(Path(location), MAX_FILE_BYTES)
+            if source == LOCAL:
+                return read_regular(Path(location), MAX_FILE_BYTES)
+            return self._read_object(self.filesystems[source], location)
         except FileRefusedError as e:  # a FIFO, a device, a file too large
             return e.reason
         except (OSError, ValueError) as e:  # a vanished file, a symlink loop, no permission; pyarrow's errors for an object
-            return (e.strerror if isinstance(e, OSError) else None) or str(e).splitlines()[0] or type(e).__name__
+            return (e.strerror if isinstance(e, OSError) else None) or next(iter(str(e).splitlines()), "") or type(e).__name__
 
-    def _read_remote(self, uri: str) -> bytes:
-        import pyarrow.fs
-
-        filesystem, path = pyarrow.fs.FileSystem.from_uri(uri)
+    @staticmethod
+    def _read_object(filesystem: pyarrow.fs.FileSystem, path: str) -> bytes:
         size = filesystem.get_file_info(path).size
         if size is not None and size > MAX_FILE_BYTES:
-            raise FileRefusedError(Path(uri), f"too large: {size:,} bytes, more than the {MAX_FILE_BYTES:,} allowed")
+            raise FileRefusedError(Path(path), f"too large: {size:,} bytes, more than the {MAX_FILE_BYTES:,} allowed")
         with filesystem.open_input_stream(path) as f:
             data: bytes = f.read(MAX_FILE_BYTES + 1)
         if len(data) > MAX_FILE_BYTES:
-            raise FileRefusedError(Path(uri), f"too large: more than the {MAX_FILE_BYTES:,} bytes allowed")
+            raise FileRefusedError(Path(path), f"too large: more than the {MAX_FILE_BYTES:,} bytes allowed")
         return data
 
 
@@ -276,10 +398,12 @@ def ray_session(address: str | None = None) -> Iterator[int]:
         address = address or os.environ.get("RAY_ADDRESS") or None
         local: dict[str, Any] = {} if address else {"num_cpus": available_cpus()}
         try:
+            if address:
+                _probe(address)
             ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False, **local)
         except (ConnectionError, ValueError, RuntimeError) as e:
             raise ConfigError(
-                f"Could not connect to the Ray cluster at {address}: {str(e).splitlines()[0]}. "
+                f"Could not connect to the Ray cluster at {display(str(address))}: {str(e).splitlines()[0]}. "
                 "Give its address (ray://HEAD:10001, or auto on one of its nodes), or leave --address out for a local Ray."
             ) from None
     logger = logging.getLogger("ray.data")
@@ -295,6 +419,26 @@ def ray_session(address: str | None = None) -> Iterator[int]:
         logger.setLevel(level)
         if started:
             ray.shutdown()
+
+
+def _probe(address: str) -> None:
+    """Fail within `REACH_SECONDS` where nothing accepts a connection at a `host:port` or `ray://host:port` address (Ray's
+    own connect retries for minutes); other addresses, such as `auto`, are left to Ray.
+
+    Raises:
+        ConnectionError: no connection was made.
+    """
+    parts = urllib.parse.urlsplit("//" + address.removeprefix("ray://"))
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:  # a port that is no number: Ray says so
+        return
+    if host is None or port is None:
+        return
+    try:
+        socket.create_connection((host, port), timeout=REACH_SECONDS).close()
+    except OSError as e:
+        raise ConnectionError(f"nothing accepts a connection at {host}:{port} ({e.strerror or e})") from None
 
 
 def _stream(
@@ -317,7 +461,7 @@ def _stream(
             {
                 "index": pa.array(range(start, min(start + batch_size, n)), pa.int64()),
                 "location": pa.array([os.fsencode(v) for v in listing.locations[start : start + batch_size]], pa.binary()),
-                "remote": pa.array(listing.remote[start : start + batch_size], pa.bool_()),
+                "source": pa.array(listing.sources[start : start + batch_size], pa.int32()),
             }
         )
         for start in range(0, n, batch_size)
@@ -333,6 +477,7 @@ def _stream(
             "onnx": list(onnx),
             "known": known,
             "reduced_decode": reduced_decode,
+            "filesystems": [store.filesystem for store in listing.stores],
         },
     )
     try:
