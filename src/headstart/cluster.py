@@ -42,7 +42,7 @@ from headstart.cache import FeatureCache
 from headstart.config import Progress
 from headstart.data import IMAGE_EXTENSIONS, MAX_FILE_BYTES, Skipped
 from headstart.errors import ClusterError, ConfigError, DataError, FileRefusedError, UnreadableImageError
-from headstart.files import display, read_regular
+from headstart.files import display, read_bounded, read_regular
 from headstart.pipeline import available_cpus
 
 if TYPE_CHECKING:
@@ -343,11 +343,8 @@ class ImageWorker:
         size = filesystem.get_file_info(path).size
         if size is not None and size > MAX_FILE_BYTES:
             raise FileRefusedError(Path(path), f"too large: {size:,} bytes, more than the {MAX_FILE_BYTES:,} allowed")
-        with filesystem.open_input_stream(path) as f:
-            data: bytes = f.read(MAX_FILE_BYTES + 1)
-        if len(data) > MAX_FILE_BYTES:
-            raise FileRefusedError(Path(path), f"too large: more than the {MAX_FILE_BYTES:,} bytes allowed")
-        return data
+        with filesystem.open_input_stream(path) as f:  # read as large as said, not as the bound: an actor may run under `ulimit -v`
+            return read_bounded(f, MAX_FILE_BYTES, Path(path), size or 0)
 
 
 def _sorted_digests(digests: set[str]) -> NDArray[np.bytes_]:
