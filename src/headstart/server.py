@@ -40,10 +40,11 @@ read it through a DNS name of its own (DNS rebinding).
 
 `run` also guards the connections: a request head must arrive within `HEAD_TIMEOUT` (10 s)
 of the connection (or of the previous response), a response the client has stopped reading
-must move within `SEND_TIMEOUT` (60 s), the server holds fewer connections than its
-open-file limit allows, making room by closing the one that has waited longest for a head,
-and repeated warnings are logged at most ten a minute each. The report is sent in pieces,
-so a client that reads slowly holds one piece of it, not a copy.
+must move within `SEND_TIMEOUT` (60 s), and the server holds fewer connections than its
+open-file limit allows, making room by closing the one that has waited longest on its
+client (for a request's head or body, or to read a response). Repeated warnings are
+logged at most ten a minute each. The report is sent in pieces, so a client that reads
+slowly holds one piece of it, not a copy.
 
 Errors are JSON, `{"error": "<one line naming the problem and what to send>"}`:
     400  a malformed multipart body, no file in the field `file`, an empty body or file.
@@ -650,8 +651,8 @@ class _HostCheck:
         host = Headers(scope=scope).get("host") if scope["type"] == "http" else None
         if host is not None and not _is_served_name(_host_name(host), self.names):
             message = (
-                f"This server does not answer to the name '{display(host[:100])}' (the Host header): open it at "
-                f"{' or '.join(sorted(self.names))}, or an IP address of its machine."
+                f"This server does not answer to the name '{display(host[:100])}' (the Host header); open it as localhost, "
+                "by an IP address of its machine or by the name it was started with (--host)."
             )
             await AsciiJSONResponse({"error": message}, 421)(scope, receive, send)
             return
@@ -692,16 +693,16 @@ _Phase = Literal["head", "body", "response"] | None
 
 
 class _Gate:
-    """The connections `run` holds: how many are open (from accept to close), at most `cap`,
-    and those waiting for a request head, the longest-waiting first."""
+    """The connections `run` holds: how many are open (from accept to close), at most `cap`, and those
+    waiting on their client (see `_Phase`), the one that has waited longest first."""
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
         self.open = 0
-        self.waiting: dict[asyncio.Transport, None] = {}  # insertion-ordered
+        self.waiting: dict[asyncio.Transport, None] = {}  # in the order they began to wait
 
     def evict(self) -> bool:
-        """Close the connection that has waited longest for a request head; False if none is waiting."""
+        """Close the connection that has waited longest on its client; False if every connection is busy with a request."""
         if not self.waiting:
             return False
         transport = next(iter(self.waiting))
@@ -711,9 +712,9 @@ class _Gate:
 
 
 class _Listener(socket.socket):
-    """A listening socket that keeps the connections open below `gate.cap`: at the cap, the connection that has
-    waited longest for a request head is closed to make room, or, if every connection is busy with a request,
-    the newcomer is turned away. The process never runs out of file descriptors, which asyncio would log in a loop."""
+    """A listening socket that keeps the connections open below `gate.cap`: at the cap, one waiting on its client
+    is closed to make room (see `_Gate.evict`), or, if every connection is busy with a request, the newcomer is
+    turned away. The process never runs out of file descriptors, which asyncio would log in a loop."""
 
     gate: _Gate
 
@@ -796,8 +797,9 @@ class _Connection(H11Protocol):
             self._deadline.cancel()
             self._deadline = None
         self.gate.waiting.pop(self.transport, None)
+        if phase is not None:
+            self.gate.waiting[self.transport] = None  # the newest to wait
         if phase == "head":
-            self.gate.waiting[self.transport] = None
             self._deadline = self.loop.call_later(HEAD_TIMEOUT, self.transport.abort)
         elif phase == "body":
             self._deadline = self.loop.call_later(BODY_TIMEOUT + 5, self.transport.abort)
