@@ -83,6 +83,7 @@ import socket
 import stat
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, Literal
@@ -490,12 +491,12 @@ async def _read_form(request: Request) -> list[tuple[str | None, bytes]]:
         await form.close()
 
 
+@dataclass
 class _Budget:
     """Request body bytes held at once, across requests: at most `limit`."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.held = 0
+    limit: int
+    held: int = 0
 
 
 class _Meter:
