@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -10,6 +11,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -24,7 +26,9 @@ import pytest
 
 import headstart
 from conftest import CATS_DOGS_TINY, ODD_FILES, PHOTOS, start_server
+from headstart import server
 from headstart.model import Prediction
+from headstart.pipeline import available_cpus
 from headstart.server import MAX_FILES, MAX_REQUEST_BYTES, create_app
 
 PICTURES = [
@@ -39,6 +43,9 @@ GOOD = CATS_DOGS_TINY / "val" / "dogs" / "dog.4001.jpg"
 LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d (GET|POST) (\S*) (\d{3}) \d+\.\d ms (\d+) images?$")
 
 
+REPORT = "<!doctype html><title>report</title><p>the report</p>"
+
+
 @dataclass(frozen=True)
 class Served:
     url: str
@@ -48,9 +55,10 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tiny_model_dir: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """One server for the module, on a copy of the tiny model (so that a test may add a report to it)."""
+    """One server for the module, on a copy of the tiny model with a report (so that a test may retrain it)."""
     model_dir = tmp_path_factory.mktemp("served") / "cats_dogs"
     shutil.copytree(tiny_model_dir, model_dir)
+    (model_dir / "report.html").write_text(REPORT)
     server, thread, url = start_server(create_app(model_dir, cache_root=cache_dir))
     try:
         yield Served(url, model_dir, headstart.load(model_dir, cache_root=cache_dir))
@@ -136,6 +144,41 @@ def test_fifty_concurrent_requests_are_all_answered_correctly(served: Served, ex
         assert_same(got, expected[path])
 
 
+def test_a_request_abandoned_while_it_waits_its_turn_is_not_decoded(
+    served: Served, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    original, release, calls = server._predict, threading.Event(), []
+
+    def held(*args: Any) -> Any:  # keeps its turn until released
+        calls.append(args)
+        release.wait(60)
+        return original(*args)
+
+    monkeypatch.setattr(server, "_predict", held)
+    caplog.set_level(logging.INFO, logger="headstart.server")
+    n_turns = available_cpus()  # the requests decoded at once
+    with ThreadPoolExecutor(n_turns) as pool:
+        busy = [pool.submit(httpx.post, served.url + "/predict", **raw(JPEG), timeout=120) for _ in range(n_turns)]
+        try:
+            deadline = time.monotonic() + 60
+            while len(calls) < n_turns:
+                assert time.monotonic() < deadline and not any(f.done() for f in busy), [f.result().text for f in busy if f.done()]
+                time.sleep(0.01)
+            with socket.create_connection(("127.0.0.1", int(served.url.rsplit(":", 1)[1])), timeout=30) as sock:
+                sock.sendall(b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: image/jpeg\r\n")
+                sock.sendall(f"Content-Length: {len(JPEG)}\r\n\r\n".encode() + JPEG)
+                for _ in range(3):  # round trips: the server has read the request, which now waits its turn
+                    assert httpx.get(served.url + "/health", timeout=30).status_code == 200
+        finally:
+            release.set()  # the client above has gone
+        assert [f.result().status_code for f in busy] == [200] * n_turns
+    deadline = time.monotonic() + 30
+    while not any(" /predict 499 " in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, caplog.text
+        time.sleep(0.05)
+    assert len(calls) == n_turns  # the abandoned request was never decoded
+
+
 # The other endpoints
 
 
@@ -147,7 +190,7 @@ def test_health_info_and_page(client: httpx.Client, served: Served) -> None:
     assert info["backbone"] == "efficientnet_lite0" and info["head"] == "linear" and info["input_size"] == 224
     assert model.summary.validation is not None
     assert info["validation"]["accuracy"] == model.summary.validation.accuracy
-    assert info["headstart_version"] == headstart.__version__ and info["report"] is False
+    assert info["headstart_version"] == headstart.__version__ and info["report"] is True
     assert info["limits"] == {"field": "file", "max_request_bytes": MAX_REQUEST_BYTES, "max_files": MAX_FILES}
     assert client.head("/").status_code == client.head("/health").status_code == 200
     page = client.get("/")
@@ -157,26 +200,51 @@ def test_health_info_and_page(client: httpx.Client, served: Served) -> None:
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page.text)  # nothing loaded from elsewhere: the machine may be offline
 
 
-def test_report_is_served_when_the_model_has_one(client: httpx.Client, served: Served) -> None:
-    missing = client.get("/report")
-    assert missing.status_code == 404 and "report" in missing.json()["error"]
-    report = served.model_dir / "report.html"
-    report.write_text("<!doctype html><title>report</title><p>the report</p>")
-    try:
-        found = client.get("/report")
-        assert found.status_code == 200 and found.headers["content-type"].startswith("text/html")
-        assert "the report" in found.text
-        assert client.get("/info").json()["report"] is True
-    finally:
-        report.unlink()
-    secret = served.model_dir.parent / "secret.txt"
+def test_the_report_is_the_loaded_models_after_a_retrain(client: httpx.Client, served: Served) -> None:
+    found = client.get("/report")
+    assert found.status_code == 200 and found.headers["content-type"].startswith("text/html") and found.text == REPORT
+    served.model.save(served.model_dir)  # a retrain: a new folder swapped in, the report written after it
+    (served.model_dir / "report.html").write_text("<p>the retrained model's report</p>")
+    assert client.get("/report").text == REPORT  # the server still answers with the model it loaded
+    assert client.get("/info").json()["report"] is True
+
+
+def test_a_linked_or_missing_report_or_no_report_is_not_served(tiny_model_dir: Path, cache_dir: Path, tmp_path: Path) -> None:
+    folders = {}
+    for case in ("linked", "missing", "switched off"):
+        folders[case] = shutil.copytree(tiny_model_dir, tmp_path / case)
+    secret = tmp_path / "secret.txt"
     secret.write_text("not for the network")
-    report.symlink_to(secret)  # a model folder from elsewhere must not expose other files
-    try:
-        linked = client.get("/report")
-        assert linked.status_code == 404 and "not for the network" not in linked.text
-    finally:
-        report.unlink()
+    (folders["linked"] / "report.html").symlink_to(secret)  # a model folder from elsewhere must not expose other files
+    (folders["switched off"] / "report.html").write_text(REPORT)
+    for case, folder in folders.items():
+        server, thread, url = start_server(create_app(folder, cache_root=cache_dir, report=case != "switched off"))
+        try:
+            with httpx.Client(base_url=url, timeout=60) as c:
+                response = c.get("/report")
+                assert response.status_code == 404 and "not for the network" not in response.text and "the report" not in response.text
+                assert ("--no-report" in response.json()["error"]) == (case == "switched off"), response.text
+                assert c.get("/info").json()["report"] is False
+        finally:
+            server.should_exit = True
+            thread.join(30)
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "localhost.evil.example", "127.0.0.1.nip.io", ""])
+def test_a_host_header_naming_another_server_is_refused(client: httpx.Client, host: str) -> None:
+    """A page whose DNS name is rebound to 127.0.0.1 sends its own name as the Host; it must not read the service."""
+    predict = client.post("/predict", content=JPEG, headers={"Host": host, "Content-Type": "image/jpeg"})
+    for response in (client.get("/report", headers={"Host": host}), predict):
+        assert response.status_code == 421, response.text
+        error = response.json()["error"]
+        assert error.isprintable() and "does not answer to the name" in error and "the report" not in response.text
+
+
+@pytest.mark.parametrize(
+    "host", ["localhost", "localhost:8000", "LocalHost.:1", "127.0.0.1", "[::1]:8000", "192.0.2.7:80", socket.gethostname()]
+)
+def test_loopback_names_ip_addresses_and_the_machines_name_are_served(client: httpx.Client, host: str) -> None:
+    assert client.get("/report", headers={"Host": host}).text == REPORT
 
 
 def test_unknown_paths_and_methods_get_json_errors(client: httpx.Client) -> None:

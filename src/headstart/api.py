@@ -338,8 +338,8 @@ def export(
     return export_model(_loaded(model), path, format, int8, Path(calibration) if calibration is not None else None, progress)
 
 
-def serve(model: PathLike, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve the model over HTTP until interrupted: POST /predict, GET /info, /health, and a page at / to try it."""
+def serve(model: PathLike, host: str = "127.0.0.1", port: int = 8000, report: bool = True) -> None:
+    """Serve the model over HTTP until interrupted: POST /predict, GET /info, /health, /report (unless `report` is off), and a page at /."""
     import importlib.util
 
     missing = [name for name in ("fastapi", "uvicorn", "multipart") if importlib.util.find_spec(name) is None]
@@ -347,7 +347,7 @@ def serve(model: PathLike, host: str = "127.0.0.1", port: int = 8000) -> None:
         raise ConfigError(f"Serving needs {', '.join(missing)}, which is not installed: pip install 'headstart[serve]'")
     from headstart import server
 
-    server.run(Path(model), host, port)
+    server.run(Path(model), host, port, report=report)
 
 
 def imagenet(

@@ -547,14 +547,20 @@ def export(
 def serve(
     ctx: typer.Context,
     model: Annotated[Path, typer.Argument(help="A model folder from `headstart train`.")],
-    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 for every network interface.")] = "127.0.0.1",
+    host: Annotated[
+        str,
+        typer.Option(
+            help="Address to listen on; 0.0.0.0 for every network interface (no authentication: anyone who reaches it may use it)."
+        ),
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
+    report: Annotated[bool, typer.Option(help="Show MODEL/report.html at /report (it shows training photos and their paths).")] = True,
 ) -> None:
     """Serve the model over HTTP: a page at / to try it, POST /predict for programs (needs headstart\\[serve])."""
     from headstart import api
 
     with handled(ctx):
-        api.serve(model, host, port)
+        api.serve(model, host, port, report)
 
 
 @app.command()
