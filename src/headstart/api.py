@@ -318,7 +318,7 @@ def export(
     """Write the model as one ONNX or TFLite file (uint8 RGB pixels in, probabilities out), checked on its validation photos.
 
     `out` defaults to the model folder's name with `.onnx`, `.int8.onnx`, `.tflite` or `.int8.tflite`, beside it.
-    int8 calibrates on the model's training photos, or on `calibration`'s.
+    int8 calibrates on `calibration`'s photos, or else on the model's recorded validation photos.
     """
     from headstart.model_export import export as export_model
 
