@@ -4,10 +4,10 @@ A bundle is a folder holding `bundle.json` (what the model is, and the size and
 sha256 of every other file of the model), `model.safetensors` (its tensors),
 `metrics.json`, `history.json` and `history.csv`; training adds `report.html`,
 and an unfinished fine-tuning run its `.checkpoint/`. A backbone made from a
-weights file (`--weights`) keeps a copy of its tensors in `backbone.safetensors`:
-a model never names a file outside its folder for loading to read. A save builds the new
-folder beside the old one and swaps the two in one rename, so a reader, or a
-run killed at any moment, finds the old model or the new one, never a mix.
+weights file (`--weights`) keeps a copy of its tensors in `backbone.safetensors`,
+so loading never reads a file the model names outside its folder. A save builds
+the new folder beside the old one and swaps the two in one rename, so a reader,
+or a run killed at any moment, finds the old model or the new one, never a mix.
 headstart writes only into an empty or new folder or a model folder, and
 replaces only the model's own files: anything else in it is kept. Loading reads
 only the files `bundle.json` lists, each checked against its size and hash
