@@ -118,6 +118,20 @@ def test_a_weights_file_that_is_not_the_recorded_one_is_refused_before_it_is_rea
         headstart.load(moved)
 
 
+@pytest.mark.parametrize("named", ["/etc/passwd", "../w.pth", "model.safetensors"])
+def test_a_model_of_this_format_names_no_weights_file_but_its_own_copy(
+    from_file: tuple[Path, Path, np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, named: str
+) -> None:
+    folder, _, _ = from_file
+    moved = _copy(folder, tmp_path)
+    config = json.loads((moved / "bundle.json").read_text())
+    config["backbones"][0]["weights_file"] = named
+    (moved / "bundle.json").write_text(json.dumps(config))
+    _never_read(monkeypatch)
+    with pytest.raises(BundleError, match=r"field 'backbones\[0\].weights_file' must be null, or 'backbone.safetensors'"):
+        headstart.load(moved)
+
+
 def _compressed(path: Path, n_bytes: int) -> Path:
     """A state dict of `n_bytes` zeros saved by torch.save, its zip members then deflated: a few KB unpacking to `n_bytes`."""
     plain = path.with_suffix(".plain")
