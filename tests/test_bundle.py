@@ -96,7 +96,7 @@ def test_missing_weights_and_missing_folder(bundle: Path, tmp_path: Path) -> Non
 
 def test_bundle_json_is_plain_data(tiny_model_dir: Path) -> None:
     config = json.loads((tiny_model_dir / "bundle.json").read_text())
-    assert config["format_version"] == 6
+    assert config["format_version"] == 7
     assert set(config["files"]) == {"model.safetensors", "metrics.json", "history.json", "history.csv"}
     (backbone,) = config["backbones"]
     assert backbone["name"] == "efficientnet_lite0" and backbone["n_features"] == 1280

@@ -138,3 +138,43 @@ def test_static_padding_computes_the_same_features_and_exports_without_pad_nodes
     torch.testing.assert_close(static.features(batch), lite0.features(batch), rtol=1e-5, atol=1e-5)
     graph = onnx.load(exported_model(lite0, tmp_path)).graph
     assert not [n for n in graph.node if n.op_type == "Pad" and len(n.input) > 2]  # ONNX Runtime can fold every Pad into its Conv
+
+
+def _counting_export(monkeypatch: pytest.MonkeyPatch, data: bytes) -> list[int]:
+    """Stand in for the ONNX exporter: `data`, in agreement with PyTorch; the list grows by one per export."""
+    calls: list[int] = []
+
+    def export(backbone, threads):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return Exported(data, 0.0, True)
+
+    monkeypatch.setattr("headstart.onnx_export.export_features", export)
+    return calls
+
+
+def test_a_tampered_engine_with_its_hash_record_updated_is_exported_again(lite0, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    import hashlib
+
+    calls = _counting_export(monkeypatch, b"the verified export")
+    path = exported_model(lite0, tmp_path)
+    assert exported_model(lite0, tmp_path) == path and len(calls) == 1  # its seal holds: reused
+    path.write_bytes(b"another network")
+    record = json.loads(path.with_suffix(".json").read_text())
+    record["sha256"] = hashlib.sha256(b"another network").hexdigest()
+    path.with_suffix(".json").write_text(json.dumps(record))
+    assert exported_model(lite0, tmp_path) == path and len(calls) == 2
+    assert path.read_bytes() == b"the verified export"
+
+
+def test_an_engine_from_another_cache_is_exported_again(lite0, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """Files dropped into a cache from another one fail their seals; a whole cache folder, its key included, moves as it is."""
+    import shutil
+
+    calls = _counting_export(monkeypatch, b"the verified export")
+    exported_model(lite0, tmp_path / "theirs")
+    shutil.copytree(tmp_path / "theirs" / "onnx", tmp_path / "mine" / "onnx")
+    exported_model(lite0, tmp_path / "mine")
+    assert len(calls) == 2
+    shutil.copytree(tmp_path / "theirs", tmp_path / "moved")
+    exported_model(lite0, tmp_path / "moved")
+    assert len(calls) == 2

@@ -120,7 +120,7 @@ def test_each_image_is_decoded_once_then_prepared_per_member(tmp_path: Path) -> 
 
 def test_an_ensemble_predicts_evaluates_and_reloads_the_same(pair: headstart.Model, pair_dir: Path, flowers: Path, tmp_path: Path) -> None:
     config = json.loads((pair_dir / "bundle.json").read_text())
-    assert config["format_version"] == 6
+    assert config["format_version"] == 7
     assert [(b["name"], b["n_features"], b["data_config"]["input_size"]) for b in config["backbones"]] == [
         ("efficientnet_lite0", 1280, 224),
         ("efficientnet_lite1", 1280, 240),
@@ -386,7 +386,8 @@ def test_an_ensemble_with_a_timm_member_takes_its_weights_file(flowers: Path, ca
     model = headstart.train(flowers, backbone=name, weights=weights, cache_dir=cache_dir, report=False)
     folder = model.save(tmp_path / "m")
     members = json.loads((folder / "bundle.json").read_text())["backbones"]
-    assert [(b["name"], b["weights_file"]) for b in members] == [("efficientnet_lite0", None), ("timm:test_resnet", str(weights))]
+    assert [(b["name"], b["weights_file"]) for b in members] == [("efficientnet_lite0", None), ("timm:test_resnet", "backbone.safetensors")]
+    assert (folder / "backbone.safetensors").read_bytes() == weights.read_bytes()  # the folder keeps its own copy
     photos = sorted((flowers / "daisy").iterdir())[:3]
     loaded = headstart.load(folder, cache_root=cache_dir)
     np.testing.assert_array_equal(loaded.predict_proba(photos), model.predict_proba(photos))

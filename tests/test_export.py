@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -195,10 +196,93 @@ def test_int8_calibrates_on_a_flat_folder_of_photos(tiny_model_dir: Path, tmp_pa
 
 @pytest.mark.slow
 def test_int8_export_of_flowers_agrees_with_fp32(flowers_model: headstart.Model, tmp_path: Path) -> None:
-    """Calibrated on the training photos: top-1 agreement >= 99% and validation accuracy within 1 point of fp32."""
+    """Calibrated on its recorded validation photos: top-1 agreement >= 99% and validation accuracy within 1 point of fp32."""
     result = export(flowers_model, tmp_path / "flowers.int8.onnx", int8=True)
     check = result.check
     assert check is not None and check.n_images == 300
     assert check.agreement >= 0.99
     assert check.accuracy >= check.reference_accuracy - 0.01
     assert result.reference_size_bytes is not None and result.size_bytes < result.reference_size_bytes / 3
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak memory from Linux's /proc")
+def test_int8_calibration_memory_does_not_grow_with_the_photos(exported: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """40 calibration photos: every activation of all of them at once took 2.7 GB (6.6 GB for 100); a batch at a time, 0.6 GB.
+
+    `exported` has already put the backbone's ONNX file in the cache, so the child's peak is the int8 export's alone
+    (VmHWM: ru_maxrss would count the forked pytest process, as Linux keeps it across exec).
+    """
+    script = (
+        "import re, sys, headstart\n"
+        "headstart.export(sys.argv[1], sys.argv[2], int8=True, calibration=sys.argv[3])\n"
+        "print(re.search(r'VmHWM:\\s*(\\d+) kB', open('/proc/self/status').read()).group(1))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(tiny_model_dir), str(tmp_path / "m.int8.onnx"), str(FLOWERS_TINY)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr
+    peak = int(run.stdout.split()[-1]) * 1024
+    assert peak < 1.5 * 2**30, f"peak {peak / 2**30:.2f} GB"
+
+
+def _int8_without_quantising(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Stand in for the quantiser (the fp32 file is written as it is): the number of calibration photos of each call."""
+    import headstart.model_export
+
+    counts: list[int] = []
+
+    def quantize(fp32_path: Path, calibration: tuple[np.ndarray, ...], workdir: Path, progress: object = None) -> bytes:
+        counts.append(len(calibration[0]))
+        return fp32_path.read_bytes()
+
+    monkeypatch.setattr(headstart.model_export, "quantize_int8", quantize)
+    return counts
+
+
+def test_int8_calibrates_on_the_recorded_photos_and_never_searches_a_folder_the_model_names(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bundle.json's `summary.data` ("/usr" scanned /usr; "/" walked the whole file system) is only a record, never searched."""
+    import os
+
+    from conftest import write_image
+
+    elsewhere = tmp_path / "elsewhere"
+    for name in ("a/1.png", "a/2.png", "b/1.png", "b/2.png"):
+        write_image(elsewhere / name, (90, 120, 200))
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "bundle.json").read_text())
+    config["summary"]["data"] = str(elsewhere)
+    (folder / "bundle.json").write_text(json.dumps(config))
+    counts = _int8_without_quantising(monkeypatch)
+    listed: list[str] = []
+    with monkeypatch.context() as patch:
+        for name in ("scandir", "listdir"):
+            original = getattr(os, name)
+
+            def recording(path: object = ".", original: Any = original) -> Any:
+                if isinstance(path, str | os.PathLike):
+                    listed.append(os.fspath(path))
+                return original(path)
+
+            patch.setattr(os, name, recording)
+        result = headstart.export(folder, tmp_path / "m.int8.onnx", int8=True)
+    assert result.int8 and counts == [20]  # cats_dogs_tiny's 20 recorded validation photos
+    assert not [p for p in listed if Path(p).resolve().is_relative_to(elsewhere.resolve())]
+
+
+def test_int8_calibration_folder_that_does_not_exist_is_named_as_missing(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counts = _int8_without_quantising(monkeypatch)
+    missing = tmp_path / "nonexistent"
+    result = CliRunner().invoke(
+        app, ["export", str(tiny_model_dir), "--int8", "--calibration", str(missing), "--out", str(tmp_path / "m.onnx")]
+    )
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert f"{missing}: no such file or folder" in " ".join(result.output.split()) and not counts

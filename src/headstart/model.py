@@ -15,8 +15,17 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from headstart import __version__
-from headstart.backbone import Backbone, create_backbone, ensemble_name, member_weights
-from headstart.bundle import HISTORY_CSV_NAME, HISTORY_NAME, BackboneRecord, BundleConfig, read_bundle, save_bundle
+from headstart.backbone import Backbone, create_backbone, ensemble_name, member_weights, weights_file_bytes
+from headstart.bundle import (
+    BACKBONE_WEIGHTS_NAME,
+    HISTORY_CSV_NAME,
+    HISTORY_NAME,
+    BackboneRecord,
+    BundleConfig,
+    backbone_weights_files,
+    read_bundle,
+    save_bundle,
+)
 from headstart.config import DataConfig, Progress, default_cache_dir
 from headstart.data import MAX_ASPECT_RATIO, MAX_PIXELS, MIN_SIDE, ImageRecord, Skipped, list_images, load_dataset, size_problem
 from headstart.engine import Engine, create_engine
@@ -360,7 +369,8 @@ class Model:
     def save(self, directory: PathLike, force: bool = False) -> Path:
         """Write the model as a bundle folder (safetensors + JSON), switched in one step. Returns the folder.
 
-        Fine-tuned backbone weights are saved in full; pretrained ones (every backbone of an ensemble) only by name and hash.
+        Fine-tuned backbone weights are saved in full, and a backbone made from a weights file keeps a copy of it; pretrained
+        ones are saved only by name and hash.
         `directory` must be new, empty or a headstart model; `force` also allows a
         folder of other files, which are kept (the model's own files are replaced).
 
@@ -375,6 +385,9 @@ class Model:
             raise ConfigError("An ensemble's backbones cannot be fine-tuned; train a single backbone to fine-tune it.")
         if tuned:
             tensors.update({f"backbone.{k}": v.detach().numpy() for k, v in tuned[0].module.state_dict().items()})
+        from_file = [b for b in self.backbones if b.weights_file is not None and b.finetuned_from is None]
+        if len(from_file) > 1:
+            raise ConfigError("A model keeps one backbone weights file; make the other backbones from their names.")
         config = BundleConfig(
             backbones=tuple(
                 BackboneRecord(
@@ -383,7 +396,7 @@ class Model:
                     data_config=b.data_config,
                     n_features=b.n_features,
                     layer=b.layer,
-                    weights_file=self.summary.weights_file if len(self.backbones) == 1 else b.weights_file,
+                    weights_file=BACKBONE_WEIGHTS_NAME if b in from_file else None,
                     finetuned_from=b.finetuned_from,
                 )
                 for b in self.backbones
@@ -399,6 +412,8 @@ class Model:
             HISTORY_NAME: json_bytes(history),
             HISTORY_CSV_NAME: csv_bytes(columns, [[row.get(c, "") for c in columns] for row in history]),
         }
+        if from_file:
+            extras[BACKBONE_WEIGHTS_NAME] = weights_file_bytes(Path(str(from_file[0].weights_file)))
         metrics = self.summary.validation.to_dict() if self.summary.validation else {}
         return save_bundle(Path(directory), config, tensors, metrics, extras, force)
 
@@ -411,7 +426,8 @@ def load(directory: PathLike, weights: PathLike | None = None, cache_root: PathL
 
     Args:
         directory: the folder written by `Model.save` or `headstart train --out`.
-        weights: backbone weights file, for timm backbones trained from a file.
+        weights: backbone weights file, for timm backbones trained from a file: needed only for models saved before
+            format 7, which kept the file's path rather than a copy of it (a path outside the folder is never read).
         cache_root: the cache of backbone identities and ONNX engines (default: `default_cache_dir()`).
 
     Raises:
@@ -422,7 +438,7 @@ def load(directory: PathLike, weights: PathLike | None = None, cache_root: PathL
     contents = read_bundle(directory)
     config, tensors = contents.config, contents.tensors
     records = config.backbones
-    files = member_weights([r.name for r in records], weights) if weights is not None else [r.weights_file for r in records]
+    files = member_weights([r.name for r in records], weights) if weights is not None else backbone_weights_files(directory, config)
     backbones = []
     for recorded, file in zip(records, files, strict=True):
         if recorded.finetuned_from:  # one backbone only (`bundle.validate_config`)

@@ -6,6 +6,8 @@ The only module that imports timm to build networks; imported only when a backbo
 from __future__ import annotations
 
 import hashlib
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +51,11 @@ def build_module(name: str, architecture: str, state: dict[str, torch.Tensor] | 
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a safetensors file or a plain PyTorch one (read without unpickling code), wrappers and `module.` prefixes removed."""
+    """A state dict from a safetensors file or a plain PyTorch one (read without unpickling code), wrappers and `module.` prefixes removed.
+
+    A PyTorch zip file must hold its members uncompressed, as `torch.save` writes them: a compressed one could unpack
+    to far more memory than the file's size (1 MB to 1 GiB).
+    """
     if not path.is_file():
         raise BackboneWeightsError(f"{path}: weights file not found.")
     try:
@@ -58,9 +64,20 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
             loaded: Any = load_file(path)
         else:
+            _check_uncompressed(path)
             loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except BackboneWeightsError:
+        raise
+    except pickle.UnpicklingError:  # PyTorch's message advises loading with weights_only=False, which would run the pickle's code
+        raise BackboneWeightsError(
+            f"{path}: a pickle holding more than tensors (classes or functions); refused, as unpickling those can run code. "
+            "Give a .safetensors file or a plain state dict of tensors."
+        ) from None
     except Exception as e:
-        raise BackboneWeightsError(f"{path}: cannot read weights ({e}). Give a .safetensors file or a plain state dict.") from None
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise BackboneWeightsError(
+            f"{path}: cannot read weights ({type(e).__name__}: {first_line}). Give a .safetensors file or a plain state dict."
+        ) from None
     for wrapper in ("state_dict", "model"):
         if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
             loaded = loaded[wrapper]
@@ -68,6 +85,20 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise BackboneWeightsError(f"{path}: not a state dict of tensors.")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _check_uncompressed(path: Path) -> None:
+    """Raise BackboneWeightsError if `path` is a zip file with a compressed member, or members larger than the file."""
+    if not zipfile.is_zipfile(path):
+        return  # PyTorch's legacy format: tensors read as stored in the file
+    with zipfile.ZipFile(path) as archive:
+        members = archive.infolist()
+    stored = all(m.compress_type == zipfile.ZIP_STORED and m.file_size == m.compress_size for m in members)
+    if not stored or sum(m.file_size for m in members) > path.stat().st_size:
+        raise BackboneWeightsError(
+            f"{path}: a zip file with compressed members, which torch.save never writes (they could unpack to far more "
+            "memory than the file's size); refused. Give a .safetensors file or a state dict saved by torch.save."
+        )
 
 
 def hash_state_dict(state: dict[str, torch.Tensor]) -> str:

@@ -527,11 +527,11 @@ def export(
     format: Annotated[
         ExportFormat, typer.Option("--format", help="onnx (any runtime) or tflite (phones; needs headstart\\[tflite]).")
     ] = ExportFormat.onnx,
-    int8: Annotated[bool, typer.Option("--int8", help="Quantise to 8 bits (about 4x smaller), calibrated on the training photos.")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="Quantise to 8 bits (about 4x smaller), calibrated on validation photos.")] = False,
     out: Annotated[
         Path | None, typer.Option(help="File to write \\[default: MODEL.onnx, MODEL.int8.onnx, MODEL.tflite, ... beside the folder].")
     ] = None,
-    calibration: Annotated[Path | None, typer.Option(help="--int8: calibrate on these photos instead of the training photos.")] = None,
+    calibration: Annotated[Path | None, typer.Option(help="--int8: calibrate on these photos, not the validation photos.")] = None,
     force: Force = False,
 ) -> None:
     """One file for apps and phones: uint8 RGB pixels in, class probabilities out; checked on the validation photos."""
