@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from headstart.backbone import ENSEMBLE_SEPARATOR, MAX_MEMBERS
 from headstart.config import DataConfig, check_head_params, is_finite_number, is_int
 from headstart.errors import BundleError, ConfigError, FileRefusedError
-from headstart.files import atomic_write_folder, display, json_bytes, open_regular, read_regular
+from headstart.files import MODEL_MARKER, atomic_write_folder, display, json_bytes, open_regular, read_bounded, read_regular
 from headstart.summary import TrainingSummary
 
 if TYPE_CHECKING:  # NumPy is imported only to read or write tensors: `info` reads a safetensors header alone
@@ -42,7 +42,7 @@ FORMAT_VERSION = 7  # 2: `files` lists the size and sha256 of every file of the 
 # 6: the head's `seed` is named `random_state`, as scikit-learn names it; 7: a backbone's weights file is `backbone.safetensors`, in the folder
 SUMMARY_ADDED = {4: ("scored_on", "refit", "test_split", "n_test", "test_images", "test", "calibration"), 5: ("test_tta",)}
 """Summary fields each format added: a bundle of an earlier format lacks them (they take their defaults)."""
-CONFIG_NAME = "bundle.json"
+CONFIG_NAME = MODEL_MARKER  # "bundle.json", whose presence makes a folder a model folder
 WEIGHTS_NAME = "model.safetensors"
 METRICS_NAME = "metrics.json"
 HISTORY_NAME = "history.json"
@@ -357,7 +357,7 @@ def _read_listed(directory: Path, fd: int, name: str, record: dict[str, Any] | N
                     streamed.update(chunk)
                 digest = streamed.hexdigest()
             else:
-                data = f.read(limit)
+                data = read_bounded(f, limit, path, record["size"] if record else os.fstat(f.fileno()).st_size)
                 digest = hashlib.sha256(data).hexdigest()
     except FileNotFoundError as e:
         if required or record is not None:
