@@ -65,6 +65,21 @@ def start_server(app: Any) -> tuple[Any, threading.Thread, str]:
     return server, thread, f"http://127.0.0.1:{port}"
 
 
+def wait_until_serving(process: Any, url: str, stderr: Path, seconds: float = 120) -> None:
+    """Return once the server `process` (a Popen writing its stderr to `stderr`) answers `url`/health."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while True:
+        assert process.poll() is None, stderr.read_text()
+        assert time.monotonic() < deadline, "the server did not start"
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.1)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")

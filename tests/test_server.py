@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 import headstart
-from conftest import CATS_DOGS_TINY, ODD_FILES, PHOTOS, start_server
+from conftest import CATS_DOGS_TINY, ODD_FILES, PHOTOS, start_server, wait_until_serving
 from headstart import server
 from headstart.model import Prediction
 from headstart.pipeline import available_cpus
@@ -408,15 +408,7 @@ def test_the_serving_process_never_loads_torch_and_logs_one_line_per_request(tin
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, stderr_path.read_text()
-            assert time.monotonic() < deadline, "the server did not start"
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        wait_until_serving(process, url, stderr_path)
         with httpx.Client(base_url=url, timeout=120) as client:
             assert client.get("/info").status_code == 200
             assert client.get("/").status_code == 200

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import CATS_DOGS_TINY
+from conftest import CATS_DOGS_TINY, wait_until_serving
 from headstart.server import MAX_BYTES_IN_FLIGHT, _exposure, _RateLimit
 
 FILE_LIMIT = 256
@@ -68,15 +68,7 @@ def serving(model_dir: Path, cache_dir: Path, root: Path, deadlines: tuple[float
     with stderr_path.open("wb") as stderr:
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, stderr_path.read_text()
-            assert time.monotonic() < deadline, "the server did not start"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        wait_until_serving(process, f"http://127.0.0.1:{port}", stderr_path)
         yield Served(port, process.pid, stderr_path)
     finally:
         process.send_signal(signal.SIGINT)
@@ -223,14 +215,8 @@ def test_stalled_uploads_hold_at_most_the_budget_then_time_out(guarded: Served) 
 def test_clients_that_stop_reading_a_large_response_hold_little_and_are_dropped(guarded: Served) -> None:
     n_clients = 20  # 480 MiB of reports asked for, none of them read
     before = rss(guarded.pid)
-    sockets = []
+    sockets = open_slow_clients(guarded.port, "a request for the report, never read", n_clients)
     try:
-        for _ in range(n_clients):
-            sock = socket.socket()
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.connect(("127.0.0.1", guarded.port))
-            sock.sendall(b"GET /report HTTP/1.1\r\nHost: localhost\r\n\r\n")
         for _ in range(3):  # round trips: the server has answered each of them, as far as it could
             assert httpx.get(guarded.url + "/health", timeout=30).status_code == 200
         held = rss(guarded.pid) - before
