@@ -22,6 +22,7 @@ PHOTOS = SHARED / "photos"
 FIXTURES = SHARED / "fixtures"
 CATS_DOGS_TINY = FIXTURES / "cats_dogs_tiny"
 FLOWERS = SHARED / "datasets" / "flowers"
+CATS_DOGS = SHARED / "datasets" / "cats_dogs"  # cat/ and dog/: photos the tiny sets do not hold
 FLOWERS_TINY = FIXTURES / "flowers5_tiny"
 ODD_FILES = FIXTURES / "odd_files"
 

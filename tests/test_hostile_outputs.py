@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import CATS_DOGS_TINY
+from conftest import CATS_DOGS, CATS_DOGS_TINY
 from headstart.cli.main import app
 
 
@@ -164,7 +164,12 @@ def test_a_rebuilt_report_never_headlines_a_score_on_images_the_head_was_fitted_
     code, output = run("report", str(model))
     assert code == 1 and "refitted on every labelled image" in output and "out-of-fold" in output, output
     assert not (model / "report.html").exists()
-    code, output = run("report", str(model), str(CATS_DOGS_TINY / "val"))  # held-out images the user names are scored
+    unseen = tmp_path / "unseen"
+    for label in ("cats", "dogs"):
+        (unseen / label).mkdir(parents=True)
+        for photo in sorted((CATS_DOGS / label[:-1]).iterdir())[-3:]:
+            shutil.copy(photo, unseen / label)
+    code, output = run("report", str(model), str(unseen))  # labelled images the head has not seen are scored
     assert code == 0 and (model / "report.html").is_file(), output
 
 
@@ -172,3 +177,19 @@ def test_export_checked_on_fitted_photos_shows_no_accuracy(tiny_model_dir: Path,
     code, output = run("export", str(tiny_model_dir), "--out", str(tmp_path / "m.onnx"))
     assert code == 0 and "training photos (the head was fitted on them: agreement only)" in output, output
     assert "accuracy" not in output and "same top-1 class" in output
+
+
+def test_evaluate_and_report_leave_out_the_images_the_head_was_fitted_on(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`evaluate MODEL DATA` and `report MODEL DATA` on the refit's own images headlined accuracy 1.0."""
+    fitted = CATS_DOGS_TINY / "val"  # the default refit fits the head on train/ and val/
+    code, output = run("evaluate", str(tiny_model_dir), str(fitted))
+    assert code == 1 and "the head was fitted on all 20 of these images" in output, output
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    code, output = run("report", str(model), str(fitted), "--out", str(tmp_path / "r.html"))
+    assert code == 1 and "the head was fitted on all 20" in output and not (tmp_path / "r.html").exists(), output
+    mixed = shutil.copytree(fitted, tmp_path / "mixed")
+    for label in ("cats", "dogs"):
+        for photo in sorted((CATS_DOGS / label[:-1]).iterdir())[-3:]:  # photos the model never saw
+            shutil.copy(photo, mixed / label)
+    code, output = run("evaluate", str(tiny_model_dir), str(mixed))
+    assert code == 0 and "on 6 images" in output and "Skipped 20 file(s)" in output and "fitted on this image" in output, output

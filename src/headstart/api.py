@@ -513,7 +513,7 @@ def report(model: PathLike, data: PathLike | None = None, out: PathLike | None =
         records, scored_on = list(s.val_images), "the validation split"
         if not records:
             raise ConfigError(f"{model}: no validation images are recorded; give labelled images: headstart report {model} DATA.")
-    scores = loaded.score([r for r in records if r.label in loaded.classes])
+    scores = loaded.score([r for r in records if r.label in loaded.classes], held_out_only=True)
     if not scores.records:
         raise _no_readable_images([model], scores.skipped, f"Give labelled images: headstart report {model} DATA.")
     return build_report(loaded, scores, target, scored_on)
@@ -601,10 +601,17 @@ def imagenet_grid(result: Predictions, out: PathLike, n_cols: int = 4, force: bo
 def _no_readable_images(
     inputs: Sequence[PathLike], skipped: list[Skipped], fix: str = "Give image files (JPEG, PNG, ...) or folders holding them."
 ) -> DataError:
-    """The error for inputs among which no image could be read: what was skipped, and why the first one was."""
+    """The error for inputs among which no image could be read (or none the head was not fitted on): what was skipped, and why."""
+    from headstart.model import FITTED_REASON
+
     where = ", ".join(map(str, inputs[:3])) + (f" and {len(inputs) - 3} more" if len(inputs) > 3 else "")
     if not skipped:
         return DataError(f"{where}: no images found. {fix}")
+    if all(s.reason == FITTED_REASON for s in skipped):
+        return DataError(
+            f"{where}: the head was fitted on all {len(skipped)} of these images, so a score on them would flatter the model. "
+            "Give labelled images it has not seen."
+        )
     first = skipped[0]
     return DataError(f"{where}: no readable images; {len(skipped)} skipped (first: {first.path}: {first.reason}). {fix}")
 

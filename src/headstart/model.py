@@ -96,6 +96,9 @@ class Predictions:
         return len(self.predictions)
 
 
+FITTED_REASON = "the head was fitted on this image (left out: its score would flatter the model)"
+
+
 @dataclass(frozen=True)
 class EvaluationResult:
     """An evaluation and the files it could not read."""
@@ -338,7 +341,7 @@ class Model:
             raise DataError(
                 f"{data}: class '{unknown[0]}' is not one this model knows ({', '.join(self.classes)}). Rename or remove that folder."
             )
-        scores = self.score(records, progress, tta=tta)
+        scores = self.score(records, progress, tta=tta, held_out_only=True)
         return EvaluationResult(scores.evaluation, dataset.skipped + scores.skipped)
 
     def score(
@@ -347,16 +350,22 @@ class Model:
         progress: Progress | None = None,
         features: NDArray[np.float32] | None = None,
         tta: bool = False,
+        held_out_only: bool = False,
     ) -> Scores:
         """Class probabilities and an evaluation for labelled images; labels must be among `classes`.
 
         `features`, the backbones' features of `records` when already at hand, spares running the backbones again.
-        `tta` averages the probabilities with those of the images mirrored left to right.
+        `tta` averages the probabilities with those of the images mirrored left to right. `held_out_only` leaves out,
+        as skipped, the images the head was fitted on (known to its unknown detector), whose scores would flatter it.
         """
         kept, skipped = list(records), []
         if features is None:
             extraction = self.extract([r.path for r in records], progress=progress)
             kept, features, skipped = [records[i] for i in extraction.kept], extraction.features, extraction.skipped
+        if held_out_only and self.detector is not None:
+            seen = self.detector.seen(features)
+            skipped += [Skipped(r.path, FITTED_REASON) for r, s in zip(kept, seen) if s]
+            kept, features = [r for r, s in zip(kept, seen) if not s], features[~seen]
         y_true = np.asarray([self.classes.index(r.label) for r in kept], dtype=np.int64)
         proba, _ = self.outputs(features)
         if tta and kept:

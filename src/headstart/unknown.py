@@ -49,6 +49,9 @@ _TENSORS: dict[str, tuple[str, ...]] = {
 }
 
 
+SEEN_TOLERANCE = 1e-5  # cosine similarity above 1 - this: the same image (features differ in the last bits with the batch)
+
+
 @dataclass(frozen=True)
 class UnknownDetector:
     """A fitted unknown score and the threshold past which an image is called unknown.
@@ -88,6 +91,15 @@ class UnknownDetector:
         if self.kind == "relative_mahalanobis":
             score -= _min_distance(f @ t["background_projection"], t["background_center"])
         return score
+
+    def seen(self, features: ArrayLike) -> NDArray[np.bool_]:
+        """Which images are, to float precision, among a "knn" detector's references: images the head was fitted on
+        (or byte-for-byte copies of them). All False for the other kinds, which keep no training rows."""
+        f = np.asarray(features, dtype=np.float32)
+        if self.kind != "knn" or not len(f):
+            return np.zeros(len(f), dtype=bool)
+        unit = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+        return np.asarray((unit @ self.tensors["references"].T).max(1) > 1 - SEEN_TOLERANCE)
 
     def is_unknown(self, scores: NDArray[np.float32], threshold: float | None = None) -> NDArray[np.bool_]:
         """Which scores are past `threshold` (default: the detector's own)."""
