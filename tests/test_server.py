@@ -147,14 +147,14 @@ def test_fifty_concurrent_requests_are_all_answered_correctly(served: Served, ex
 def test_a_request_abandoned_while_it_waits_its_turn_is_not_decoded(
     served: Served, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    original, release, calls = server._predict, threading.Event(), []
+    original, release, calls = server.load_image_bytes, threading.Event(), []
 
-    def held(*args: Any) -> Any:  # keeps its turn until released
+    def held(*args: Any, **kwargs: Any) -> Any:  # keeps its turn until released
         calls.append(args)
         release.wait(60)
-        return original(*args)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(server, "_predict", held)
+    monkeypatch.setattr(server, "load_image_bytes", held)
     caplog.set_level(logging.INFO, logger="headstart.server")
     n_turns = available_cpus()  # the requests decoded at once
     with ThreadPoolExecutor(n_turns) as pool:
@@ -177,6 +177,36 @@ def test_a_request_abandoned_while_it_waits_its_turn_is_not_decoded(
         assert time.monotonic() < deadline, caplog.text
         time.sleep(0.05)
     assert len(calls) == n_turns  # the abandoned request was never decoded
+
+
+def test_a_request_abandoned_between_its_images_decodes_no_more(
+    served: Served, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    original, left, calls = server.load_image_bytes, threading.Event(), []
+
+    def slow(*args: Any, **kwargs: Any) -> Any:  # the first image decodes until its client has left
+        calls.append(args)
+        left.wait(60)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(server, "load_image_bytes", slow)
+    caplog.set_level(logging.INFO, logger="headstart.server")
+    body = httpx.Request("POST", served.url + "/predict", files=[("file", ("dog.jpg", JPEG))] * 4)
+    with socket.create_connection(("127.0.0.1", int(served.url.rsplit(":", 1)[1])), timeout=30) as sock:
+        head = f"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: {body.headers['content-type']}\r\n"
+        sock.sendall(f"{head}Content-Length: {len(body.read())}\r\n\r\n".encode() + body.read())
+        deadline = time.monotonic() + 60
+        while not calls:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    for _ in range(3):  # round trips: the server has seen the client leave
+        assert httpx.get(served.url + "/health", timeout=30).status_code == 200
+    left.set()
+    deadline = time.monotonic() + 30
+    while not (lines := [r.getMessage() for r in caplog.records if " /predict " in r.getMessage()]):
+        assert time.monotonic() < deadline, caplog.text
+        time.sleep(0.05)
+    assert " /predict 499 " in lines[0] and len(calls) == 1, (lines, len(calls))  # the other three were never decoded
 
 
 # The other endpoints

@@ -29,10 +29,10 @@ is decoded, at most `MAX_IMAGE_PIXELS` (50 MP) per image and `MAX_REQUEST_PIXELS
 limits (at most 89 megapixels, at least 16 pixels on a side, at most 20:1);
 decoding here has no time limit (headstart's uses a signal, which only the main
 thread gets), so those pixel limits bound its work. At most one request per CPU
-is decoded and run through the model at a time; the others wait their turn, and one
-whose client has gone by then is dropped undecoded. The bodies being received or waiting,
-across requests, hold at most `MAX_BYTES_IN_FLIGHT` (128 MiB) at once, and each body
-must arrive within `BODY_TIMEOUT` (60 s).
+is decoded and run through the model at a time; the others wait their turn. A request
+whose client has gone, while it waits or between its images, decodes no more (a 499).
+The bodies being received or waiting, across requests, hold at most `MAX_BYTES_IN_FLIGHT`
+(128 MiB) at once, and each body must arrive within `BODY_TIMEOUT` (60 s).
 
 Only requests whose Host header names the server are answered: localhost, an IP address,
 the machine's name, or the name it was started with (`host`); a web page elsewhere cannot
@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib.resources
 import io
 import ipaddress
@@ -89,6 +90,7 @@ from types import TracebackType
 from typing import Any, ClassVar, Literal
 
 import anyio
+import anyio.from_thread
 import anyio.to_thread
 import h11
 import numpy as np
@@ -195,10 +197,9 @@ def create_app(model_dir: Path, cache_root: Path | None = None, host: str = "127
         with _Meter(request.receive, budget) as meter:
             uploads = await _read_uploads(request, meter)
             request.state.n_images = len(uploads)
-            async with limiter:
-                if await request.is_disconnected():  # abandoned while it waited its turn: not decoded
-                    raise HTTPException(499, "The client disconnected before its turn; its images were not decoded.")
-                predictions = await anyio.to_thread.run_sync(_predict, model, uploads, top_k)
+            async with limiter:  # a request abandoned while it waits its turn, or between images, decodes no more
+                gone = functools.partial(anyio.from_thread.run, request.is_disconnected)
+                predictions = await anyio.to_thread.run_sync(_predict, model, uploads, top_k, gone)
         return AsciiJSONResponse({"predictions": predictions})
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD for uptime checks
@@ -526,14 +527,15 @@ class _Meter:
         self.seen = 0
 
 
-def _predict(model: Model, uploads: list[tuple[str | None, bytes]], top_k: int) -> list[dict[str, Any]]:
+def _predict(model: Model, uploads: list[tuple[str | None, bytes]], top_k: int, gone: Callable[[], bool]) -> list[dict[str, Any]]:
     """Decode each upload as `headstart predict` decodes a file, and predict them as one batch.
 
     Each image is reduced to the backbone's input (each backbone's, for an ensemble) as soon
-    as it is decoded, so memory holds one full-size image at a time.
+    as it is decoded, so memory holds one full-size image at a time. `gone` is asked before
+    each image whether the client has disconnected.
 
     Raises:
-        HTTPException: 422 naming the first upload that is not a decodable image.
+        HTTPException: 422 naming the first upload that is not a decodable image; 499 once `gone`.
     """
     min_size = 2 * max(cfg.resize_size for cfg in model.data_configs)  # as `pipeline.decode_inputs` decodes a file
     pixels = 0
@@ -550,7 +552,9 @@ def _predict(model: Model, uploads: list[tuple[str | None, bytes]], top_k: int) 
                 f"{MAX_REQUEST_PIXELS:,} per request; send smaller images.",
             )
     inputs = []
-    for name, data in uploads:
+    for done, (name, data) in enumerate(uploads):
+        if gone():
+            raise HTTPException(499, f"The client disconnected; {len(uploads) - done} of its {len(uploads)} images were not decoded.")
         try:
             image = load_image_bytes(data, name="upload", min_size=min_size)
             inputs.append(model.inputs(image))
