@@ -130,6 +130,9 @@ def test_no_output_option_writes_into_a_model_folder(tiny_model_dir: Path, tmp_p
         ["export", str(model), "--out", str(other / "m.onnx")],
         ["augment-preview", str(CATS_DOGS_TINY), "--out", str(other / "grid.png")],
         ["report", str(model), str(CATS_DOGS_TINY), "--out", str(other / "report.html")],
+        ["explain", str(model), str(photo), "--out", str(model)],
+        ["explain", str(model), str(photo), "--out", str(other / "cams")],
+        ["activations", str(model), str(photo), "--out", str(other)],
     ]
     for args in attempts:
         code, output = run(*args)
@@ -193,3 +196,10 @@ def test_evaluate_and_report_leave_out_the_images_the_head_was_fitted_on(tiny_mo
             shutil.copy(photo, mixed / label)
     code, output = run("evaluate", str(tiny_model_dir), str(mixed))
     assert code == 0 and "on 6 images" in output and "Skipped 20 file(s)" in output and "fitted on this image" in output, output
+
+
+def test_explain_into_a_file_says_it_needs_a_folder(tiny_model_dir: Path, tmp_path: Path, photo: Path) -> None:
+    existing = tmp_path / "existing.jpg"
+    existing.write_bytes(b"mine")
+    code, output = run("explain", str(tiny_model_dir), str(photo), "--out", str(existing))
+    assert code == 1 and "exists and is not a folder" in output and existing.read_bytes() == b"mine", output

@@ -18,7 +18,7 @@ from headstart.bundle import REPORT_NAME, BundleContents, backbone_weights_files
 from headstart.config import Progress, default_cache_dir
 from headstart.data import Skipped, list_images, load_dataset, load_image
 from headstart.errors import ConfigError, DataError, FileRefusedError, UnreadableImageError
-from headstart.files import atomic_write_bytes, csv_bytes, display, output_file
+from headstart.files import atomic_write_bytes, csv_bytes, display, output_file, output_folder
 from headstart.triage import Triage, triage
 
 if TYPE_CHECKING:
@@ -536,12 +536,13 @@ def explain(
     from headstart.html_report import image_grid, save_figure
     from headstart.transforms import resize_and_crop
 
+    folder = output_folder(Path(out))
     model = _loaded(model)
     if class_name is not None and class_name not in model.classes:
         raise ConfigError(f"Unknown class '{class_name}'. This model's classes: {', '.join(model.classes)}.")
     paths, skipped = list_images(list(images))
     written: list[Path] = []
-    taken = existing_names(Path(out))
+    taken = existing_names(folder)
     cfg = model.data_configs[0]
     for done, path in enumerate(paths, start=1):
         try:
@@ -556,7 +557,7 @@ def explain(
             (cams,) = grad_cam_overlays(model, [image], [index])
             titles = [f"{display(path.name)}: {what}"] if len(cams) == 1 else [f"{b.name}: {what}" for b in model.backbones]
             figure = image_grid([[view, *cams]], [[display(path.name), *titles]], cell_inches=3)
-            written.append(save_figure(figure, Path(out) / output_name(path.stem, "_gradcam.png", taken)))
+            written.append(save_figure(figure, folder / output_name(path.stem, "_gradcam.png", taken)))
         if progress:
             progress("Explaining", done, len(paths))
     if not written:
@@ -572,13 +573,14 @@ def activations(model_or_backbone: str | PathLike, image: PathLike, out: PathLik
     from headstart.html_report import feature_map_grid, save_figure
     from headstart.transforms import preprocess
 
+    folder = output_folder(Path(out))
     source = Path(model_or_backbone)
     net = _loaded(source).backbone if (source / "bundle.json").is_file() else create_backbone(str(model_or_backbone))
     path = Path(image)
     batch = torch.from_numpy(preprocess(load_image(path), net.data_config))[None]
     names = [f"{name} ({channels} ch)" for name, channels in net.stages]
     figure = feature_map_grid(stage_activations(net, batch, n_channels), names)
-    return save_figure(figure, Path(out) / output_name(path.stem, "_activations.png", existing_names(Path(out))))
+    return save_figure(figure, folder / output_name(path.stem, "_activations.png", existing_names(folder)))
 
 
 def imagenet_grid(result: Predictions, out: PathLike, n_cols: int = 4, force: bool = False) -> Path:

@@ -75,14 +75,35 @@ def output_file(path: Path, suffix: str, inputs: Iterable[Path] = (), force: boo
         inside = i.is_dir() and resolved.is_relative_to(i.resolve())
         if inside or (resolved.exists() and i.exists() and os.path.samefile(resolved, i)):
             raise ConfigError(f"{display(path)}: is {'inside' if inside else 'also'} an input of this command; give another file name.")
-    model = next((folder for folder in resolved.parents if (folder / MODEL_MARKER).is_file()), None)
-    if model is not None:
-        raise ConfigError(
-            f"{display(path)}: inside the model folder {display(model)}, whose files only train writes; give a file outside it."
-        )
+    _refuse_in_model_folder(path, resolved.parents)
     if resolved.exists() and not force and not written_by_headstart(resolved):
         raise ConfigError(f"{display(path)}: exists, and headstart did not write it; give another file name, or --force to replace it.")
     return resolved
+
+
+def output_folder(path: Path) -> Path:
+    """`path` checked as a folder to write new files into (under names no file there has): a folder or nothing yet,
+    neither a model folder nor inside one.
+
+    Raises:
+        ConfigError: naming what is wrong and what to give instead.
+    """
+    try:
+        resolved = path.resolve()
+    except (RuntimeError, OSError):
+        raise ConfigError(f"{display(path)}: a symbolic link loop; give another folder name.") from None
+    if resolved.exists() and not resolved.is_dir():
+        raise ConfigError(f"{display(path)}: exists and is not a folder; give a folder name (new files are written into it).")
+    _refuse_in_model_folder(path, (resolved, *resolved.parents))
+    return resolved
+
+
+def _refuse_in_model_folder(path: Path, folders: Iterable[Path]) -> None:
+    model = next((folder for folder in folders if (folder / MODEL_MARKER).is_file()), None)
+    if model is not None:
+        raise ConfigError(
+            f"{display(path)}: inside the model folder {display(model)}, whose files only train writes; give a place outside it."
+        )
 
 
 MODEL_MARKER = "bundle.json"  # the file that makes a folder a model folder
