@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from conftest import CATS_DOGS_TINY, FLOWERS_TINY
 from headstart.cli.main import app
-from headstart.data import MAX_JPEG_SCANS, load_image, load_image_bytes, read_csv
+from headstart.data import MAX_JPEG_SCANS, MAX_SCAN_PIXELS, load_image, load_image_bytes, read_csv
 from headstart.errors import FileRefusedError, UnreadableImageError
 from headstart.files import csv_bytes, read_csv_cell, read_regular, visible_files
 
@@ -149,6 +149,15 @@ def test_a_scan_bomb_on_disk_and_its_prefix_are_refused_quickly(bomb: bytes, tmp
         with pytest.raises(UnreadableImageError, match=f"more than {MAX_JPEG_SCANS} scans"):
             load_image(tmp_path / name)
         assert time.monotonic() - started < 5, name
+
+
+def test_fewer_scans_are_allowed_the_more_pixels_there_are() -> None:
+    """99 scans of 7000 x 7000 pixels took 3.4 s an upload: scans x pixels is bounded too."""
+    bomb = scan_bomb(60, (6000, 6000))
+    started = time.monotonic()
+    with pytest.raises(UnreadableImageError, match=f"more than {MAX_SCAN_PIXELS // 6000**2} scans at 6000x6000"):
+        load_image_bytes(bomb)
+    assert time.monotonic() - started < 5
 
 
 def test_ordinary_progressive_jpegs_still_decode(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ MAX_FILE_BYTES = 1 << 30  # image files larger than 1 GiB are refused unread (no
 MAX_CSV_BYTES = 1 << 28  # a path,label CSV larger than 256 MiB (several million rows) is refused
 DECODE_SECONDS = 20.0  # a file that takes longer to decode is refused (crafted files can make decoders crawl)
 MAX_JPEG_SCANS = 100  # encoders write 1 to ~20; a file repeating a scan thousands of times decodes for hours (a scan bomb)
+MAX_SCAN_PIXELS = 2_000_000_000  # scans x pixels: a decoder passes over every pixel once a scan (~1 s of decoding at most)
 
 
 @dataclass(frozen=True)
@@ -251,11 +252,11 @@ def _key(record: ImageRecord) -> tuple[str, str]:
 
 
 def open_image(file: BinaryIO) -> Image.Image:
-    """`Image.open` without Pillow's DecompressionBombWarning: headstart refuses such images itself, with a clear reason."""
+    """`Image.open` without Pillow's warnings: headstart refuses decompression bombs itself, with a clear reason, and `check`
+    reports broken EXIF."""
     from PIL import Image
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    with pillow_warnings():  # a DecompressionBombWarning, broken EXIF read for the resolution
         return Image.open(file)
 
 
@@ -343,7 +344,7 @@ def decode_image(source: Path | bytes, convert: Callable[[Image.Image], _T], min
             if min_size:
                 opened.draft(None, (min_size, min_size))
             opened.load()
-            with exif_warnings():
+            with pillow_warnings():
                 upright = ImageOps.exif_transpose(opened)
             return convert(_to_rgb(upright))
     except UnreadableImageError:
@@ -362,37 +363,38 @@ def decode_image(source: Path | bytes, convert: Callable[[Image.Image], _T], min
 
 
 @contextmanager
-def exif_warnings() -> Iterator[list[warnings.WarningMessage]]:
-    """Pillow's warnings about broken EXIF data, caught (returned) instead of printed: the pixels are fine, and what
-    EXIF could be read (the orientation, mostly) is used. `check` reports them."""
+def pillow_warnings() -> Iterator[list[warnings.WarningMessage]]:
+    """Pillow's warnings (broken EXIF data, mostly), caught (returned) instead of printed: the pixels are fine, and what
+    EXIF could be read (the orientation) is used. `check` reports them."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield caught
 
 
 def _scan_problem(opened: Image.Image, file: BinaryIO) -> str | None:
-    """Why a JPEG's scans are refused (more than `MAX_JPEG_SCANS`), or None. The decoder's work grows with
-    pixels x scans and the signal-based time limit reaches no server thread or Ray actor, so both are bounded up front.
+    """Why a JPEG's scans are refused, or None: more than `MAX_JPEG_SCANS`, or scans x pixels past `MAX_SCAN_PIXELS`.
+    The decoder passes over every pixel once a scan, and the signal-based time limit reaches no server thread or Ray
+    actor, so the work is bounded up front.
 
     Scans start with the marker FF DA, which cannot occur inside entropy-coded data (an FF there is followed by 00),
     so counting it is exact but for embedded thumbnails, which only count high.
     """
     if opened.format not in ("JPEG", "MPO"):
         return None
+    width, height = opened.size
+    limit = min(MAX_JPEG_SCANS, MAX_SCAN_PIXELS // (width * height))
     start = file.tell()
     file.seek(0)
     n_scans, tail = 0, b""
     try:
-        while n_scans <= MAX_JPEG_SCANS and (chunk := file.read(1 << 20)):
+        while n_scans <= limit and (chunk := file.read(1 << 20)):
             n_scans += (tail + chunk).count(b"\xff\xda")
             tail = chunk[-1:]
     finally:
         file.seek(start)
-    return (
-        f"a JPEG of more than {MAX_JPEG_SCANS} scans (a scan bomb: decoding it would take minutes or hours)"
-        if n_scans > MAX_JPEG_SCANS
-        else None
-    )
+    if n_scans <= limit:
+        return None
+    return f"a JPEG of more than {limit} scans at {width}x{height} pixels (a scan bomb: decoding it would take minutes or hours)"
 
 
 @contextmanager

@@ -21,9 +21,9 @@ from headstart.data import (
     Skipped,
     check_class_counts,
     check_val_split,
-    exif_warnings,
     load_image,
     open_image,
+    pillow_warnings,
     read_source,
     split_records,
 )
@@ -229,7 +229,7 @@ def inspect_file(path: Path) -> list[tuple[str, str]]:
                 notes.append(("animated", f"{frames} frames"))
             if image.mode != "RGB":
                 notes.append(("converted to RGB", f"mode {image.mode}" + (" with transparency" if "transparency" in image.info else "")))
-            with exif_warnings() as broken:
+            with pillow_warnings() as broken:
                 exif = image.getexif()
                 orientation = exif.get(0x0112, 1)  # the EXIF Orientation tag
                 exif.get_ifd(0x8769)  # the Exif sub-folder of tags, read as turning the image upright reads it

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             loaded: Any = load_file(path)
         else:
             _check_uncompressed(path)
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the outcome is a state dict or one line
+                warnings.simplefilter("ignore", UserWarning)
+                loaded = torch.load(path, map_location="cpu", weights_only=True)
     except BackboneWeightsError:
         raise
     except pickle.UnpicklingError:  # PyTorch's message advises loading with weights_only=False, which would run the pickle's code
