@@ -62,7 +62,8 @@ INSTALL_HINT = "pip install 'headstart[ray]'"
 # What an HTTP/2 client sends first: the connection preface, then an empty SETTINGS frame (RFC 9113, 3.4). Ray's cluster
 # (its GCS at HOST:PORT, its Ray Client server at ray://HOST:PORT) is a gRPC server, which answers with a SETTINGS frame.
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
-HTTP2_SETTINGS = 4  # the type of a SETTINGS frame: the fourth byte of its 9-byte header
+HTTP2_FRAME_HEADER = 9  # bytes; the frame's type is the fourth
+HTTP2_SETTINGS = 4  # the type of a SETTINGS frame
 
 _T = TypeVar("_T")
 
@@ -457,13 +458,13 @@ def _probe(address: str) -> None:
         answer = b""
         try:
             connection.sendall(HTTP2_PREFACE)
-            while len(answer) < HTTP2_SETTINGS and (chunk := _receive(connection, HTTP2_SETTINGS - len(answer), deadline)):
+            while len(answer) < HTTP2_FRAME_HEADER and (chunk := _receive(connection, HTTP2_FRAME_HEADER - len(answer), deadline)):
                 answer += chunk
         except TimeoutError:
             raise ConnectionError(f"no Ray cluster answered at {host}:{port} within {REACH_SECONDS} s") from None
-        except OSError:  # reset: what listens there closed the connection, as below
+        except OSError:  # reset: what listens there is no gRPC server either
             pass
-    if answer[HTTP2_SETTINGS - 1 :] != bytes([HTTP2_SETTINGS]):
+    if len(answer) < HTTP2_FRAME_HEADER or answer[3] != HTTP2_SETTINGS:
         raise ConnectionError(f"what listens at {host}:{port} is no Ray cluster (it does not answer as a gRPC server does)")
 
 
