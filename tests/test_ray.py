@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import csv
+import http.server
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -241,21 +244,40 @@ def test_a_file_uri_is_listed_as_a_local_folder_each_photo_once_whatever_its_sym
     assert len(listing.locations) == 5 * 2 + 1
 
 
+@pytest.fixture(scope="module")
+def listeners() -> Iterator[dict[str, int]]:
+    """Loopback ports where something other than Ray listens: `silent` accepts connections (the kernel does) and never
+    answers; `http` answers as a web server does (as `headstart serve` would)."""
+
+    class Quiet(http.server.BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    with socket.create_server(("127.0.0.1", 0)) as silent, http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet) as web:
+        threading.Thread(target=web.serve_forever, daemon=True).start()
+        yield {"silent": silent.getsockname()[1], "http": web.server_address[1]}
+        web.shutdown()
+
+
 @pytest.mark.subprocess
 @pytest.mark.parametrize(
     ("where", "words"),
     [
         (["gs://headstart-no-such-bucket/photos/"], "gs://headstart-no-such-bucket/photos/"),  # no network here: its client retries
         ([str(FLOWERS_TINY), "--address", "127.0.0.1:1"], "Could not connect to the Ray cluster at 127.0.0.1:1"),
+        ([str(FLOWERS_TINY), "--address", "127.0.0.1:{silent}"], "no Ray cluster answered at 127.0.0.1:{silent} within 30 s"),
+        ([str(FLOWERS_TINY), "--address", "ray://127.0.0.1:{http}"], "what listens at 127.0.0.1:{http} is no Ray cluster"),
     ],
 )
 def test_storage_or_a_cluster_that_does_not_answer_is_a_one_line_error_within_a_deadline(
-    where: list[str], words: str, tmp_path: Path
+    where: list[str], words: str, listeners: dict[str, int], tmp_path: Path
 ) -> None:
+    where, words = [w.format(**listeners) for w in where], words.format(**listeners)
     command = [sys.executable, "-m", "headstart.cli.main", "extract", *where, "--ray", "--cache-dir", str(tmp_path)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)  # without deadlines: 15 minutes, 3 minutes and more
+    done = subprocess.run(command, capture_output=True, text=True, timeout=90)  # without deadlines: 15 minutes, 3 minutes and more
     output = (done.stdout + done.stderr).strip()
     assert done.returncode == 1 and words in output and "\n" not in output, output
+    assert len(output) < 400, output  # the storage's reason is cut to its first sentence (Google's is a 1,000-character dump)
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ import os
 import re
 import socket
 import threading
+import time
 import urllib.parse
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -54,9 +55,15 @@ if TYPE_CHECKING:
 BATCH_SIZE = 64  # images per Ray task: large enough that Ray's per-task cost (milliseconds) is small beside the work (about a second)
 TASKS_PER_CPU = 4  # fewer images than BATCH_SIZE x this per CPU are cut into smaller batches, so that every CPU has work
 READ_AHEAD = 8  # files each actor reads at once: object stores answer each request in tens of milliseconds
-REACH_SECONDS = 30  # for a URI's storage to say what is at the URI, and for a Ray cluster's address to accept a connection
+REACH_SECONDS = 30  # for a URI's storage to say what is at the URI, and for a Ray cluster's address to answer as Ray does
 GCS_RETRY_SECONDS = 15  # for Google Cloud Storage's client to retry a request (its default, 15 minutes, looks like a hang)
+REASON_CHARS = 200  # of a storage's reason in a one-line error (Google Cloud Storage's run to a thousand)
 INSTALL_HINT = "pip install 'headstart[ray]'"
+# What an HTTP/2 client sends first: the connection preface, then an empty SETTINGS frame (RFC 9113, 3.4). Ray's cluster
+# (its GCS at HOST:PORT, its Ray Client server at ray://HOST:PORT) is a gRPC server, which answers with a SETTINGS frame.
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+HTTP2_FRAME_HEADER = 9  # bytes; the frame's type is the fourth
+HTTP2_SETTINGS = 4  # the type of a SETTINGS frame
 
 _T = TypeVar("_T")
 
@@ -222,8 +229,15 @@ def _within_deadline(call: Callable[[], _T], uri: str) -> _T:
 
 
 def _unlisted(uri: str, error: Exception) -> DataError:
-    reason = next(iter(str(error).splitlines()), "") or type(error).__name__
+    reason = _brief(str(error)) or type(error).__name__
     return DataError(f"{display(uri)}: cannot be listed ({reason}). Check the URI and the credentials for it.")
+
+
+def _brief(message: str) -> str:
+    """The first sentence of a message's first line, at most `REASON_CHARS` long, for a one-line error."""
+    line = next((line.strip() for line in message.splitlines() if line.strip()), "")
+    sentence = re.split(r"(?<=\.)\s", line, maxsplit=1)[0].rstrip(".")
+    return sentence if len(sentence) <= REASON_CHARS else f"{sentence[: REASON_CHARS - 3]}..."
 
 
 def _list_objects(store: Store) -> list[str]:
@@ -336,7 +350,7 @@ class ImageWorker:
         except FileRefusedError as e:  # a FIFO, a device, a file too large
             return e.reason
         except (OSError, ValueError) as e:  # a vanished file, a symlink loop, no permission; pyarrow's errors for an object
-            return (e.strerror if isinstance(e, OSError) else None) or next(iter(str(e).splitlines()), "") or type(e).__name__
+            return (e.strerror if isinstance(e, OSError) else None) or _brief(str(e)) or type(e).__name__
 
     @staticmethod
     def _read_object(filesystem: pyarrow.fs.FileSystem, path: str) -> bytes:
@@ -400,7 +414,7 @@ def ray_session(address: str | None = None) -> Iterator[int]:
             ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False, **local)
         except (ConnectionError, ValueError, RuntimeError) as e:
             raise ConfigError(
-                f"Could not connect to the Ray cluster at {display(str(address))}: {str(e).splitlines()[0]}. "
+                f"Could not connect to the Ray cluster at {display(str(address))}: {_brief(str(e)) or type(e).__name__}. "
                 "Give its address (ray://HEAD:10001, or auto on one of its nodes), or leave --address out for a local Ray."
             ) from None
     logger = logging.getLogger("ray.data")
@@ -419,11 +433,12 @@ def ray_session(address: str | None = None) -> Iterator[int]:
 
 
 def _probe(address: str) -> None:
-    """Fail within `REACH_SECONDS` where nothing accepts a connection at a `host:port` or `ray://host:port` address (Ray's
-    own connect retries for minutes); other addresses, such as `auto`, are left to Ray.
+    """Fail within `REACH_SECONDS` where no Ray cluster answers at a `host:port` or `ray://host:port` address (Ray's own
+    connect retries for minutes, and prints its retries): something must accept a connection there and answer as a gRPC
+    server does (with TLS, `RAY_USE_TLS`, only the connection is checked). Other addresses, such as `auto`, are left to Ray.
 
     Raises:
-        ConnectionError: no connection was made.
+        ConnectionError: nothing accepts a connection, or what does is not a gRPC server.
     """
     parts = urllib.parse.urlsplit("//" + address.removeprefix("ray://"))
     try:
@@ -432,10 +447,38 @@ def _probe(address: str) -> None:
         return
     if host is None or port is None:
         return
+    deadline = time.monotonic() + REACH_SECONDS
     try:
-        socket.create_connection((host, port), timeout=REACH_SECONDS).close()
+        connection = socket.create_connection((host, port), timeout=REACH_SECONDS)
     except OSError as e:
         raise ConnectionError(f"nothing accepts a connection at {host}:{port} ({e.strerror or e})") from None
+    with connection:
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):  # as Ray reads it
+            return
+        answer = b""
+        try:
+            connection.sendall(HTTP2_PREFACE)
+            while len(answer) < HTTP2_FRAME_HEADER and (chunk := _receive(connection, HTTP2_FRAME_HEADER - len(answer), deadline)):
+                answer += chunk
+        except TimeoutError:
+            raise ConnectionError(f"no Ray cluster answered at {host}:{port} within {REACH_SECONDS} s") from None
+        except OSError:  # reset: what listens there is no gRPC server either
+            pass
+    if len(answer) < HTTP2_FRAME_HEADER or answer[3] != HTTP2_SETTINGS:
+        raise ConnectionError(f"what listens at {host}:{port} is no Ray cluster (it does not answer as a gRPC server does)")
+
+
+def _receive(connection: socket.socket, size: int, deadline: float) -> bytes:
+    """At most `size` bytes from `connection` (none once it is closed), waiting until `deadline` (`time.monotonic`) at most.
+
+    Raises:
+        TimeoutError: nothing came by `deadline`.
+    """
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    connection.settimeout(left)
+    return connection.recv(size)
 
 
 def _stream(
