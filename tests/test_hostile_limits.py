@@ -204,7 +204,20 @@ def test_a_folder_nested_10000_levels_deep_is_walked_without_recursion(tmp_path:
     finally:
         unnest(data / "cats")
     assert result.exit_code == 0 and "Training can proceed" in result.output, result.output
+    assert "unreadable folder" in result.output and "File name too long" in result.output  # said, not passed over in silence
     assert result.exception is None
+
+
+def test_check_names_the_folder_links_it_does_not_follow(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for label in ("cats", "dogs"):
+        (data / label).mkdir(parents=True)
+        for photo in sorted((CATS_DOGS_TINY / "train" / label).iterdir())[:3]:
+            (data / label / photo.name).write_bytes(photo.read_bytes())
+    (data / "cats" / "more").symlink_to(CATS_DOGS_TINY / "val" / "cats")
+    (data / "cats" / "loop").symlink_to(data)
+    result = runner.invoke(app, ["check", str(data)])
+    assert result.exit_code == 0 and result.output.count("linked folder") >= 3 and "not followed" in result.output, result.output
 
 
 def test_csv_cells_that_spreadsheets_would_run_are_neutralised_and_read_back(tmp_path: Path) -> None:

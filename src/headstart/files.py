@@ -359,10 +359,10 @@ def csv_bytes(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> bytes:
     return buffer.getvalue().encode("utf-8", errors="surrogateescape")
 
 
-def walk(folder: Path) -> Iterator[tuple[Path, list[str], list[str]]]:
+def walk(folder: Path, on_error: Callable[[Path, OSError], None] | None = None) -> Iterator[tuple[Path, list[str], list[str]]]:
     """`os.walk(folder)` without recursion, so a tree nested thousands of levels deep is walked like any other:
     top-down (prune the folder names in place), links to folders listed but not followed, unreadable folders
-    (no permission, a path longer than the system allows) passed over."""
+    (no permission, a path longer than the system allows) passed over, each told to `on_error`."""
     stack = [folder]
     while stack:
         top = stack.pop()
@@ -379,7 +379,9 @@ def walk(folder: Path) -> Iterator[tuple[Path, list[str], list[str]]]:
                     (folders if is_folder else files).append(entry.name)
                     if is_folder and not entry.is_symlink():
                         descend.add(entry.name)
-        except OSError:
+        except OSError as e:
+            if on_error is not None:
+                on_error(top, e)
             continue
         yield top, folders, files
         stack += [top / name for name in reversed(folders) if name in descend]

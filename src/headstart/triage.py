@@ -59,6 +59,10 @@ PROBLEMS: dict[str, Problem] = {
     "HEIC photo": Problem("skipped", "Convert it to JPEG (macOS: sips -s format jpeg; Linux: heif-convert), or remove it."),
     "outside class folders": Problem("ignored", "Move the image into its class's sub-folder."),
     "not an image extension": Problem("ignored", "Nothing to do; rename it with an image extension if it is a photo."),
+    "linked folder": Problem(
+        "ignored", "Copy or move its photos into the class folder: links to folders are not followed (they can loop)."
+    ),
+    "unreadable folder": Problem("ignored", "Make it readable, or move its photos to a shorter path; its photos are not used."),
     "hidden file": Problem("ignored", "Nothing to do; un-hide it if it is a photo you meant to include."),
     "duplicate": Problem("warning", "Delete the extra copies: a duplicated image counts twice in training."),
     "train/val leak": Problem("warning", "Remove one copy: an image in both training and validation inflates validation accuracy."),
@@ -140,7 +144,7 @@ def triage(source: str | os.PathLike[str], val_split: float = 0.2, seed: int = 0
     root = Path(source).expanduser()
     records, presplit_val, skipped = read_source(root)
     findings = [_from_skipped(s) for s in skipped]
-    findings += _hidden_files(root) + _empty_class_folders(root)
+    findings += _hidden_files(root) + _empty_class_folders(root) + _passed_over_folders(root)
     all_records = records + (presplit_val or [])
     findings += _inspect_all([r.path for r in all_records], progress)
     unusable = {f.path for f in findings if f.action == "skipped"}
@@ -193,11 +197,27 @@ def _empty_class_folders(root: Path) -> list[Finding]:
         if not entry.name.startswith(".")
         and entry.is_dir()
         and not any(
-            not name.startswith(".") and (name in files or (top / name).is_symlink())
+            not name.startswith(".") and (name in files or os.path.islink(top / name))
             for top, folders, files in walk(entry)
             for name in folders + files
         )
     ]
+
+
+def _passed_over_folders(root: Path) -> list[Finding]:
+    """Folders whose photos are not used: links to folders (not followed: they can loop) and folders that cannot be read."""
+    findings: list[Finding] = []
+
+    def unreadable(folder: Path, error: OSError) -> None:
+        findings.append(Finding(folder, "unreadable folder", error.strerror or str(error)))
+
+    for top in _class_tops(root):
+        for dirpath, dirnames, _ in walk(top, unreadable):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            findings += [
+                Finding(dirpath / d, "linked folder", "a link to a folder: not followed") for d in dirnames if os.path.islink(dirpath / d)
+            ]
+    return findings
 
 
 def _hidden_files(root: Path) -> list[Finding]:
