@@ -203,3 +203,10 @@ def test_explain_into_a_file_says_it_needs_a_folder(tiny_model_dir: Path, tmp_pa
     existing.write_bytes(b"mine")
     code, output = run("explain", str(tiny_model_dir), str(photo), "--out", str(existing))
     assert code == 1 and "exists and is not a folder" in output and existing.read_bytes() == b"mine", output
+
+
+def test_train_never_saves_the_model_inside_its_data(tmp_path: Path) -> None:
+    """A model saved inside the data folder was read back as bad photos by the next check."""
+    data = shutil.copytree(CATS_DOGS_TINY, tmp_path / "data")
+    code, output = run("train", str(data), "--out", str(data / "model"), "--no-report")
+    assert code == 1 and "inside the data folder" in output and not (data / "model").exists(), output

@@ -33,6 +33,7 @@ from headstart.data import (
 )
 from headstart.engine import create_engine
 from headstart.errors import ConfigError
+from headstart.files import display
 from headstart.heads import Head
 from headstart.metrics import Evaluation, evaluate_probabilities
 from headstart.model import Model, PathLike, Scores
@@ -149,6 +150,11 @@ def train(
         )
     if out is not None:
         check_output_folder(Path(out), force)
+        source = Path(data).expanduser().resolve()
+        if source.is_dir() and Path(out).resolve().is_relative_to(source):
+            raise ConfigError(
+                f"{display(str(out))}: inside the data folder; its files would be read as photos next time. Give --out outside it."
+            )
     clf = HeadClassifier(
         head="mlp" if strategy == "mlp" else head or "linear", class_weight="balanced" if balanced else None, random_state=seed
     )
