@@ -11,7 +11,12 @@ or a run killed at any moment, finds the old model or the new one, never a mix.
 headstart writes only into an empty or new folder or a model folder, and
 replaces only the model's own files: anything else in it is kept. Loading reads
 only the files `bundle.json` lists, each checked against its size and hash
-before it is parsed, and validates every field before anything is allocated.
+before it is parsed, and validates every field before anything is allocated:
+`model.safetensors` is refused unread when larger than the tensors `bundle.json`
+describes take, and `read_bundle(load_weights=False)` (`info`) reads its header
+alone. `bundle.json` itself is not hashed: the photos its summary records are
+accepted only as image files outside /proc, /sys and /dev (a bundle recording
+anything else is refused, see `summary`), and read as photos, nothing else.
 """
 
 from __future__ import annotations
@@ -274,6 +279,9 @@ def save_bundle(
 def read_bundle(directory: Path, load_weights: bool = True) -> BundleContents:
     """Read and validate a model folder. Nothing in it is executed, and only the files `bundle.json` lists are read.
 
+    Without `load_weights`, no tensor is read: `model.safetensors` gives its header (the shapes), and it and
+    `backbone.safetensors` are checked against their recorded sizes, not hashed.
+
     The files are read through one handle on the folder, so a save that swaps the
     folder meanwhile cannot mix two models; the read is retried if the folder vanished.
 
@@ -359,11 +367,11 @@ def _read_weights(
             _check_head_width(config, shapes, directory / CONFIG_NAME)
             if not load_weights:
                 return shapes, None, size
-            bound = 8 + n + _max_tensor_bytes(config, shapes)
+            bound = 8 + n + _max_tensor_bytes(config, shapes, directory / CONFIG_NAME)
             if size > bound:
                 raise BundleError(
-                    f"{path}: {size:,} bytes, more than the {bound:,} that the tensors {CONFIG_NAME} describes can take. "
-                    "The model folder is damaged or was edited; re-save or retrain it."
+                    f"{path}: {size:,} bytes, more than the {bound:,} that the tensors {CONFIG_NAME} describes take at most: "
+                    f"it holds data {CONFIG_NAME} does not describe. The model folder is damaged or was edited; re-save or retrain it."
                 )
             f.seek(0)
             data = read_bounded(f, bound, path, size)
@@ -377,11 +385,14 @@ def _read_weights(
     return shapes, data, size
 
 
-def _max_tensor_bytes(config: BundleConfig, shapes: dict[str, list[int]]) -> int:
+def _max_tensor_bytes(config: BundleConfig, shapes: dict[str, list[int]], where: Path) -> int:
     """The most bytes the tensors of `model.safetensors` take for `config`: its head's and its unknown detector's, each
     shaped as the config and the head's width in the header say (a detector's free sizes, as `unknown.tensor_shapes`
     bounds them), at 8 bytes a value (the widest safetensors type). A fine-tuned backbone's tensors, which
     `bundle.json` does not describe, are bounded by `MAX_WEIGHTS_BYTES` alone.
+
+    Raises:
+        BundleError: the config names an unknown detector, whose tensors it cannot size.
     """
     if any(b.finetuned_from is not None for b in config.backbones):
         return MAX_WEIGHTS_BYTES
@@ -392,7 +403,12 @@ def _max_tensor_bytes(config: BundleConfig, shapes: dict[str, list[int]]) -> int
     n_features, n_classes = width[0] if len(width) == 1 else 0, len(config.classes)
     expected = list(head_shapes(config.head.get("head", "linear"), n_features, n_classes, config.head.get("hidden", 512)).values())
     detector = config.summary.calibration
-    if detector is not None and detector.score in SCORE_KINDS:
+    if detector is not None and detector.score is not None:
+        if detector.score not in SCORE_KINDS:
+            raise BundleError(
+                f"{where}: Unknown score kind {detector.score!r} in summary.calibration; expected one of {', '.join(SCORE_KINDS)}. "
+                "The file is damaged or was edited; re-save or retrain the model."
+            )
         found = {k.removeprefix("unknown."): tuple(v) for k, v in shapes.items() if k.startswith("unknown.")}
         expected += tensor_shapes(detector.score, n_features, n_classes, found).values()
     return 8 * sum(max(0, math.prod(shape)) for shape in expected)
