@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -208,6 +209,54 @@ def test_a_huge_sparse_weights_file_is_refused_without_reading_it(bundle: Path) 
     assert "model.safetensors: too large: 107,374,182,400 bytes" in one_line_error(["predict", str(bundle), str(path)])
 
 
+# Runs `headstart ARGS...` in this process, then prints its exit code and its peak memory in bytes (VmHWM: ru_maxrss
+# would count the forked pytest process, as Linux keeps it across exec).
+PEAK = """
+import re, runpy, sys
+sys.argv = ["headstart", *sys.argv[1:]]
+code = 0
+try:
+    runpy.run_module("headstart.cli.main", run_name="__main__")
+except SystemExit as e:
+    code = e.code
+print(code, int(re.search(r"VmHWM:\\s*(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024)
+"""
+
+
+@pytest.mark.subprocess
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak memory from Linux's /proc")
+def test_weights_larger_than_the_head_takes_are_never_read(bundle: Path) -> None:
+    """A 1.5 GB model.safetensors (sparse) declaring one more tensor, its record in bundle.json updated to match: `info`
+    reads its header alone, and `predict` refuses it from its size; both read it whole before (a peak past 1.5 GB)."""
+    from safetensors import safe_open
+
+    path = bundle / "model.safetensors"
+    with safe_open(path, "np") as f:
+        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (a safe_open handle is not a mapping)
+    header, data, end = {}, b"", 0
+    for name, tensor in tensors.items():
+        header[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [end, end + tensor.nbytes]}
+        data += tensor.astype(np.float32).tobytes()
+        end += tensor.nbytes
+    header["head.extra"] = {"dtype": "F32", "shape": [(3 << 29) // 4], "data_offsets": [end, end + (3 << 29)]}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with path.open("wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw + data)
+        f.truncate(8 + len(raw) + end + (3 << 29))  # 1.5 GB more, sparse
+    with path.open("rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    config = json.loads((bundle / "bundle.json").read_text())
+    config["files"]["model.safetensors"] = {"size": path.stat().st_size, "sha256": digest}
+    (bundle / "bundle.json").write_text(json.dumps(config))
+    for args, code in ((["info", bundle], 0), (["predict", bundle, next(CATS_DOGS_TINY.rglob("*.jpg"))], 1)):
+        done = subprocess.run([sys.executable, "-c", PEAK, *map(str, args)], capture_output=True, text=True, timeout=300)
+        exit_code, peak = map(int, done.stdout.split()[-2:])
+        assert exit_code == code, done.stdout + done.stderr
+        assert peak < 600 << 20, f"headstart {args[0]}: peak {peak / 2**20:.0f} MB"
+    assert "that the tensors bundle.json describes take at most" in done.stderr, done.stderr
+
+
 @pytest.mark.parametrize("tensors", ["/etc/passwd", "../model.safetensors", "checkpoint-1.safetensors/../../x"])
 def test_resume_reads_only_checkpoint_files_inside_the_checkpoint_folder(tensors: str, tmp_path: Path) -> None:
     from headstart.checkpoints import load_checkpoint
@@ -274,6 +323,45 @@ def test_tampered_fields_are_refused_in_one_line(bundle: Path, field: str, value
     with pytest.raises(BundleError, match=message):
         headstart.load(bundle)
     assert re.search(message, one_line_error(["predict", str(bundle), str(next(CATS_DOGS_TINY.rglob("*.jpg")))]))
+
+
+@pytest.mark.parametrize(
+    ("field", "recorded"),
+    [
+        ("val_images", "/proc/self/environ"),
+        ("val_images", "/dev/zero"),
+        ("test_images", "/sys/kernel/notes.jpg"),
+        ("test_images", "/dev/../dev/stdin.jpg"),
+        ("val_images", "//proc/self/fd/0.png"),
+        ("val_images", "cat\x00.jpg"),
+        ("test_images", "FIFO"),
+    ],
+)
+def test_recorded_photos_that_are_not_image_files_are_refused_unopened(
+    bundle: Path, field: str, recorded: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bundle.json is not hashed: its recorded photos, which `report` and `export` read again, are refused unless they name
+    image files outside /proc, /sys and /dev, and none is opened (they were read, each skipped or not, before)."""
+    import headstart.data
+
+    fifo = tmp_path / "queue"
+    os.mkfifo(fifo)
+    path = str(fifo) if recorded == "FIFO" else recorded
+    config = json.loads((bundle / "bundle.json").read_text())
+    config["summary"][field].append([path, "cats"])
+    edit_config(bundle, json.dumps(config))
+    opened: list[str] = []
+    real_open = headstart.data.open_regular
+
+    def spy(file: Path, *args: object, **kwargs: object) -> object:
+        opened.append(str(file))
+        return real_open(file, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(headstart.data, "open_regular", spy)
+    with pytest.raises(BundleError, match=f"field 'summary.{field}' must be a list of \\[photo path, label\\] pairs"):
+        headstart.load(bundle)
+    assert f"summary.{field}" in one_line_error(["report", str(bundle)])
+    assert path not in opened
 
 
 def test_deeply_nested_json_is_refused(bundle: Path) -> None:

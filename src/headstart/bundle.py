@@ -11,7 +11,12 @@ or a run killed at any moment, finds the old model or the new one, never a mix.
 headstart writes only into an empty or new folder or a model folder, and
 replaces only the model's own files: anything else in it is kept. Loading reads
 only the files `bundle.json` lists, each checked against its size and hash
-before it is parsed, and validates every field before anything is allocated.
+before it is parsed, and validates every field before anything is allocated:
+`model.safetensors` is refused unread when larger than the tensors `bundle.json`
+describes take, and `read_bundle(load_weights=False)` (`info`) reads its header
+alone. `bundle.json` itself is not hashed: the photos its summary records are
+accepted only as image files outside /proc, /sys and /dev (a bundle recording
+anything else is refused, see `summary`), and read as photos, nothing else.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import struct
@@ -54,6 +60,8 @@ MODEL_FILES = (CONFIG_NAME, WEIGHTS_NAME, METRICS_NAME, HISTORY_NAME, HISTORY_CS
 """The files a save replaces; everything else in a model folder is left as it is."""
 MAX_JSON_BYTES = 64 << 20
 MAX_WEIGHTS_BYTES = 4 << 30
+MAX_HEADER_BYTES = 16 << 20
+"""A safetensors header's bound: a fine-tuned backbone's thousand tensors take some 100 KB."""
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -271,6 +279,9 @@ def save_bundle(
 def read_bundle(directory: Path, load_weights: bool = True) -> BundleContents:
     """Read and validate a model folder. Nothing in it is executed, and only the files `bundle.json` lists are read.
 
+    Without `load_weights`, no tensor is read: `model.safetensors` gives its header (the shapes), and it and
+    `backbone.safetensors` are checked against their recorded sizes, not hashed.
+
     The files are read through one handle on the folder, so a save that swaps the
     folder meanwhile cannot mix two models; the read is retried if the folder vanished.
 
@@ -314,19 +325,17 @@ def _read(directory: Path, fd: int, load_weights: bool) -> BundleContents:
     listed: dict[str, Any] = dict(config.files)
     if not listed:  # format 1: no sizes or hashes
         listed = {WEIGHTS_NAME: None, METRICS_NAME: None, HISTORY_NAME: None}
-    contents = {name: _read_listed(directory, fd, name, record, required=name == WEIGHTS_NAME) for name, record in listed.items()}
-    weights = contents[WEIGHTS_NAME]
-    assert weights is not None  # required above
-    shapes = _safetensors_shapes(weights, directory / WEIGHTS_NAME)
-    _check_head_width(config, shapes, directory / CONFIG_NAME)
-    tensors = load_safetensors(weights) if load_weights else {}
+    shapes, weights, weights_size = _read_weights(directory, fd, listed[WEIGHTS_NAME], config, load_weights)
+    contents = {name: _read_listed(directory, fd, name, record, load_weights) for name, record in listed.items() if name != WEIGHTS_NAME}
+    tensors = load_safetensors(weights) if weights is not None else {}
     metrics = _json_file(contents.get(METRICS_NAME), directory / METRICS_NAME, dict)
     history = _json_file(contents.get(HISTORY_NAME), directory / HISTORY_NAME, list)
     _need(all(isinstance(row, dict) for row in history), directory / HISTORY_NAME, "(rows)", "a list of objects")
     _need(is_finite_number(metrics.get("accuracy", 0.0)), directory / METRICS_NAME, "accuracy", "a number")
-    files = {CONFIG_NAME: len(raw), **{name: len(data) for name, data in contents.items() if data is not None}}
+    sizes = {WEIGHTS_NAME: weights_size, **{name: len(data) for name, data in contents.items() if data is not None}}
     if BACKBONE_WEIGHTS_NAME in listed:  # checked, not kept: the backbone reads it if its network is ever built
-        files[BACKBONE_WEIGHTS_NAME] = listed[BACKBONE_WEIGHTS_NAME]["size"]
+        sizes[BACKBONE_WEIGHTS_NAME] = listed[BACKBONE_WEIGHTS_NAME]["size"]
+    files = {CONFIG_NAME: len(raw), **{name: sizes[name] for name in listed if name in sizes}}
     try:
         config = dataclasses.replace(config, summary=config.summary.with_history(history))
     except ValueError:
@@ -334,44 +343,122 @@ def _read(directory: Path, fd: int, load_weights: bool) -> BundleContents:
     return BundleContents(config, shapes, tensors, metrics, history, files)
 
 
-def _read_listed(directory: Path, fd: int, name: str, record: dict[str, Any] | None, required: bool) -> bytes | None:
-    """A model file's bytes, checked against its manifest record (size and sha256) when there is one.
+def _read_weights(
+    directory: Path, fd: int, record: dict[str, Any] | None, config: BundleConfig, load_weights: bool
+) -> tuple[dict[str, list[int]], bytes | None, int]:
+    """`model.safetensors`: its tensors' shapes (from its header), its bytes (None without `load_weights`: only the
+    header is read) and its size. Its size is checked against its record, then against what `config` implies
+    (`_max_tensor_bytes`), before any tensor is read.
+    """
+    path = directory / WEIGHTS_NAME
+    refused = BundleError(f"{path}: not a safetensors file; refused. Re-save or retrain the model.")
+    try:
+        with open_regular(path, MAX_WEIGHTS_BYTES, fd) as f:
+            start = f.read(8)
+            if _looks_pickled(start):
+                raise BundleError(f"{path}: a pickle; refused. headstart loads weights only from safetensors (pickles can run code).")
+            size = os.fstat(f.fileno()).st_size
+            if record is not None and size != record["size"]:
+                raise _differs(path)
+            (n,) = struct.unpack("<Q", start) if len(start) == 8 else (size,)
+            if n > min(size - 8, MAX_HEADER_BYTES):
+                raise refused
+            shapes = _safetensors_shapes(f.read(n), size - 8 - n, path)
+            _check_head_width(config, shapes, directory / CONFIG_NAME)
+            if not load_weights:
+                return shapes, None, size
+            bound = 8 + n + _max_tensor_bytes(config, shapes, directory / CONFIG_NAME)
+            if size > bound:
+                raise BundleError(
+                    f"{path}: {size:,} bytes, more than the {bound:,} that the tensors {CONFIG_NAME} describes take at most: "
+                    f"it holds data {CONFIG_NAME} does not describe. The model folder is damaged or was edited; re-save or retrain it."
+                )
+            f.seek(0)
+            data = read_bounded(f, bound, path, size)
+    except FileNotFoundError as e:
+        e.filename = str(path)
+        raise
+    except FileRefusedError as e:
+        raise BundleError(f"{e}. The model folder is damaged or was edited; re-save or retrain it.") from None
+    if record is not None and hashlib.sha256(data).hexdigest() != record["sha256"]:
+        raise _differs(path)
+    return shapes, data, size
 
-    The backbone's weights file is checked as it streams by, and not kept (None).
+
+def _max_tensor_bytes(config: BundleConfig, shapes: dict[str, list[int]], where: Path) -> int:
+    """The most bytes the tensors of `model.safetensors` take for `config`: its head's and its unknown detector's, each
+    shaped as the config and the head's width in the header say (a detector's free sizes, as `unknown.tensor_shapes`
+    bounds them), at 8 bytes a value (the widest safetensors type). A fine-tuned backbone's tensors, which
+    `bundle.json` does not describe, are bounded by `MAX_WEIGHTS_BYTES` alone.
+
+    Raises:
+        BundleError: the config names an unknown detector, whose tensors it cannot size.
+    """
+    if any(b.finetuned_from is not None for b in config.backbones):
+        return MAX_WEIGHTS_BYTES
+    from headstart.heads import head_shapes
+    from headstart.unknown import SCORE_KINDS, tensor_shapes
+
+    width = shapes.get("head.0.mean", [])
+    n_features, n_classes = width[0] if len(width) == 1 else 0, len(config.classes)
+    expected = list(head_shapes(config.head.get("head", "linear"), n_features, n_classes, config.head.get("hidden", 512)).values())
+    detector = config.summary.calibration
+    if detector is not None and detector.score is not None:
+        if detector.score not in SCORE_KINDS:
+            raise BundleError(
+                f"{where}: Unknown score kind {detector.score!r} in summary.calibration; expected one of {', '.join(SCORE_KINDS)}. "
+                "The file is damaged or was edited; re-save or retrain the model."
+            )
+        found = {k.removeprefix("unknown."): tuple(v) for k, v in shapes.items() if k.startswith("unknown.")}
+        expected += tensor_shapes(detector.score, n_features, n_classes, found).values()
+    return 8 * sum(max(0, math.prod(shape)) for shape in expected)
+
+
+def _read_listed(directory: Path, fd: int, name: str, record: dict[str, Any] | None, hashed: bool) -> bytes | None:
+    """A JSON model file's bytes, or None for one that format 1 lists and the folder lacks, checked against its
+    manifest record (size and sha256) when there is one.
+
+    The backbone's weights file is checked as it streams by, and not kept (None); without `hashed`, only its size.
     """
     path = directory / name
-    tensors = name in (WEIGHTS_NAME, BACKBONE_WEIGHTS_NAME)
+    tensors = name == BACKBONE_WEIGHTS_NAME
     limit = MAX_WEIGHTS_BYTES if tensors else MAX_JSON_BYTES
     try:
         with open_regular(path, limit, fd) as f:
             if tensors and _looks_pickled(f.read(4)):
                 raise BundleError(f"{path}: a pickle; refused. headstart loads weights only from safetensors (pickles can run code).")
-            same_size = record is None or os.fstat(f.fileno()).st_size == record["size"]
+            size = os.fstat(f.fileno()).st_size
+            if record is not None and size != record["size"]:
+                raise _differs(path)
             f.seek(0)
-            data: bytes | None = None
-            if not same_size:
-                digest = ""
-            elif name == BACKBONE_WEIGHTS_NAME:
+            if tensors:
+                if not hashed:
+                    return None
                 streamed = hashlib.sha256()
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     streamed.update(chunk)
                 digest = streamed.hexdigest()
+                data = None
             else:
-                data = read_bounded(f, limit, path, record["size"] if record else os.fstat(f.fileno()).st_size)
+                data = read_bounded(f, limit, path, size)
                 digest = hashlib.sha256(data).hexdigest()
     except FileNotFoundError as e:
-        if required or record is not None:
+        if record is not None:
             e.filename = str(path)
             raise
         return None
     except FileRefusedError as e:
         raise BundleError(f"{e}. The model folder is damaged or was edited; re-save or retrain it.") from None
     if record is not None and (digest != record["sha256"] or (data is not None and len(data) != record["size"])):
-        raise BundleError(
-            f"{path}: differs from the file {CONFIG_NAME} records (size or sha256): the folder mixes files of different saves, "
-            "or the file was damaged or edited. Re-save or retrain the model."
-        )
+        raise _differs(path)
     return data
+
+
+def _differs(path: Path) -> BundleError:
+    return BundleError(
+        f"{path}: differs from the file {CONFIG_NAME} records (size or sha256): the folder mixes files of different saves, "
+        "or the file was damaged or edited. Re-save or retrain the model."
+    )
 
 
 def backbone_weights_files(directory: Path, config: BundleConfig) -> list[Path | None]:
@@ -410,29 +497,26 @@ def load_safetensors(data: bytes) -> dict[str, NDArray[np.float32]]:
     return tensors
 
 
-def _safetensors_shapes(data: bytes, path: Path) -> dict[str, list[int]]:
-    """Tensor shapes from a safetensors header, after checking that the header and the file size agree."""
+def _safetensors_shapes(header: bytes, n_data: int, path: Path) -> dict[str, list[int]]:
+    """Tensor shapes from a safetensors header, after checking that its tensors end where the file's `n_data` bytes of data do."""
     refused = BundleError(f"{path}: not a safetensors file; refused. Re-save or retrain the model.")
-    if len(data) < 8:
-        raise refused
-    (n,) = struct.unpack("<Q", data[:8])
     try:
-        header = json.loads(data[8 : 8 + n]) if 8 + n <= len(data) else None
+        parsed = json.loads(header)
     except (ValueError, RecursionError):
-        header = None
-    if not isinstance(header, dict):
+        parsed = None
+    if not isinstance(parsed, dict):
         raise refused
-    header.pop("__metadata__", None)
+    parsed.pop("__metadata__", None)
     shapes: dict[str, list[int]] = {}
     end = 0
-    for key, entry in header.items():
+    for key, entry in parsed.items():
         shape: Any = entry.get("shape") if isinstance(entry, dict) else None
         offsets: Any = entry.get("data_offsets") if isinstance(entry, dict) else None
         if not (_ints(shape) and _ints(offsets) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1]):
             raise refused
         shapes[key] = list(shape)
         end = max(end, offsets[1])
-    if 8 + n + end != len(data):
+    if end != n_data:
         raise refused
     return shapes
 

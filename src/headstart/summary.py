@@ -1,18 +1,22 @@
 """What training did, as one frozen record: kept in `bundle.json`, shown by the CLI, `info` and the report.
 
 `from_dict` is the one place a summary read from disk is validated: every field's
-type and range, so what renders it never meets a surprise.
+type and range, so what renders it never meets a surprise. The photos it records
+(`val_images`, `test_images`), which `report` and `export` read again, must name
+image files (`data.IMAGE_EXTENSIONS`), outside /proc, /sys and /dev: a tampered
+`bundle.json` cannot make headstart open a special file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from headstart.config import is_finite_number, is_int
-from headstart.data import ImageRecord, Skipped
+from headstart.data import IMAGE_EXTENSIONS, ImageRecord, Skipped
 from headstart.metrics import Evaluation
 from headstart.triage import PROBLEMS, Finding
 
@@ -241,7 +245,7 @@ class TrainingSummary:
             n_val=_counts(get("n_val", {}), "n_val"),
             skipped=tuple(Skipped(Path(p), r) for p, r in _pairs(get("skipped", []), ("path", "reason"), "skipped")),
             warnings=tuple(_finding(w) for w in _list(get("warnings", []), "warnings")),
-            val_images=tuple(ImageRecord(Path(p), label) for p, label in _pairs(get("val_images", []), None, "val_images")),
+            val_images=_photos(get("val_images", []), "val_images"),
             n_extracted=_count(get("n_extracted", 0), "n_extracted"),
             n_cached=_count(get("n_cached", 0), "n_cached"),
             best_epoch=_count(get("best_epoch", 0), "best_epoch"),
@@ -250,7 +254,7 @@ class TrainingSummary:
             refit=_flag(get("refit", False), "refit"),
             test_split=_number(get("test_split", 0.0), "test_split"),
             n_test=_counts(get("n_test", {}), "n_test"),
-            test_images=tuple(ImageRecord(Path(p), label) for p, label in _pairs(get("test_images", []), None, "test_images")),
+            test_images=_photos(get("test_images", []), "test_images"),
             test=_evaluation(get("test"), "test"),
             test_tta=_evaluation(get("test_tta"), "test_tta"),
             auto=AutoChoice(
@@ -327,6 +331,19 @@ def _pairs(value: Any, keys: tuple[str, str] | None, name: str) -> list[tuple[st
     ]
     need(all(len(p) == 2 and all(isinstance(v, str) for v in p) for p in pairs), name, "a list of string pairs")
     return [(str(a), str(b)) for a, b in pairs]
+
+
+def _photos(value: Any, name: str) -> tuple[ImageRecord, ...]:
+    """[[path, label], ...], each path an image file's (by its extension) outside /proc, /sys and /dev."""
+    pairs = _pairs(value, None, name)
+    need(all(_is_photo_path(p) for p, _ in pairs), name, "a list of [photo path, label] pairs (image files, outside /proc, /sys and /dev)")
+    return tuple(ImageRecord(Path(p), label) for p, label in pairs)
+
+
+def _is_photo_path(path: str) -> bool:
+    normal = os.path.abspath(path)  # ".." resolved; a leading "//" is stripped below
+    top = normal.lstrip(os.sep).split(os.sep, 1)[0]
+    return "\0" not in path and Path(normal).suffix.lower() in IMAGE_EXTENSIONS and top not in ("proc", "sys", "dev")
 
 
 def _history_row(row: Any) -> dict[str, Any]:
