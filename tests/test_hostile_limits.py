@@ -182,6 +182,15 @@ def nested(root: Path, depth: int) -> Path:
     return root
 
 
+def six_photos(data: Path) -> Path:
+    """`data` holding cats/ and dogs/ of three photos each."""
+    for label in ("cats", "dogs"):
+        (data / label).mkdir(parents=True)
+        for photo in sorted((CATS_DOGS_TINY / "train" / label).iterdir())[:3]:
+            (data / label / photo.name).write_bytes(photo.read_bytes())
+    return data
+
+
 def unnest(folder: Path) -> None:
     """Remove the chain of `d` folders `nested` made, one level at a time (shutil.rmtree, and so pytest's clean-up, recurse)."""
     while (folder / "d").is_dir():
@@ -192,11 +201,7 @@ def unnest(folder: Path) -> None:
 
 
 def test_a_folder_nested_10000_levels_deep_is_walked_without_recursion(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    for label in ("cats", "dogs"):
-        (data / label).mkdir(parents=True)
-        for photo in sorted((CATS_DOGS_TINY / "train" / label).iterdir())[:3]:
-            (data / label / photo.name).write_bytes(photo.read_bytes())
+    data = six_photos(tmp_path / "data")
     nested(data / "cats", 10_000)
     try:
         assert len(list(visible_files(data))) == 6
@@ -209,11 +214,7 @@ def test_a_folder_nested_10000_levels_deep_is_walked_without_recursion(tmp_path:
 
 
 def test_check_names_the_folder_links_it_does_not_follow(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    for label in ("cats", "dogs"):
-        (data / label).mkdir(parents=True)
-        for photo in sorted((CATS_DOGS_TINY / "train" / label).iterdir())[:3]:
-            (data / label / photo.name).write_bytes(photo.read_bytes())
+    data = six_photos(tmp_path / "data")
     (data / "cats" / "more").symlink_to(CATS_DOGS_TINY / "val" / "cats")
     (data / "cats" / "loop").symlink_to(data)
     result = runner.invoke(app, ["check", str(data)])

@@ -61,10 +61,7 @@ def output_file(path: Path, suffix: str, inputs: Iterable[Path] = (), force: boo
     """
     if path.suffix.lower() != suffix:
         raise ConfigError(f"{display(path)}: give a file name ending in {suffix}; headstart writes this output only to such a file.")
-    try:
-        resolved = path.resolve()
-    except (RuntimeError, OSError):
-        raise ConfigError(f"{display(path)}: a symbolic link loop; give another file name.") from None
+    resolved = _resolved(path, "file")
     if resolved.exists() and not resolved.is_file():
         raise ConfigError(f"{display(path)}: exists and is not a regular file; give another file name.")
     if resolved.suffix.lower() != suffix:
@@ -88,14 +85,18 @@ def output_folder(path: Path) -> Path:
     Raises:
         ConfigError: naming what is wrong and what to give instead.
     """
-    try:
-        resolved = path.resolve()
-    except (RuntimeError, OSError):
-        raise ConfigError(f"{display(path)}: a symbolic link loop; give another folder name.") from None
+    resolved = _resolved(path, "folder")
     if resolved.exists() and not resolved.is_dir():
         raise ConfigError(f"{display(path)}: exists and is not a folder; give a folder name (new files are written into it).")
     _refuse_in_model_folder(path, (resolved, *resolved.parents))
     return resolved
+
+
+def _resolved(path: Path, kind: str) -> Path:
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):
+        raise ConfigError(f"{display(path)}: a symbolic link loop; give another {kind} name.") from None
 
 
 def _refuse_in_model_folder(path: Path, folders: Iterable[Path]) -> None:
