@@ -30,12 +30,23 @@ if not SHARED.is_dir():
     raise RuntimeError(f"The tests read real photos from {SHARED}; clone the repo beside the shared/ folder.")
 
 
-def copy_flowers(root: Path, per_class: int) -> Path:
-    """The first `per_class` photos of each class of ../shared/datasets/flowers, copied into `root`."""
+def copy_flowers(root: Path, per_class: int, last: bool = False) -> Path:
+    """The first (or `last`) `per_class` photos of each class of ../shared/datasets/flowers, copied into `root`.
+    The last ones are in no tiny set and in none of the tests' training sets: photos a head was not fitted on."""
     for folder in sorted(FLOWERS.iterdir()):
         (root / folder.name).mkdir(parents=True)
-        for path in sorted(folder.iterdir())[:per_class]:
+        for path in sorted(folder.iterdir())[-per_class:] if last else sorted(folder.iterdir())[:per_class]:
             shutil.copy(path, root / folder.name / path.name)
+    return root
+
+
+def unseen_cats_dogs(root: Path, per_class: int = 3) -> Path:
+    """cats/ and dogs/ in `root`, each the last `per_class` photos of ../shared/datasets/cats_dogs: none is in the tiny
+    sets, so a model trained on those has not seen them (evaluate leaves out the images a head was fitted on)."""
+    for label in ("cats", "dogs"):
+        (root / label).mkdir(parents=True)
+        for path in sorted((CATS_DOGS / label[:-1]).iterdir())[-per_class:]:
+            shutil.copy(path, root / label / path.name)
     return root
 
 

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 import headstart
-from conftest import CATS_DOGS_TINY, FLOWERS_TINY, PHOTOS
+from conftest import CATS_DOGS_TINY, FLOWERS_TINY, PHOTOS, unseen_cats_dogs
 from headstart.cli.main import app
 from headstart.errors import DataError
 
@@ -37,8 +37,8 @@ def test_predict_writes_csv(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert "Wrote 10 rows" in result.output
 
 
-def test_evaluate_prints_report_and_confusion_matrix(tiny_model_dir: Path) -> None:
-    result = runner.invoke(app, ["evaluate", str(tiny_model_dir), str(CATS_DOGS_TINY)])
+def test_evaluate_prints_report_and_confusion_matrix(tiny_model_dir: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["evaluate", str(tiny_model_dir), str(unseen_cats_dogs(tmp_path / "unseen"))])
     assert result.exit_code == 0, result.output
     assert "Accuracy" in result.output and "precision" in result.output and "Confusion matrix" in result.output
 

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import CATS_DOGS_TINY, FLOWERS_TINY
+from conftest import CATS_DOGS_TINY, FLOWERS_TINY, unseen_cats_dogs
 from headstart.cli.main import app
 from headstart.data import MAX_JPEG_SCANS, MAX_SCAN_PIXELS, load_image, load_image_bytes, read_csv
 from headstart.errors import FileRefusedError, UnreadableImageError
@@ -86,7 +86,7 @@ def test_the_main_commands_work_under_an_address_space_limit(tmp_path: Path) -> 
     for args in (
         ["train", str(CATS_DOGS_TINY), "--out", str(model)],
         ["predict", str(model), str(CATS_DOGS_TINY / "val")],
-        ["evaluate", str(model), str(CATS_DOGS_TINY)],
+        ["evaluate", str(model), str(unseen_cats_dogs(tmp_path / "unseen"))],
         ["check", str(CATS_DOGS_TINY)],
         ["export", str(model), "--out", str(tmp_path / "m.onnx")],
         ["export", str(model), "--int8", "--out", str(tmp_path / "m.int8.onnx")],

@@ -125,9 +125,16 @@ def test_predict_names_each_file_and_its_csv_round_trips_non_utf8_paths(data: Pa
     assert all(Path(r["path"]).is_file() for r in rows)
 
 
-def test_evaluate_shows_hostile_class_names(data: Path, models: dict[str, Path]) -> None:
-    assert_clean(headstart("evaluate", models["folders"], data / "folders"), MATHTEXT, NOT_UTF8, MARKUP_ESC)
-    assert_clean(headstart("evaluate", models["csv"], data / "labels.csv"), "[/]", "[red]x")
+def test_evaluate_shows_hostile_class_names(models: dict[str, Path], tmp_path: Path) -> None:
+    fresh = tmp_path / "fresh"  # photos under the same class names that the heads were not fitted on
+    for k, (name, colour) in enumerate(COLOURS.items()):
+        for j in range(2):
+            write_image(fresh / name / f"new{j}.png", (colour[0] + 40 + 3 * j, colour[1] + k, colour[2]), size=(40, 32))
+    rows = [[f"{folder}/new{j}.png", label] for folder, label in ((MATHTEXT, "[/]"), (MARKUP_ESC, "[red]x")) for j in range(2)]
+    with open(fresh / "labels.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["path", "label"], *rows])
+    assert_clean(headstart("evaluate", models["folders"], fresh), MATHTEXT, NOT_UTF8, MARKUP_ESC)
+    assert_clean(headstart("evaluate", models["csv"], fresh / "labels.csv"), "[/]", "[red]x")
 
 
 def test_explain_draws_hostile_names(data: Path, models: dict[str, Path], tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import CATS_DOGS, CATS_DOGS_TINY
+from conftest import CATS_DOGS_TINY, unseen_cats_dogs
 from headstart.cli.main import app
 
 
@@ -167,12 +167,7 @@ def test_a_rebuilt_report_never_headlines_a_score_on_images_the_head_was_fitted_
     code, output = run("report", str(model))
     assert code == 1 and "refitted on every labelled image" in output and "out-of-fold" in output, output
     assert not (model / "report.html").exists()
-    unseen = tmp_path / "unseen"
-    for label in ("cats", "dogs"):
-        (unseen / label).mkdir(parents=True)
-        for photo in sorted((CATS_DOGS / label[:-1]).iterdir())[-3:]:
-            shutil.copy(photo, unseen / label)
-    code, output = run("report", str(model), str(unseen))  # labelled images the head has not seen are scored
+    code, output = run("report", str(model), str(unseen_cats_dogs(tmp_path / "unseen")))  # labelled images the head has not seen are scored
     assert code == 0 and (model / "report.html").is_file(), output
 
 
@@ -190,9 +185,9 @@ def test_evaluate_and_report_leave_out_the_images_the_head_was_fitted_on(tiny_mo
     model = shutil.copytree(tiny_model_dir, tmp_path / "model")
     code, output = run("report", str(model), str(fitted), "--out", str(tmp_path / "r.html"))
     assert code == 1 and "the head was fitted on all 20" in output and not (tmp_path / "r.html").exists(), output
-    mixed = shutil.copytree(fitted, tmp_path / "mixed")
+    mixed = shutil.copytree(unseen_cats_dogs(tmp_path / "unseen"), tmp_path / "mixed")
     for label in ("cats", "dogs"):
-        for photo in sorted((CATS_DOGS / label[:-1]).iterdir())[-3:]:  # photos the model never saw
+        for photo in (fitted / label).iterdir():
             shutil.copy(photo, mixed / label)
     code, output = run("evaluate", str(tiny_model_dir), str(mixed))
     assert code == 0 and "on 6 images" in output and "Skipped 20 file(s)" in output and "fitted on this image" in output, output

@@ -17,7 +17,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import headstart
-from conftest import CATS_DOGS_TINY, FLOWERS_TINY, PHOTOS, write_image
+from conftest import CATS_DOGS_TINY, FLOWERS_TINY, PHOTOS, unseen_cats_dogs, write_image
 from headstart.api import explain
 from headstart.backbone import create_backbone
 from headstart.cli.main import app
@@ -262,7 +262,7 @@ def test_activations_and_imagenet_grid(trained: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_report_command_rebuilds_from_other_data(trained: Path, tmp_path: Path) -> None:
-    result = runner.invoke(app, ["report", str(trained), str(CATS_DOGS_TINY), "--out", str(tmp_path / "r.html")])
+    result = runner.invoke(app, ["report", str(trained), str(unseen_cats_dogs(tmp_path / "unseen")), "--out", str(tmp_path / "r.html")])
     assert result.exit_code == 0, result.output
     assert '<section id="confusion-matrix">' in (tmp_path / "r.html").read_text()
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 import headstart
 import headstart.cache
-from conftest import CATS_DOGS_TINY, FLOWERS_TINY
+from conftest import CATS_DOGS_TINY, FLOWERS_TINY, unseen_cats_dogs
 from headstart.data import IMAGE_EXTENSIONS
 from headstart.engine import OnnxEngine, TorchEngine
 
@@ -115,8 +115,8 @@ def test_training_is_reproducible(tmp_path: Path) -> None:
     assert np.array_equal(a.head.weights["1.weight"], b.head.weights["1.weight"]) and a.head.params["random_state"] == 3
 
 
-def test_evaluate_reports_per_class_scores(tiny_model_dir: Path) -> None:
-    result = headstart.evaluate(tiny_model_dir, CATS_DOGS_TINY)  # has train/ and val/: scores val/
+def test_evaluate_reports_per_class_scores(tiny_model_dir: Path, tmp_path: Path) -> None:
+    result = headstart.evaluate(tiny_model_dir, unseen_cats_dogs(tmp_path / "unseen", 10))
     ev = result.evaluation
     assert ev.n_images == 20 and ev.classes == ["cats", "dogs"]
     assert ev.support == [10, 10]
